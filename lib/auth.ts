@@ -1,0 +1,204 @@
+/**
+ * Registry authentication: `WWW-Authenticate` challenges, Basic, and Bearer tokens
+ * (docker token protocol and OAuth2 refresh/password grants), with tokens reused until expiry.
+ *
+ * @module
+ */
+
+import { fail } from "./errors.ts";
+import type { Credentials } from "./credentials.ts";
+import type { HttpClient } from "./http.ts";
+import { debug } from "./log.ts";
+
+/** One parsed challenge, e.g. `Bearer realm="…",service="…",scope="…"`. */
+export interface Challenge {
+  /** Lower-case scheme: `basic` or `bearer`. */
+  scheme: string;
+  params: Record<string, string>;
+}
+
+/** Parses a `WWW-Authenticate` header (one or more challenges, quoted values with commas). */
+export function parseChallenges(header: string): Challenge[] {
+  const out: Challenge[] = [];
+  const s = header;
+  let i = 0;
+  while (i < s.length) {
+    while (i < s.length && /[\s,]/.test(s[i])) i++;
+    const token = /^[A-Za-z0-9!#$%&'*+.^_`|~-]+/.exec(s.slice(i))?.[0];
+    if (!token) break;
+    i += token.length;
+    let j = i;
+    while (s[j] === " ") j++;
+    if (s[j] !== "=" || out.length === 0) {
+      out.push({ scheme: token.toLowerCase(), params: {} });
+      continue;
+    }
+    i = j + 1;
+    while (s[i] === " ") i++;
+    let value = "";
+    if (s[i] === '"') {
+      for (i++; i < s.length && s[i] !== '"'; i++) value += s[i] === "\\" ? s[++i] ?? "" : s[i];
+      i++;
+    } else {
+      value = /^[^\s,]*/.exec(s.slice(i))![0];
+      i += value.length;
+    }
+    out[out.length - 1].params[token.toLowerCase()] = value;
+  }
+  return out;
+}
+
+/** Scope string for a repository, e.g. `repository:sardines/debian:pull,push`. */
+export function repositoryScope(repository: string, actions: string[]): string {
+  return `repository:${repository}:${actions.join(",")}`;
+}
+
+interface CachedToken {
+  value: string;
+  expiresAt: number;
+}
+
+/** Remembers how a registry wants to be authenticated and which tokens it has handed out. */
+export interface Authenticator {
+  /** The `Authorization` header to send for these scopes, if one is known already. */
+  header(scopes: string[]): string | undefined;
+  /**
+   * Reacts to a 401: obtains Basic or Bearer authorization for the scopes. Returns false when
+   * nothing new can be tried (no credentials for Basic, or the same challenge failed before).
+   */
+  respond(challengeHeader: string | null, scopes: string[]): Promise<boolean>;
+  /** Whether credentials are configured (for error messages). */
+  readonly hasCredentials: boolean;
+}
+
+/** Creates an {@link Authenticator} for one registry. */
+export function createAuthenticator(
+  http: HttpClient,
+  registry: string,
+  credentials: Credentials | undefined,
+): Authenticator {
+  let scheme: "basic" | "bearer" | undefined;
+  let bearer: Challenge | undefined;
+  const tokens = new Map<string, CachedToken>();
+  const key = (scopes: string[]) => [...scopes].sort().join(" ");
+
+  const basicHeader = () =>
+    credentials && credentials.password !== undefined
+      ? `Basic ${
+        btoa(unescape(encodeURIComponent(`${credentials.username}:${credentials.password}`)))
+      }`
+      : undefined;
+
+  async function fetchToken(challenge: Challenge, scopes: string[]): Promise<CachedToken> {
+    const realm = challenge.params.realm;
+    if (!realm) throw fail("auth", `${registry} sent a Bearer challenge without a realm`);
+    let url: URL;
+    try {
+      url = new URL(realm);
+    } catch {
+      throw fail("auth", `${registry} sent an invalid token realm '${realm}'`);
+    }
+    const service = challenge.params.service;
+    let response;
+    if (credentials?.identityToken) {
+      // OAuth2 refresh-token grant (docker's identitytoken).
+      const form = new URLSearchParams({
+        grant_type: "refresh_token",
+        refresh_token: credentials.identityToken,
+        client_id: "sarde",
+        ...(service ? { service } : {}),
+        scope: scopes.join(" "),
+      });
+      response = await http.send({
+        method: "POST",
+        url,
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: form.toString(),
+      });
+    } else {
+      if (service) url.searchParams.set("service", service);
+      for (const s of scopes) url.searchParams.append("scope", s);
+      if (credentials) url.searchParams.set("account", credentials.username);
+      const auth = basicHeader();
+      response = await http.send({
+        method: "GET",
+        url,
+        headers: auth ? { authorization: auth } : {},
+      });
+    }
+    if (response.status === 401 || response.status === 403) {
+      await response.discard();
+      throw fail(
+        "auth",
+        credentials
+          ? `${registry}: the token server rejected the credentials for user '${credentials.username}'`
+          : `${registry}: the token server refused anonymous access`,
+        credentials
+          ? `check them with sarde login ${registry}`
+          : `log in first: sarde login ${registry}`,
+      );
+    }
+    if (response.status !== 200) {
+      const body = await response.text().catch(() => "");
+      throw fail(
+        "auth",
+        `${registry}: token server answered ${response.status} ${body.slice(0, 200)}`.trim(),
+      );
+    }
+    let json: Record<string, unknown>;
+    try {
+      json = JSON.parse(await response.text());
+    } catch {
+      throw fail("auth", `${registry}: token server returned malformed JSON`);
+    }
+    const value = (json.token ?? json.access_token) as unknown;
+    if (typeof value !== "string" || value === "") {
+      throw fail("auth", `${registry}: token server returned no token`);
+    }
+    const expiresIn = typeof json.expires_in === "number" && json.expires_in > 0
+      ? json.expires_in
+      : 60;
+    const issuedAt = typeof json.issued_at === "string" ? Date.parse(json.issued_at) : NaN;
+    const start = Number.isFinite(issuedAt) && Math.abs(issuedAt - Date.now()) < 300_000
+      ? issuedAt
+      : Date.now();
+    debug(`got a token for ${registry} (${scopes.join(" ") || "no scope"}), valid ${expiresIn} s`);
+    // Renew a little early so a token never expires in flight.
+    return { value, expiresAt: start + Math.max(1, expiresIn - 10) * 1000 };
+  }
+
+  return {
+    get hasCredentials() {
+      return credentials !== undefined;
+    },
+    header(scopes) {
+      if (scheme === "basic") return basicHeader();
+      if (scheme === "bearer") {
+        const t = tokens.get(key(scopes));
+        if (t && t.expiresAt > Date.now()) return `Bearer ${t.value}`;
+      }
+      return undefined;
+    },
+    async respond(challengeHeader, scopes) {
+      const challenges = parseChallenges(challengeHeader ?? "");
+      const b = challenges.find((c) => c.scheme === "bearer");
+      if (b) {
+        const before = tokens.get(key(scopes));
+        if (before && before.expiresAt > Date.now() && scheme === "bearer") {
+          // A fresh token was refused: the scope is not granted. Asking again will not help.
+          return false;
+        }
+        scheme = "bearer";
+        bearer = b;
+        tokens.set(key(scopes), await fetchToken(bearer, scopes));
+        return true;
+      }
+      if (challenges.some((c) => c.scheme === "basic") || challenges.length === 0) {
+        if (scheme === "basic" || !basicHeader()) return false;
+        scheme = "basic";
+        return true;
+      }
+      throw fail("auth", `${registry} wants unsupported authentication '${challenges[0].scheme}'`);
+    },
+  };
+}

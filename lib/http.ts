@@ -1,0 +1,250 @@
+/**
+ * A small streaming HTTP/1.1 client on `node:http`/`node:https`.
+ *
+ * Why not `fetch`: Deno's `fetch` cannot skip TLS verification per client (`--tls-verify=false`),
+ * always sends request bodies chunked (some registries and proxies want `Content-Length`), and
+ * follows redirects with the `Authorization` header intact. This module does none of that
+ * implicitly: the registry client decides about redirects and headers.
+ *
+ * @module
+ */
+
+import http from "node:http";
+import https from "node:https";
+import { fail, SardeError } from "./errors.ts";
+
+/** How to reach a registry: scheme and certificate checks. */
+export interface TransportOptions {
+  /** Use plain http instead of https. */
+  plainHttp?: boolean;
+  /** Verify TLS certificates (default true). */
+  tlsVerify?: boolean;
+  /** Extra trusted CA certificates (PEM text). */
+  caCerts?: string[];
+  /** Abort a request when the socket is idle this long (ms). Default 120 s. */
+  idleTimeoutMs?: number;
+}
+
+/** A request body: bytes, or a function producing a fresh stream (so retries can resend it). */
+export type RequestBody =
+  | Uint8Array
+  | string
+  | { length?: number; stream: () => AsyncIterable<Uint8Array> };
+
+/** A request to send. */
+export interface HttpRequest {
+  method: string;
+  url: URL;
+  headers?: Record<string, string>;
+  body?: RequestBody;
+  /** Aborts the request (Ctrl-C). */
+  signal?: AbortSignal;
+}
+
+/** A response whose body has not been read yet. */
+export interface HttpResponse {
+  status: number;
+  /** Response headers, lower-case names. */
+  headers: Headers;
+  /** The body as a stream of chunks; read it, or call {@link HttpResponse.discard}. */
+  body: AsyncIterable<Uint8Array>;
+  /** Reads the whole body, refusing bodies larger than `limit` bytes (hostile servers). */
+  bytes(limit?: number): Promise<Uint8Array>;
+  /** Reads the body as text (at most 1 MiB). */
+  text(): Promise<string>;
+  /** Throws the body away and frees the connection. */
+  discard(): Promise<void>;
+}
+
+/** Default cap for bodies read into memory (manifests, configs, error documents). */
+export const DEFAULT_BODY_LIMIT = 8 << 20;
+
+/** Sends HTTP requests with one keep-alive connection pool per transport configuration. */
+export interface HttpClient {
+  send(request: HttpRequest): Promise<HttpResponse>;
+  /** Closes idle connections. */
+  close(): void;
+}
+
+/** Creates an {@link HttpClient} for the given TLS settings. */
+export function createHttpClient(options: TransportOptions = {}): HttpClient {
+  const idleTimeoutMs = options.idleTimeoutMs ?? 120_000;
+  const httpAgent = new http.Agent({ keepAlive: true, maxSockets: 16 });
+  const httpsAgent = new https.Agent({
+    keepAlive: true,
+    maxSockets: 16,
+    rejectUnauthorized: options.tlsVerify !== false,
+    ...(options.caCerts?.length ? { ca: options.caCerts } : {}),
+  });
+  return {
+    send: (request) =>
+      send(request, request.url.protocol === "https:" ? httpsAgent : httpAgent, idleTimeoutMs),
+    close() {
+      httpAgent.destroy();
+      httpsAgent.destroy();
+    },
+  };
+}
+
+function send(req: HttpRequest, agent: http.Agent, idleTimeoutMs: number): Promise<HttpResponse> {
+  const isHttps = req.url.protocol === "https:";
+  const mod = isHttps ? https : http;
+  const headers: Record<string, string> = { "user-agent": USER_AGENT, ...req.headers };
+  const body = req.body;
+  if (typeof body === "string" || body instanceof Uint8Array) {
+    headers["content-length"] = String(
+      typeof body === "string" ? new TextEncoder().encode(body).length : body.length,
+    );
+  } else if (body && body.length !== undefined) {
+    headers["content-length"] = String(body.length);
+  } else if (!body && ["PUT", "POST", "PATCH"].includes(req.method)) {
+    headers["content-length"] = "0";
+  }
+
+  return new Promise<HttpResponse>((resolve, reject) => {
+    let settled = false;
+    const onError = (err: unknown) => {
+      if (settled) return;
+      settled = true;
+      reject(networkError(err, req.url));
+    };
+    const cr = mod.request(req.url, { method: req.method, headers, agent }, (res) => {
+      if (settled) {
+        res.resume();
+        return;
+      }
+      settled = true;
+      resolve(wrapResponse(res));
+    });
+    cr.setTimeout(
+      idleTimeoutMs,
+      () => cr.destroy(new Error(`no data for ${idleTimeoutMs / 1000} s`)),
+    );
+    cr.on("error", onError);
+    if (req.signal) {
+      if (req.signal.aborted) cr.destroy(new Error("aborted"));
+      req.signal.addEventListener("abort", () => cr.destroy(new AbortError()), { once: true });
+    }
+    if (typeof body === "string" || body instanceof Uint8Array) {
+      cr.end(body);
+    } else if (body) {
+      writeStream(cr, body.stream()).catch((err) => cr.destroy(err));
+    } else {
+      cr.end();
+    }
+  });
+}
+
+async function writeStream(
+  cr: http.ClientRequest,
+  chunks: AsyncIterable<Uint8Array>,
+): Promise<void> {
+  for await (const chunk of chunks) {
+    if (cr.destroyed) return;
+    if (!cr.write(chunk)) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          cr.off("drain", done);
+          cr.off("close", done);
+          resolve();
+        };
+        cr.on("drain", done);
+        cr.on("close", done);
+      });
+    }
+  }
+  cr.end();
+}
+
+class AbortError extends Error {
+  constructor() {
+    super("interrupted");
+    this.name = "AbortError";
+  }
+}
+
+function wrapResponse(res: http.IncomingMessage): HttpResponse {
+  const headers = new Headers();
+  for (const [k, v] of Object.entries(res.headers)) {
+    if (v === undefined) continue;
+    for (const item of Array.isArray(v) ? v : [v]) headers.append(k, item);
+  }
+  const bytes = async (limit = DEFAULT_BODY_LIMIT) => {
+    const parts: Uint8Array[] = [];
+    let total = 0;
+    for await (const chunk of res as AsyncIterable<Uint8Array>) {
+      total += chunk.length;
+      if (total > limit) {
+        res.destroy();
+        throw fail("registry", `response body larger than ${limit} bytes`);
+      }
+      parts.push(chunk);
+    }
+    const out = new Uint8Array(total);
+    let off = 0;
+    for (const p of parts) {
+      out.set(p, off);
+      off += p.length;
+    }
+    return out;
+  };
+  return {
+    status: res.statusCode ?? 0,
+    headers,
+    body: res as AsyncIterable<Uint8Array>,
+    bytes,
+    text: async () => new TextDecoder().decode(await bytes(1 << 20)),
+    discard: async () => {
+      try {
+        for await (const _ of res as AsyncIterable<Uint8Array>) { /* drain */ }
+      } catch { /* the connection is gone; nothing to free */ }
+    },
+  };
+}
+
+/** The User-Agent sent with every request. */
+export const USER_AGENT = "sarde/0.1";
+
+/** Whether an error came from a connection problem (worth a retry) rather than from sarde. */
+export function isNetworkError(err: unknown): boolean {
+  return err instanceof SardeError && err.kind === "network";
+}
+
+/** Turns a socket-level error into a one-line {@link SardeError} saying what to check. */
+export function networkError(err: unknown, url: URL): SardeError {
+  if (err instanceof SardeError) return err;
+  if (err instanceof AbortError) return new SardeError("interrupted", "interrupted");
+  const e = err as { code?: string; message?: string };
+  const host = url.host;
+  const code = e.code ?? "";
+  const msg = e.message ?? String(err);
+  if (code === "ENOTFOUND" || code === "EAI_AGAIN" || /dns error|failed to lookup/i.test(msg)) {
+    return new SardeError("network", `cannot resolve registry host '${url.hostname}'`, {
+      hint: "check the spelling of the registry name and your DNS",
+      cause: err,
+    });
+  }
+  if (code === "ECONNREFUSED" || /connection refused/i.test(msg)) {
+    return new SardeError("network", `connection to ${host} refused`, {
+      hint: "is the registry running, and is the port right?",
+      cause: err,
+    });
+  }
+  if (/certificate|self[- ]signed|UnknownIssuer|CERT_|unable to verify/i.test(code + " " + msg)) {
+    return new SardeError("network", `TLS certificate of ${host} is not trusted (${msg})`, {
+      hint: "pass --cert-dir DIR (with ca.crt) or --ca-file FILE, or --tls-verify=false",
+      cause: err,
+    });
+  }
+  if (
+    /wrong version number|EPROTO|InvalidContentType|corrupt message|packet length/i.test(
+      code + " " + msg,
+    )
+  ) {
+    return new SardeError("network", `${host} does not speak TLS (${msg})`, {
+      hint: "use --insecure for a plain-http registry",
+      cause: err,
+    });
+  }
+  return new SardeError("network", `connection to ${host} failed: ${msg}`, { cause: err });
+}

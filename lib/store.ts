@@ -1,0 +1,51 @@
+/**
+ * The local image store (`ocidir`): one OCI image layout per repository at `<ocidir>/<name>/`,
+ * where `<name>` is the reference as written (`registry.example.org/sardines/debian`), exactly as
+ * sardinecake 0.4 lays it out.
+ *
+ * @module
+ */
+
+import { join, relative, resolve, sep } from "node:path";
+import { fail } from "./errors.ts";
+import { isLayout } from "./layout.ts";
+import type { Reference } from "./reference.ts";
+
+/** The default store: `/var/lib/sardinecake/OCI` for root, else under `$XDG_DATA_HOME`. */
+export function defaultOcidir(): string {
+  const fromEnv = Deno.env.get("SARDE_OCIDIR");
+  if (fromEnv) return fromEnv;
+  if (Deno.uid() === 0) return "/var/lib/sardinecake/OCI";
+  const home = Deno.env.get("HOME") ?? ".";
+  return join(Deno.env.get("XDG_DATA_HOME") ?? join(home, ".local", "share"), "sardinecake", "OCI");
+}
+
+/** The layout folder for a reference's local name; refuses names that would leave the store. */
+export function layoutDir(ocidir: string, ref: Reference): string {
+  const root = resolve(ocidir);
+  const dir = resolve(root, ref.name);
+  if (dir === root || !dir.startsWith(root + sep)) {
+    throw fail("usage", `image name '${ref.name}' does not fit in the local store`);
+  }
+  return dir;
+}
+
+/** Finds every layout below `ocidir` (the root itself counts, named `.`), sorted by name. */
+export async function findLayouts(ocidir: string): Promise<{ name: string; dir: string }[]> {
+  const root = resolve(ocidir);
+  const found: { name: string; dir: string }[] = [];
+  const walk = async (dir: string, depth: number) => {
+    if (await isLayout(dir)) found.push({ name: relative(root, dir) || ".", dir });
+    if (depth > 16) return;
+    let entries: Deno.DirEntry[] = [];
+    try {
+      for await (const e of Deno.readDir(dir)) entries.push(e);
+    } catch {
+      return;
+    }
+    entries = entries.filter((e) => e.isDirectory && e.name !== "blobs" && !e.name.startsWith("."));
+    for (const e of entries) await walk(join(dir, e.name), depth + 1);
+  };
+  await walk(root, 0);
+  return found.sort((a, b) => a.name.localeCompare(b.name));
+}

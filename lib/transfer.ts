@@ -1,0 +1,271 @@
+/**
+ * Moving images between a registry and the local store: `fetch` (registry → store) and `push`
+ * (store → registry), blobs in parallel, each verified before it enters the store.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { findCredentials } from "./credentials.ts";
+import { fail } from "./errors.ts";
+import { writeFileAtomic } from "./fsutil.ts";
+import {
+  addToIndex,
+  createBlobWriter,
+  hasBlob,
+  type Layout,
+  lockLayout,
+  openLayout,
+  readBlob,
+  readBlobRange,
+  readIndex,
+  selectManifest,
+  writeIndex,
+} from "./layout.ts";
+import { debug, info } from "./log.ts";
+import {
+  type Descriptor,
+  isIndexMediaType,
+  type Manifest,
+  manifestBlobs,
+  MediaType,
+  parseManifest,
+} from "./oci.ts";
+import { forEachConcurrent } from "./pool.ts";
+import { formatBytes, startProgress } from "./progress.ts";
+import { formatLocalName, formatReference, manifestSelector, type Reference } from "./reference.ts";
+import { createRegistryClient, type RegistryClient, type RegistryOptions } from "./registry.ts";
+import { layoutDir } from "./store.ts";
+
+/** Options shared by fetch and push. */
+export interface TransferOptions extends Omit<RegistryOptions, "credentials"> {
+  /** The local store. */
+  ocidir: string;
+  /** Auth file to read credentials from (default: the podman/skopeo location). */
+  authfile?: string;
+  /** Blobs moved at once (default 4). */
+  concurrency?: number;
+}
+
+/** What a fetch or push did. */
+export interface TransferResult {
+  /** Manifest digest. */
+  digest: string;
+  /** Config digest: the image ID. */
+  imageId: string;
+  /** Where the image lives locally. */
+  layoutDir: string;
+  /** Bytes sent or received for blobs (0 when everything was already there). */
+  blobBytes: number;
+  /** Blobs moved / skipped because the other side had them. */
+  blobsTransferred: number;
+  /** Blobs the registry copied from another repository instead of receiving them (push only). */
+  blobsMounted: number;
+  blobsSkipped: number;
+}
+
+const ORIGIN_FILE = ".sarde-origin.json";
+
+function uniqueBlobs(manifest: Manifest): Descriptor[] {
+  const seen = new Set<string>();
+  return manifestBlobs(manifest).filter((d) => !seen.has(d.digest) && seen.add(d.digest));
+}
+
+async function clientFor(registry: string, options: TransferOptions): Promise<RegistryClient> {
+  const credentials = await findCredentials(registry, options.authfile);
+  return createRegistryClient(registry, { ...options, credentials });
+}
+
+/**
+ * Downloads `source` from its registry into the store under the local name `target` (default:
+ * the same reference). Blobs already present are not downloaded again; concurrent fetches of
+ * one image wait for each other and store one copy.
+ */
+export async function fetchImage(
+  source: Reference,
+  options: TransferOptions & { target?: Reference },
+): Promise<TransferResult> {
+  const target = options.target ?? source;
+  const client = await clientFor(source.registry, options);
+  try {
+    const selector = manifestSelector(source);
+    const fetched = await client.getManifest(source.repository, selector);
+    if (isIndexMediaType(fetched.mediaType)) {
+      throw fail(
+        "usage",
+        `${formatReference(source)} is a multi-platform image index, not a sardinecake VM image`,
+        "sarde images are single OCI manifests (made by sarde export)",
+      );
+    }
+    const manifest = parseManifest(fetched.bytes, `manifest of ${formatReference(source)}`);
+    const mediaType = manifest.mediaType ?? (fetched.mediaType || MediaType.ociManifest);
+    const layout = await openLayout(layoutDir(options.ocidir, target), { create: true });
+    using _lock = await lockLayout(layout);
+
+    const blobs = uniqueBlobs(manifest);
+    const missing: Descriptor[] = [];
+    for (const b of blobs) if (!await hasBlob(layout, b)) missing.push(b);
+    const total = missing.reduce((n, b) => n + b.size, 0);
+    if (missing.length) {
+      info(
+        `fetching ${formatReference(source)}: ${missing.length} of ${blobs.length} blobs, ${
+          formatBytes(total)
+        }`,
+      );
+    } else {
+      debug(`all ${blobs.length} blobs of ${formatReference(source)} are already local`);
+    }
+    const progress = startProgress("fetch", total);
+    try {
+      await forEachConcurrent(missing, options.concurrency ?? 4, async (blob) => {
+        const writer = await createBlobWriter(layout, blob);
+        try {
+          await client.downloadBlob(source.repository, blob, writer, (n) => progress.add(n));
+          await writer.commit();
+        } finally {
+          await writer.abort();
+        }
+      });
+    } finally {
+      progress.stop();
+    }
+
+    const manifestDescriptor: Descriptor = {
+      mediaType,
+      digest: fetched.digest,
+      size: fetched.bytes.length,
+    };
+    await storeManifest(layout, manifestDescriptor, fetched.bytes);
+    const tag = target.digest ? target.tag : (target.tag ?? (source.digest ? undefined : "latest"));
+    await writeIndex(layout, addToIndex(await readIndex(layout), manifestDescriptor, tag));
+    await writeFileAtomic(
+      join(layout.dir, ORIGIN_FILE),
+      JSON.stringify({ registry: source.registry, repository: source.repository }) + "\n",
+    );
+    return {
+      digest: fetched.digest,
+      imageId: manifest.config.digest,
+      layoutDir: layout.dir,
+      blobBytes: total,
+      blobsTransferred: missing.length,
+      blobsMounted: 0,
+      blobsSkipped: blobs.length - missing.length,
+    };
+  } finally {
+    client.close();
+  }
+}
+
+async function storeManifest(layout: Layout, d: Descriptor, bytes: Uint8Array): Promise<void> {
+  if (await hasBlob(layout, d)) return;
+  const w = await createBlobWriter(layout, d);
+  try {
+    await w.write(bytes);
+    await w.commit();
+  } finally {
+    await w.abort();
+  }
+}
+
+async function readOrigin(
+  layout: Layout,
+): Promise<{ registry: string; repository: string } | undefined> {
+  try {
+    const o = JSON.parse(await Deno.readTextFile(join(layout.dir, ORIGIN_FILE)));
+    if (typeof o?.registry === "string" && typeof o?.repository === "string") return o;
+  } catch { /* no origin recorded */ }
+  return undefined;
+}
+
+/** Reads the manifest a local reference points at. */
+export async function readLocalManifest(
+  ocidir: string,
+  local: Reference,
+): Promise<{ layout: Layout; descriptor: Descriptor; bytes: Uint8Array; manifest: Manifest }> {
+  const what = formatLocalName(local);
+  const layout = await openLayout(layoutDir(ocidir, local), { what });
+  const descriptor = selectManifest(await readIndex(layout), local, what);
+  if (isIndexMediaType(descriptor.mediaType)) {
+    throw fail("usage", `${what} is an image index; sarde works with single manifests`);
+  }
+  const bytes = await readBlob(layout, descriptor.digest);
+  return { layout, descriptor, bytes, manifest: parseManifest(bytes, `manifest of ${what}`) };
+}
+
+/**
+ * Uploads the local image `local` to `target` (default: the same reference). Blobs the registry
+ * has are skipped; blobs in another repository of the same registry are mounted, not re-sent.
+ */
+export async function pushImage(
+  local: Reference,
+  options: TransferOptions & { target?: Reference },
+): Promise<TransferResult> {
+  const target = options.target ?? local;
+  const { layout, descriptor, bytes, manifest } = await readLocalManifest(options.ocidir, local);
+  const blobs = uniqueBlobs(manifest);
+  for (const b of blobs) {
+    if (!await hasBlob(layout, b)) {
+      throw fail(
+        "not-found",
+        `blob ${b.digest} of ${formatLocalName(local)} is missing locally`,
+        "fetch it again",
+      );
+    }
+  }
+  const origin = await readOrigin(layout);
+  const mountFrom = origin?.registry === target.registry && origin.repository !== target.repository
+    ? origin.repository
+    : undefined;
+  const client = await clientFor(target.registry, options);
+  try {
+    const missing: Descriptor[] = [];
+    await forEachConcurrent(blobs, 8, async (b) => {
+      if (!await client.hasBlob(target.repository, b.digest)) missing.push(b);
+    });
+    const total = missing.reduce((n, b) => n + b.size, 0);
+    info(
+      `pushing ${formatReference(target)}: ${missing.length} of ${blobs.length} blobs to upload, ${
+        formatBytes(total)
+      }`,
+    );
+    const progress = startProgress("push", total);
+    let sent = 0;
+    let mounted = 0;
+    try {
+      await forEachConcurrent(missing, options.concurrency ?? 4, async (b) => {
+        if (mountFrom && await client.mountBlob(target.repository, b.digest, mountFrom)) {
+          debug(`mounted ${b.digest} from ${mountFrom}`);
+          mounted++;
+          progress.add(b.size);
+          return;
+        }
+        await client.uploadBlob(
+          target.repository,
+          b,
+          (offset, length) => readBlobRange(layout, b.digest, offset, length),
+          (n) => progress.add(n),
+        );
+        sent += b.size;
+      });
+    } finally {
+      progress.stop();
+    }
+    const mediaType = manifest.mediaType ?? descriptor.mediaType ?? MediaType.ociManifest;
+    const selector = target.tag ?? (target.digest ? descriptor.digest : "latest");
+    if (target.digest && target.digest !== descriptor.digest) {
+      throw fail("usage", `local image has digest ${descriptor.digest}, not ${target.digest}`);
+    }
+    await client.putManifest(target.repository, selector, bytes, mediaType);
+    return {
+      digest: descriptor.digest,
+      imageId: manifest.config.digest,
+      layoutDir: layout.dir,
+      blobBytes: sent,
+      blobsTransferred: missing.length - mounted,
+      blobsMounted: mounted,
+      blobsSkipped: blobs.length - missing.length,
+    };
+  } finally {
+    client.close();
+  }
+}
