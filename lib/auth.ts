@@ -63,10 +63,15 @@ export interface Authenticator {
   /** The `Authorization` header to send for these scopes, if one is known already. */
   header(scopes: string[]): string | undefined;
   /**
-   * Reacts to a 401: obtains Basic or Bearer authorization for the scopes. Returns false when
-   * nothing new can be tried (no credentials for Basic, or the same challenge failed before).
+   * Reacts to a 401 of a request sent with `used` (or no) authorization: obtains Basic or Bearer
+   * authorization for the scopes. Returns false when nothing new can be tried (no credentials for
+   * Basic, or the authorization just obtained was refused).
    */
-  respond(challengeHeader: string | null, scopes: string[]): Promise<boolean>;
+  respond(
+    challengeHeader: string | null,
+    scopes: string[],
+    used: string | undefined,
+  ): Promise<boolean>;
   /** Whether credentials are configured (for error messages). */
   readonly hasCredentials: boolean;
 }
@@ -78,8 +83,8 @@ export function createAuthenticator(
   credentials: Credentials | undefined,
 ): Authenticator {
   let scheme: "basic" | "bearer" | undefined;
-  let bearer: Challenge | undefined;
   const tokens = new Map<string, CachedToken>();
+  const pending = new Map<string, Promise<CachedToken>>();
   const key = (scopes: string[]) => [...scopes].sort().join(" ");
 
   const basicHeader = () =>
@@ -179,22 +184,27 @@ export function createAuthenticator(
       }
       return undefined;
     },
-    async respond(challengeHeader, scopes) {
+    async respond(challengeHeader, scopes, used) {
+      // Another request may have obtained authorization meanwhile (parallel blob requests).
+      const current = this.header(scopes);
+      if (current !== undefined && current !== used) return true;
       const challenges = parseChallenges(challengeHeader ?? "");
       const b = challenges.find((c) => c.scheme === "bearer");
       if (b) {
-        const before = tokens.get(key(scopes));
-        if (before && before.expiresAt > Date.now() && scheme === "bearer") {
-          // A fresh token was refused: the scope is not granted. Asking again will not help.
-          return false;
-        }
+        // A token we just got was refused: the scope is not granted; asking again will not help.
+        if (used?.startsWith("Bearer ")) return false;
         scheme = "bearer";
-        bearer = b;
-        tokens.set(key(scopes), await fetchToken(bearer, scopes));
+        const k = key(scopes);
+        let request = pending.get(k);
+        if (!request) {
+          request = fetchToken(b, scopes).finally(() => pending.delete(k));
+          pending.set(k, request);
+        }
+        tokens.set(k, await request);
         return true;
       }
       if (challenges.some((c) => c.scheme === "basic") || challenges.length === 0) {
-        if (scheme === "basic" || !basicHeader()) return false;
+        if (used?.startsWith("Basic ") || !basicHeader()) return false;
         scheme = "basic";
         return true;
       }

@@ -179,8 +179,12 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
   return {
     async write(chunk) {
       digester.update(chunk);
-      let off = 0;
-      while (off < chunk.length) off += await file.write(chunk.subarray(off));
+      try {
+        let off = 0;
+        while (off < chunk.length) off += await file.write(chunk.subarray(off));
+      } catch (err) {
+        throw fail("io", `cannot write ${tmp}: ${(err as Error).message}`);
+      }
     },
     async reset() {
       file.close();

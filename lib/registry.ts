@@ -215,7 +215,9 @@ export function createRegistryClient(
       if (res.status === 401 && sameOrigin && authTries < 2) {
         await res.discard();
         authTries++;
-        if (await auth.respond(res.headers.get("www-authenticate"), o.scopes)) continue;
+        if (await auth.respond(res.headers.get("www-authenticate"), o.scopes, authorization)) {
+          continue;
+        }
         throw new SardeError(
           "auth",
           auth.hasCredentials

@@ -14,7 +14,9 @@ Deno.test("parseChallenges: bearer with quoted values containing commas", () => 
 });
 
 Deno.test("parseChallenges: basic, case-insensitive scheme, several challenges", () => {
-  const cs = parseChallenges('BASIC realm="sarde-registry", Bearer realm="http://127.0.0.1:1/token", service=x');
+  const cs = parseChallenges(
+    'BASIC realm="sarde-registry", Bearer realm="http://127.0.0.1:1/token", service=x',
+  );
   assert.deepEqual(cs.map((c) => c.scheme), ["basic", "bearer"]);
   assert.equal(cs[0].params.realm, "sarde-registry");
   assert.equal(cs[1].params.service, "x");
@@ -28,5 +30,8 @@ Deno.test("parseChallenges: escaped quotes and garbage", () => {
 });
 
 Deno.test("repositoryScope", () => {
-  assert.equal(repositoryScope("sardines/debian", ["pull", "push"]), "repository:sardines/debian:pull,push");
+  assert.equal(
+    repositoryScope("sardines/debian", ["pull", "push"]),
+    "repository:sardines/debian:pull,push",
+  );
 });

@@ -12,17 +12,31 @@ async function withEnv(vars: Record<string, string | undefined>, fn: () => Promi
   try {
     await fn();
   } finally {
-    for (const [k, v] of Object.entries(old)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+    for (const [k, v] of Object.entries(old)) {
+      v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+    }
   }
 }
 
 Deno.test("credentials: saved with mode 0600, found again, removed", async () => {
   const dir = await Deno.makeTempDir({ prefix: "sarde-cred-" });
   const authfile = join(dir, "sub", "auth.json");
-  await withEnv({ HOME: dir, XDG_CONFIG_HOME: join(dir, "cfg"), DOCKER_CONFIG: join(dir, "docker"), SARDE_REGISTRY_USERNAME: undefined }, async () => {
-    await saveCredentials("127.0.0.1:5000", { username: "sarde", password: "pw:with:colons" }, authfile);
+  await withEnv({
+    HOME: dir,
+    XDG_CONFIG_HOME: join(dir, "cfg"),
+    DOCKER_CONFIG: join(dir, "docker"),
+    SARDE_REGISTRY_USERNAME: undefined,
+  }, async () => {
+    await saveCredentials(
+      "127.0.0.1:5000",
+      { username: "sarde", password: "pw:with:colons" },
+      authfile,
+    );
     assert.equal((await Deno.stat(authfile)).mode! & 0o777, 0o600);
-    assert.deepEqual(await findCredentials("127.0.0.1:5000", authfile), { username: "sarde", password: "pw:with:colons" });
+    assert.deepEqual(await findCredentials("127.0.0.1:5000", authfile), {
+      username: "sarde",
+      password: "pw:with:colons",
+    });
     assert.equal(await findCredentials("other:5000", authfile), undefined);
     assert.equal(await removeCredentials("127.0.0.1:5000", authfile), true);
     assert.equal(await findCredentials("127.0.0.1:5000", authfile), undefined);
@@ -60,9 +74,18 @@ Deno.test("credentials: docker config.json with identitytoken, URL keys and a cr
     SARDE_REGISTRY_USERNAME: undefined,
   }, async () => {
     const authfile = join(dir, "none.json");
-    assert.deepEqual(await findCredentials("tok.example.org", authfile), { username: "u", identityToken: "refresh-me" });
-    assert.deepEqual(await findCredentials("basic.example.org", authfile), { username: "bu", password: "bp" });
-    assert.deepEqual(await findCredentials("helped.example.org", authfile), { username: "hu", password: "hs" });
+    assert.deepEqual(await findCredentials("tok.example.org", authfile), {
+      username: "u",
+      identityToken: "refresh-me",
+    });
+    assert.deepEqual(await findCredentials("basic.example.org", authfile), {
+      username: "bu",
+      password: "bp",
+    });
+    assert.deepEqual(await findCredentials("helped.example.org", authfile), {
+      username: "hu",
+      password: "hs",
+    });
     assert.equal(await findCredentials("unknown.example.org", authfile), undefined);
   });
   await Deno.remove(dir, { recursive: true });

@@ -21,13 +21,22 @@ async function tempLayout() {
   return { layout: await openLayout(join(dir, "repo"), { create: true }), dir };
 }
 
-const desc = (n: number): Descriptor => ({ mediaType: MediaType.ociManifest, digest: digestOf(String(n)), size: 1 });
+const desc = (n: number): Descriptor => ({
+  mediaType: MediaType.ociManifest,
+  digest: digestOf(String(n)),
+  size: 1,
+});
 
 Deno.test("openLayout creates an OCI layout skopeo can read", async () => {
   const { layout, dir } = await tempLayout();
-  assert.deepEqual(JSON.parse(await Deno.readTextFile(join(layout.dir, "oci-layout"))), { imageLayoutVersion: "1.0.0" });
+  assert.deepEqual(JSON.parse(await Deno.readTextFile(join(layout.dir, "oci-layout"))), {
+    imageLayoutVersion: "1.0.0",
+  });
   assert.deepEqual(await readIndex(layout), { schemaVersion: 2, manifests: [] });
-  await assert.rejects(openLayout(join(dir, "nope")), (e: unknown) => e instanceof SardeError && e.kind === "not-found");
+  await assert.rejects(
+    openLayout(join(dir, "nope")),
+    (e: unknown) => e instanceof SardeError && e.kind === "not-found",
+  );
   await Deno.remove(dir, { recursive: true });
 });
 
@@ -45,7 +54,8 @@ Deno.test("addToIndex moves a tag instead of duplicating it (0.4 appended)", () 
   assert.equal(selectManifest(index, { digest: desc(3).digest }, "x").digest, desc(3).digest);
   assert.throws(
     () => selectManifest(index, { tag: "nope" }, "x"),
-    (e: unknown) => e instanceof SardeError && e.kind === "not-found" && e.hint === "known tags: latest, stable",
+    (e: unknown) =>
+      e instanceof SardeError && e.kind === "not-found" && e.hint === "known tags: latest, stable",
   );
 });
 
@@ -71,7 +81,10 @@ Deno.test("blob writer verifies digest and size, leaves nothing on mismatch", as
   const wrong = { ...good, digest: digestOf("something else") };
   const w2 = await createBlobWriter(layout, wrong);
   await w2.write(data);
-  await assert.rejects(w2.commit(), (e: unknown) => e instanceof SardeError && e.kind === "integrity");
+  await assert.rejects(
+    w2.commit(),
+    (e: unknown) => e instanceof SardeError && e.kind === "integrity",
+  );
   assert.ok(!await hasBlob(layout, wrong));
   const leftovers = [...Deno.readDirSync(join(layout.dir, "blobs", "sha256"))].map((e) => e.name);
   assert.deepEqual(leftovers, [good.digest.slice(7)], "no temp files remain");
@@ -91,9 +104,14 @@ Deno.test("index writes are atomic and parse back", async () => {
   await writeIndex(layout, addToIndex(await readIndex(layout), desc(7), "v1"));
   const index = await readIndex(layout);
   assert.equal(index.manifests.length, 1);
-  const names = [...Deno.readDirSync(layout.dir)].map((e) => e.name).filter((n) => n.includes(".tmp-"));
+  const names = [...Deno.readDirSync(layout.dir)].map((e) => e.name).filter((n) =>
+    n.includes(".tmp-")
+  );
   assert.deepEqual(names, []);
   await Deno.writeTextFile(join(layout.dir, "index.json"), "{broken");
-  await assert.rejects(readIndex(layout), (e: unknown) => e instanceof SardeError && /not valid JSON/.test(e.message));
+  await assert.rejects(
+    readIndex(layout),
+    (e: unknown) => e instanceof SardeError && /not valid JSON/.test(e.message),
+  );
   await Deno.remove(dir, { recursive: true });
 });

@@ -11,7 +11,13 @@ import {
 
 Deno.test("parseReference: docker defaults for short names", () => {
   const r = parseReference("debian");
-  assert.deepEqual(r, { registry: "docker.io", repository: "library/debian", tag: undefined, digest: undefined, name: "debian" });
+  assert.deepEqual(r, {
+    registry: "docker.io",
+    repository: "library/debian",
+    tag: undefined,
+    digest: undefined,
+    name: "debian",
+  });
   assert.equal(manifestSelector(r), "latest");
   assert.equal(parseReference("sardines/debian:12").repository, "sardines/debian");
 });
@@ -54,7 +60,11 @@ Deno.test("parseReference: rejects malformed references with a usage error", () 
     "foo:-tag",
   ];
   for (const input of bad) {
-    assert.throws(() => parseReference(input), (e: unknown) => e instanceof SardeError && e.kind === "usage", input);
+    assert.throws(
+      () => parseReference(input),
+      (e: unknown) => e instanceof SardeError && e.kind === "usage",
+      input,
+    );
   }
 });
 

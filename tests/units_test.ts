@@ -14,7 +14,11 @@ Deno.test("parseSize: binary and decimal units, integers out (0.4 returned float
 
 Deno.test("parseSize: rejects garbage with a usage error", () => {
   for (const s of ["", "MiB", "12 parsecs", "-5", "1 2 MiB"]) {
-    assert.throws(() => parseSize(s, "--chunk-size"), (e: unknown) => e instanceof SardeError && e.kind === "usage", s);
+    assert.throws(
+      () => parseSize(s, "--chunk-size"),
+      (e: unknown) => e instanceof SardeError && e.kind === "usage",
+      s,
+    );
   }
 });
 

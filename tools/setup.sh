@@ -1,7 +1,8 @@
 #!/bin/bash
 # tools/setup.sh - install everything sarde needs to build and test on a fresh Debian 12 machine (as root).
-# Idempotent: apt is skipped when every package is already installed; npm ci and deno install are
-# cheap when their caches are warm. Progress goes to stderr.
+# Idempotent: apt is skipped when every package is already installed (dpkg-query), npm ci when
+# tools/node_modules already holds the deno version pinned in tools/package-lock.json (set
+# SARDE_SETUP_FORCE=1 to reinstall), and deno install is quick with a warm cache. Progress: stderr.
 #   1. Debian packages (libvirt, qemu, registry, skopeo, ...)
 #   2. the pinned Deno runtime: npm ci --prefix tools  (tools/package-lock.json)
 #   3. sarde's npm dependencies: deno install           (deno.lock, frozen)
@@ -38,12 +39,19 @@ else
 fi
 
 # --- 2. Deno (pinned in tools/package.json) ----------------------------------------------------
+pinned=""
 if [ -f tools/package-lock.json ]; then
-  log "npm: npm ci --prefix tools"
-  npm ci --prefix tools --no-audit --no-fund --loglevel=error </dev/null >&2
-else
+  pinned=$(node -p 'require("./tools/package-lock.json").packages["node_modules/deno"].version' 2>/dev/null || true)
+fi
+have=$(tools/node_modules/.bin/deno --version 2>/dev/null | sed -n 's/^deno \([^ ]*\).*/\1/p' || true)
+if [ -z "$pinned" ]; then
   log "npm: tools/package-lock.json missing; npm install --prefix tools (commit the new lockfile)"
   npm install --prefix tools --no-audit --no-fund --loglevel=error </dev/null >&2
+elif [ "$have" = "$pinned" ] && [ "${SARDE_SETUP_FORCE:-0}" != 1 ]; then
+  log "npm: deno $have already installed in tools/node_modules (SARDE_SETUP_FORCE=1 reinstalls)"
+else
+  log "npm: npm ci --prefix tools (deno $pinned)"
+  npm ci --prefix tools --no-audit --no-fund --loglevel=error </dev/null >&2
 fi
 export PATH="$PWD/tools/node_modules/.bin:$PATH"
 log "deno: $(deno --version | head -1)"

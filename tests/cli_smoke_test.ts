@@ -1,0 +1,75 @@
+/**
+ * Smoke tests of the `sarde` program as shipped. CI runs this file twice: on the sources and, with
+ * SARDE_BUNDLE=1, on the `deno bundle` output (dist/sarde.js).
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { makeImage, sarde, tempDir } from "./support/images.ts";
+import { startRegistry } from "./support/registry.ts";
+
+Deno.test("cli: --help and --version go to stdout and exit 0", async () => {
+  const help = await sarde(["--help"]);
+  assert.equal(help.code, 0);
+  for (const cmd of ["login", "logout", "fetch", "push", "list", "getconfig"]) {
+    assert.match(help.stdout, new RegExp(`\\b${cmd}\\b`));
+  }
+  const version = await sarde(["--version"]);
+  assert.equal(version.code, 0);
+  assert.match(version.stdout, /^\d+\.\d+\.\d+\n$/);
+  const sub = await sarde(["push", "--help"]);
+  assert.match(sub.stdout, /--chunk-size/);
+});
+
+Deno.test("cli: usage errors exit 2 with one line on stderr and nothing on stdout", async () => {
+  for (
+    const args of [["frobnicate"], ["fetch"], ["fetch", "Bad/Ref"], [
+      "push",
+      "--concurrency",
+      "zero",
+      "x",
+    ], ["list", "--format", "xml"]]
+  ) {
+    const r = await sarde(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.equal(r.stdout, "", args.join(" "));
+    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+  }
+});
+
+Deno.test("cli: push, fetch, list and getconfig against a real registry", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("smoke");
+  const ref = `${reg.host}/smoke/img:v1`;
+  const img = await makeImage(join(work, "a"), ref, [{ size: 1 << 20 }]);
+  assert.equal(
+    (await sarde(["push", "-d", join(work, "a"), ref])).stdout.trim(),
+    img.manifestDigest,
+  );
+  assert.equal(
+    (await sarde(["fetch", "-q", "-d", join(work, "b"), ref])).stdout.trim(),
+    img.manifestDigest,
+  );
+  const list = JSON.parse(
+    (await sarde(["list", "-d", join(work, "b"), "--format", "json"])).stdout,
+  );
+  assert.equal(list[0].id, img.configDigest);
+  const cfg = JSON.parse((await sarde(["getconfig", "-d", join(work, "b"), ref])).stdout);
+  assert.equal(cfg.users[0].username, "root");
+  const empty = await sarde(["list", "-d", join(work, "empty")]);
+  assert.equal(empty.code, 0);
+  assert.equal(empty.stdout.trim().split("\n").length, 1, "an empty store lists only the header");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("executor: reports that it is not implemented yet as a system failure", async () => {
+  const bin = new URL("../bin/gitlab-sardinecake-executor", import.meta.url).pathname;
+  const out = await new Deno.Command(bin, {
+    args: ["config"],
+    env: { SYSTEM_FAILURE_EXIT_CODE: "42" },
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  assert.equal(out.code, 42);
+  assert.match(new TextDecoder().decode(out.stderr), /not implemented/);
+});

@@ -1,0 +1,343 @@
+/**
+ * In-process HTTP reverse proxies on 127.0.0.1 for registry tests: a body-size limiter (like a
+ * reverse proxy with `client_max_body_size`) and a fault injector (corrupted or cut blob downloads,
+ * error statuses).
+ *
+ * The forwarder passes method, path, query, headers and bodies through (streamed), uses
+ * `redirect: "manual"`, and rewrites `Location` headers that point at the upstream to the proxy.
+ * Request bodies with a `Content-Length` of at most 16 MiB are buffered and forwarded with that
+ * length; larger or chunked bodies are streamed (chunked) to the upstream.
+ *
+ * @module
+ */
+
+/** Where a proxy forwards to: a base URL, plus a PEM CA file when it is https. */
+export interface ProxyTarget {
+  /** `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT` */
+  url: string;
+  /** PEM CA that signed the upstream's certificate (https upstreams). */
+  caFile?: string;
+}
+
+/** A running proxy. */
+export interface RunningProxy {
+  /** `127.0.0.1:PORT` — what goes in an image reference. */
+  host: string;
+  /** `http://127.0.0.1:PORT` */
+  url: string;
+  port: number;
+  /** Number of requests the proxy has seen so far. */
+  hits(): number;
+  /** Stops the proxy (waits for open connections to finish). Idempotent. */
+  stop(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** Faults {@link startFaultyProxy} can inject. */
+export type Fault =
+  /** Flip bytes (same length) in every `GET /v2/…/blobs/<digest>` response body. */
+  | { kind: "corrupt-blob" }
+  /**
+   * Close the connection after `afterBytes` body bytes of a blob GET response, for the first
+   * `times` responses that are longer than that. `Range` requests are forwarded, so clients can
+   * resume.
+   */
+  | { kind: "cut-blob"; afterBytes: number; times: number }
+  /** Answer the first `times` requests (of any kind) with `status` (and `Retry-After`). */
+  | { kind: "status"; status: number; times: number; retryAfter?: number };
+
+/** Hooks of the generic forwarder. */
+interface ProxyHooks {
+  /** Answer a request directly instead of forwarding it (return undefined to forward). */
+  intercept?(req: Request): Response | undefined;
+  /** Replace the request body stream (e.g. to count bytes). */
+  requestBody?(req: Request, body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array>;
+  /** Turn a forwarding error into a response (e.g. 413 after a counting stream gave up). */
+  onError?(req: Request, err: unknown): Response | undefined;
+  /** Replace the response body stream before it goes to the client. */
+  responseBody?(
+    req: Request,
+    res: Response,
+    body: ReadableStream<Uint8Array>,
+  ): ReadableStream<Uint8Array>;
+}
+
+const HOP_BY_HOP = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "proxy-connection",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+  "host",
+]);
+const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
+const BUFFER_LIMIT = 16 * 1024 * 1024;
+
+/** Matches `/v2/<name>/blobs/<algorithm>:<hex>` (not `/blobs/uploads/…`). */
+const BLOB_PATH = /^\/v2\/.+\/blobs\/[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$/;
+
+/** True for a `GET` of a blob by digest. */
+export function isBlobGet(req: Request): boolean {
+  return req.method === "GET" && BLOB_PATH.test(new URL(req.url).pathname);
+}
+
+function copyHeaders(from: Headers): Headers {
+  const h = new Headers();
+  for (const [k, v] of from) if (!HOP_BY_HOP.has(k.toLowerCase())) h.append(k, v);
+  return h;
+}
+
+/** Starts a reverse proxy for `target` with the given hooks. */
+async function startProxy(target: ProxyTarget, hooks: ProxyHooks = {}): Promise<RunningProxy> {
+  const upstream = new URL(target.url);
+  const client = target.caFile
+    ? Deno.createHttpClient({ caCerts: [await Deno.readTextFile(target.caFile)] })
+    : undefined;
+  let hits = 0;
+  let self = "";
+
+  const handle = async (req: Request): Promise<Response> => {
+    hits++;
+    const direct = hooks.intercept?.(req);
+    if (direct) {
+      await req.body?.cancel().catch(() => {});
+      return direct;
+    }
+    const inUrl = new URL(req.url);
+    const outUrl = new URL(inUrl.pathname + inUrl.search, upstream);
+    const headers = copyHeaders(req.headers);
+    let body: BodyInit | null = null;
+    if (req.body) {
+      const len = Number(req.headers.get("content-length") ?? NaN);
+      if (!hooks.requestBody && Number.isFinite(len) && len <= BUFFER_LIMIT) {
+        body = new Uint8Array(await req.arrayBuffer());
+      } else {
+        headers.delete("content-length"); // streamed bodies go out chunked
+        body = hooks.requestBody ? hooks.requestBody(req, req.body) : req.body;
+      }
+    }
+    let res: Response;
+    try {
+      res = await fetch(outUrl, {
+        method: req.method,
+        headers,
+        body,
+        redirect: "manual",
+        client,
+      });
+    } catch (err) {
+      const alt = hooks.onError?.(req, err);
+      if (alt) return alt;
+      return new Response(`proxy: upstream request failed: ${err}\n`, { status: 502 });
+    }
+    const outHeaders = copyHeaders(res.headers);
+    const loc = outHeaders.get("location");
+    if (loc) {
+      const abs = new URL(loc, outUrl);
+      if (abs.origin === upstream.origin) {
+        outHeaders.set("location", self + abs.pathname + abs.search + abs.hash);
+      }
+    }
+    let outBody: ReadableStream<Uint8Array> | null = res.body;
+    if (req.method === "HEAD" || NULL_BODY_STATUS.has(res.status)) {
+      await res.body?.cancel().catch(() => {});
+      outBody = null;
+    } else if (outBody && hooks.responseBody) {
+      outBody = hooks.responseBody(req, res, outBody);
+    }
+    return new Response(outBody, {
+      status: res.status,
+      statusText: res.statusText,
+      headers: outHeaders,
+    });
+  };
+
+  const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
+  const server = Deno.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    onListen: (addr) => resolve(addr as Deno.NetAddr),
+    onError: (err) => new Response(`proxy error: ${err}\n`, { status: 500 }),
+  }, handle);
+  const addr = await listening;
+  self = `http://127.0.0.1:${addr.port}`;
+  let stopped: Promise<void> | undefined;
+  const stop = (): Promise<void> => stopped ??= server.shutdown().finally(() => client?.close());
+  return {
+    host: `127.0.0.1:${addr.port}`,
+    url: self,
+    port: addr.port,
+    hits: () => hits,
+    stop,
+    [Symbol.asyncDispose]: stop,
+  };
+}
+
+/** Thrown inside a request body stream when the size limit is passed. */
+class BodyTooLarge extends Error {}
+
+function tooLarge(limit: number): Response {
+  return new Response(
+    `<html><head><title>413 Request Entity Too Large</title></head>` +
+      `<body>request body larger than ${limit} bytes</body></html>\n`,
+    { status: 413, headers: { "content-type": "text/html", connection: "close" } },
+  );
+}
+
+/**
+ * Starts a proxy in front of `target` that answers 413 to any request whose body is larger than
+ * `maxBodyBytes`: at once when `Content-Length` says so, otherwise (chunked bodies) as soon as the
+ * streamed byte count passes the limit (the upstream request is then aborted).
+ */
+export function startLimitedProxy(
+  target: ProxyTarget,
+  maxBodyBytes: number,
+): Promise<RunningProxy> {
+  const exceeded = new WeakSet<Request>();
+  return startProxy(target, {
+    intercept(req) {
+      const len = Number(req.headers.get("content-length") ?? NaN);
+      return Number.isFinite(len) && len > maxBodyBytes ? tooLarge(maxBodyBytes) : undefined;
+    },
+    requestBody(req, body) {
+      const len = Number(req.headers.get("content-length") ?? NaN);
+      if (Number.isFinite(len)) return body; // already checked in intercept
+      let n = 0;
+      return body.pipeThrough(
+        new TransformStream<Uint8Array, Uint8Array>({
+          transform(chunk, ctl) {
+            n += chunk.byteLength;
+            if (n > maxBodyBytes) {
+              exceeded.add(req);
+              ctl.error(new BodyTooLarge(`body larger than ${maxBodyBytes} bytes`));
+              return;
+            }
+            ctl.enqueue(chunk);
+          },
+        }),
+      );
+    },
+    onError: (req) => (exceeded.has(req) ? tooLarge(maxBodyBytes) : undefined),
+  });
+}
+
+/** A stream that flips bits in every chunk (same length), so digests no longer match. */
+function corrupt(body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
+  return body.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, ctl) {
+        const copy = new Uint8Array(chunk);
+        for (let i = 0; i < copy.length; i += 4096) copy[i] ^= 0xff;
+        ctl.enqueue(copy);
+      },
+    }),
+  );
+}
+
+/**
+ * A stream that passes `limit` bytes and then errors (which makes the server drop the
+ * connection). `onEnd(cut)` is called once: true when it cut, false when the body was shorter.
+ */
+function cutAfter(
+  body: ReadableStream<Uint8Array>,
+  limit: number,
+  onEnd: (cut: boolean) => void,
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let sent = 0;
+  let cutNext = false;
+  let ended = false;
+  const end = (cut: boolean) => {
+    if (!ended) {
+      ended = true;
+      onEnd(cut);
+    }
+  };
+  const cut = async (ctl: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
+    // give the server a moment to flush what was sent before the connection drops
+    await new Promise((r) => setTimeout(r, 50));
+    await reader.cancel().catch(() => {});
+    ctl.error(new Error("faulty proxy: connection cut"));
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(ctl) {
+      if (cutNext) return await cut(ctl);
+      const { done, value } = await reader.read();
+      if (done) {
+        end(false);
+        ctl.close();
+        return;
+      }
+      const room = limit - sent;
+      if (value.byteLength <= room) {
+        sent += value.byteLength;
+        ctl.enqueue(value);
+        return;
+      }
+      // this chunk crosses the limit: send up to it, then cut (on the next pull, so that the
+      // part is delivered; a pull that enqueues nothing must settle the stream itself)
+      end(true);
+      sent = limit;
+      if (room === 0) return await cut(ctl);
+      ctl.enqueue(value.subarray(0, room));
+      cutNext = true;
+    },
+    cancel(reason) {
+      end(false);
+      return reader.cancel(reason);
+    },
+  });
+}
+
+/**
+ * Starts a fault-injecting proxy in front of `target` (a {@link ProxyTarget}, e.g. a
+ * `TestRegistry`). `hits()` counts every request the proxy saw, including faulted ones.
+ *
+ * - `corrupt-blob`: every blob GET body (200/206) gets bytes flipped, same length.
+ * - `cut-blob`: the first `times` blob GET responses longer than `afterBytes` are cut after
+ *   `afterBytes` body bytes (the connection is dropped); `Range: bytes=N-` is forwarded.
+ * - `status`: the first `times` requests are answered with `status` (and `Retry-After:
+ *   retryAfter` when given); later requests are forwarded.
+ */
+export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<RunningProxy> {
+  switch (fault.kind) {
+    case "corrupt-blob":
+      return startProxy(target, {
+        responseBody: (req, res, body) =>
+          isBlobGet(req) && (res.status === 200 || res.status === 206) ? corrupt(body) : body,
+      });
+    case "cut-blob": {
+      let remaining = fault.times;
+      return startProxy(target, {
+        responseBody(req, res, body) {
+          if (!isBlobGet(req) || (res.status !== 200 && res.status !== 206) || remaining <= 0) {
+            return body;
+          }
+          remaining--; // reserved; given back if the body was too short to cut
+          return cutAfter(body, fault.afterBytes, (cut) => {
+            if (!cut) remaining++;
+          });
+        },
+      });
+    }
+    case "status": {
+      let answered = 0;
+      return startProxy(target, {
+        intercept() {
+          if (answered >= fault.times) return undefined;
+          answered++;
+          const headers = new Headers({ "content-type": "application/json" });
+          if (fault.retryAfter !== undefined) headers.set("retry-after", String(fault.retryAfter));
+          const body = NULL_BODY_STATUS.has(fault.status) ? null : JSON.stringify({
+            errors: [{ code: "UNAVAILABLE", message: `injected status ${fault.status}` }],
+          });
+          return new Response(body, { status: fault.status, headers });
+        },
+      });
+    }
+  }
+}

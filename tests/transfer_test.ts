@@ -1,0 +1,503 @@
+/**
+ * End-to-end transfer tests against real registries (Debian's docker-registry on 127.0.0.1) with
+ * skopeo as the independent client.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { digestFile } from "../lib/digest.ts";
+import * as api from "../mod.ts";
+import { listFiles, makeImage, run, sarde, tempDir } from "./support/images.ts";
+import { startFaultyProxy, startRegistry } from "./support/registry.ts";
+
+const FAST_RETRY = { SARDE_RETRY_BASE_MS: "20" };
+
+function blobNames(files: string[]): string[] {
+  return files.filter((f) => f.startsWith("blobs/")).sort();
+}
+
+Deno.test("plain registry: sarde push → skopeo reads it byte for byte → sarde fetch into an empty store", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("plain");
+  const store = join(work, "store");
+  const ref = `${reg.host}/sardines/multi:v1`;
+  const img = await makeImage(store, ref, [
+    { size: 3 << 20, kind: "random" },
+    { size: 5 << 20, kind: "text" },
+    { size: 3 << 20, kind: "random" },
+  ]);
+
+  const pushed = await sarde(["push", "-d", store, ref]);
+  assert.equal(pushed.code, 0, pushed.stderr);
+  assert.equal(
+    pushed.stdout.trim(),
+    img.manifestDigest,
+    "push prints the manifest digest on stdout only",
+  );
+
+  // Independent client: the registry holds exactly our manifest bytes.
+  const raw = await run("skopeo", ["inspect", "--raw", "--tls-verify=false", `docker://${ref}`], {
+    check: true,
+  });
+  assert.equal(api.parseReference(ref).tag, "v1");
+  const localManifest = await Deno.readFile(
+    join(img.dir, "blobs", "sha256", img.manifestDigest.slice(7)),
+  );
+  assert.equal(raw.stdout, new TextDecoder().decode(localManifest));
+
+  // skopeo copies it into its own layout: same blobs, same digests.
+  const skopeoDir = join(work, "skopeo-oci");
+  await run(
+    "skopeo",
+    ["copy", "--src-tls-verify=false", `docker://${ref}`, `oci:${skopeoDir}:v1`],
+    { check: true },
+  );
+  const expectedBlobs = blobNames(await listFiles(img.dir));
+  assert.deepEqual(blobNames(await listFiles(skopeoDir)), expectedBlobs);
+
+  // Fetch into a new store: byte-identical blobs, index tagged v1, nothing else lying around.
+  const store2 = join(work, "store2");
+  const fetched = await sarde(["fetch", "-d", store2, ref]);
+  assert.equal(fetched.code, 0, fetched.stderr);
+  assert.equal(fetched.stdout.trim(), img.manifestDigest);
+  const dir2 = join(store2, reg.host, "sardines", "multi");
+  assert.deepEqual(blobNames(await listFiles(dir2)), expectedBlobs);
+  for (const b of expectedBlobs) {
+    assert.equal((await digestFile(join(dir2, b))).digest, `sha256:${b.split("/").at(-1)}`);
+  }
+  const index = JSON.parse(await Deno.readTextFile(join(dir2, "index.json")));
+  assert.equal(index.manifests.length, 1);
+  assert.equal(index.manifests[0].annotations["org.opencontainers.image.ref.name"], "v1");
+
+  // A second fetch downloads nothing.
+  const again = await sarde(["fetch", "-d", store2, ref]);
+  assert.equal(again.code, 0);
+  assert.doesNotMatch(again.stderr, /fetching/);
+
+  // list shows the image, text and JSON.
+  const listed = await sarde(["list", "-d", store2, "--format", "json"]);
+  const entries = JSON.parse(listed.stdout);
+  assert.deepEqual(entries.map((e: api.ImageEntry) => [e.name, e.tag, e.digest, e.id, e.state]), [
+    [`${reg.host}/sardines/multi`, "v1", img.manifestDigest, img.configDigest, "missing"],
+  ]);
+  const text = await sarde(["list", "-d", store2]);
+  assert.match(text.stdout, /^SOURCE\s+NAME\s+IMAGE ID\s+STATE\n/);
+  assert.match(text.stdout, new RegExp(`${reg.host}/sardines/multi:v1\\s+${img.configDigest}`));
+
+  // getconfig prints the vmconfig layer.
+  const cfg = await sarde(["getconfig", "-d", store2, ref]);
+  assert.deepEqual(JSON.parse(cfg.stdout), { users: [{ username: "root", password: "sarde" }] });
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("plain registry: skopeo pushes, sarde fetches (via --source) and pushes on with a mount", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("interop");
+  const img = await makeImage(join(work, "src"), "local/thing:t1", [{ size: 2 << 20 }]);
+  const remote = `${reg.host}/from/skopeo:t1`;
+  await run("skopeo", [
+    "copy",
+    "--dest-tls-verify=false",
+    `oci:${img.dir}:t1`,
+    `docker://${remote}`,
+  ], { check: true });
+
+  const store = join(work, "store");
+  const f = await sarde(["fetch", "-d", store, "mycopy:latest", "--source", remote]);
+  assert.equal(f.code, 0, f.stderr);
+  assert.equal(f.stdout.trim(), img.manifestDigest);
+  assert.ok(
+    (await listFiles(join(store, "mycopy"))).includes("index.json"),
+    "stored under the local name",
+  );
+
+  const p = await sarde([
+    "push",
+    "-d",
+    store,
+    "mycopy:latest",
+    "--target",
+    `${reg.host}/other/repo:t2`,
+    "-v",
+  ]);
+  assert.equal(p.code, 0, p.stderr);
+  assert.match(p.stderr, /mounted from another repository/);
+  const raw = await run("skopeo", [
+    "inspect",
+    "--raw",
+    "--tls-verify=false",
+    `docker://${reg.host}/other/repo:t2`,
+  ]);
+  assert.equal(JSON.parse(raw.stdout).config.digest, img.configDigest);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("large blob: a 1 GiB layer round-trips byte for byte", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("large");
+  const ref = `${reg.host}/sardines/big:latest`;
+  const img = await makeImage(join(work, "a"), ref, [{ size: 1 << 30, kind: "random" }, {
+    size: 4 << 20,
+    kind: "text",
+  }]);
+  const p = await sarde(["push", "-d", join(work, "a"), ref]);
+  assert.equal(p.code, 0, p.stderr);
+  const f = await sarde(["fetch", "-d", join(work, "b"), ref]);
+  assert.equal(f.code, 0, f.stderr);
+  const big = img.layers[1];
+  const got = await digestFile(
+    join(work, "b", reg.host, "sardines", "big", "blobs", "sha256", big.digest.slice(7)),
+  );
+  assert.deepEqual(got, { digest: big.digest, size: 1 << 30 });
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("library API: fetch/push/list from another Deno script", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("api");
+  const ref = `${reg.host}/api/img:one`;
+  const img = await makeImage(join(work, "a"), ref, [{ size: 1 << 20 }]);
+  const pushed = await api.push(ref, { ocidir: join(work, "a") });
+  assert.equal(pushed.digest, img.manifestDigest);
+  const fetched = await api.fetch(ref, { ocidir: join(work, "b") });
+  assert.equal(fetched.imageId, img.configDigest);
+  assert.equal(fetched.blobsTransferred, 3);
+  const entries = await api.list({ ocidir: join(work, "b") });
+  assert.equal(entries[0].id, img.configDigest);
+  assert.deepEqual(await api.getConfig(ref, { ocidir: join(work, "b") }), {
+    users: [{ username: "root", password: "sarde" }],
+  });
+  await assert.rejects(
+    api.fetch(`${reg.host}/api/img:missing`, { ocidir: join(work, "b") }),
+    (e: unknown) => e instanceof api.SardeError && e.kind === "not-found",
+  );
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("htpasswd + TLS: login checks credentials, CA options, tls-verify=false", async () => {
+  await using reg = await startRegistry("htpasswd-tls");
+  const work = await tempDir("tls");
+  const authfile = join(work, "auth.json");
+  const ref = `${reg.host}/secure/img:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+
+  // Untrusted certificate: a clear TLS error.
+  const untrusted = await sarde(["push", "-d", join(work, "s"), "--authfile", authfile, ref]);
+  assert.equal(untrusted.code, 5, untrusted.stderr);
+  assert.match(untrusted.stderr, /certificate/i);
+  assert.match(untrusted.stderr, /--cert-dir/);
+
+  // Without credentials: authentication required, with the login hint.
+  const anon = await sarde([
+    "push",
+    "-d",
+    join(work, "s"),
+    "--authfile",
+    authfile,
+    "--cert-dir",
+    reg.certDir!,
+    ref,
+  ]);
+  assert.equal(anon.code, 4, anon.stderr);
+  assert.match(anon.stderr, /sarde login/);
+
+  // Wrong password: login fails and stores nothing; the password is never echoed.
+  const wrong = await sarde(
+    [
+      "login",
+      "--authfile",
+      authfile,
+      "--cert-dir",
+      reg.certDir!,
+      "-u",
+      "sarde",
+      "--password-stdin",
+      reg.host,
+    ],
+    { stdin: "definitely-wrong-pw\n" },
+  );
+  assert.equal(wrong.code, 4, wrong.stderr);
+  assert.doesNotMatch(wrong.stderr + wrong.stdout, /definitely-wrong-pw/);
+  assert.equal((await listFiles(work)).includes("auth.json"), false);
+
+  const ok = await sarde(
+    [
+      "login",
+      "--authfile",
+      authfile,
+      "--ca-file",
+      reg.caFile!,
+      "-u",
+      "sarde",
+      "--password-stdin",
+      reg.host,
+    ],
+    { stdin: `${reg.password}\n` },
+  );
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal((await Deno.stat(authfile)).mode! & 0o777, 0o600);
+  assert.doesNotMatch(ok.stderr, new RegExp(reg.password!));
+
+  const p = await sarde([
+    "push",
+    "-d",
+    join(work, "s"),
+    "--authfile",
+    authfile,
+    "--cert-dir",
+    reg.certDir!,
+    ref,
+  ]);
+  assert.equal(p.code, 0, p.stderr);
+  const f = await sarde([
+    "fetch",
+    "-d",
+    join(work, "f"),
+    "--authfile",
+    authfile,
+    "--tls-verify=false",
+    ref,
+  ]);
+  assert.equal(f.code, 0, f.stderr);
+
+  // skopeo agrees, with the same CA folder.
+  const raw = await run("skopeo", [
+    "inspect",
+    "--raw",
+    "--cert-dir",
+    reg.certDir!,
+    "--creds",
+    `sarde:${reg.password}`,
+    `docker://${ref}`,
+  ]);
+  assert.equal(raw.code, 0, raw.stderr);
+
+  const out = await sarde(["logout", "--authfile", authfile, reg.host]);
+  assert.equal(out.code, 0, out.stderr);
+  const denied = await sarde([
+    "fetch",
+    "-d",
+    join(work, "g"),
+    "--authfile",
+    authfile,
+    "--cert-dir",
+    reg.certDir!,
+    ref,
+  ]);
+  assert.equal(denied.code, 4);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("token auth: login, push with a push+pull token, anonymous pull, anonymous push denied", async () => {
+  await using reg = await startRegistry("token");
+  const work = await tempDir("token");
+  const authfile = join(work, "auth.json");
+  const ref = `${reg.host}/tok/img:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 2 << 20 }]);
+
+  const anonPush = await sarde(["push", "-d", join(work, "s"), "--authfile", authfile, ref]);
+  assert.notEqual(anonPush.code, 0);
+  assert.match(anonPush.stderr, /sarde login/);
+
+  const bad = await sarde([
+    "login",
+    "--authfile",
+    authfile,
+    "-u",
+    "sarde",
+    "--password-stdin",
+    reg.host,
+  ], { stdin: "nope" });
+  assert.equal(bad.code, 4, bad.stderr);
+
+  const good = await sarde([
+    "login",
+    "--authfile",
+    authfile,
+    "-u",
+    "sarde",
+    "--password-stdin",
+    reg.host,
+  ], {
+    stdin: reg.password!,
+  });
+  assert.equal(good.code, 0, good.stderr);
+  const p = await sarde(["push", "-d", join(work, "s"), "--authfile", authfile, ref]);
+  assert.equal(p.code, 0, p.stderr);
+
+  const f = await sarde([
+    "fetch",
+    "-d",
+    join(work, "anon"),
+    "--authfile",
+    join(work, "none.json"),
+    ref,
+  ]);
+  assert.equal(f.code, 0, f.stderr);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("registry capping request bodies: chunked upload with --chunk-size", async () => {
+  await using reg = await startRegistry("limited", { maxBodyBytes: 4 << 20 });
+  const work = await tempDir("limited");
+  const ref = `${reg.host}/capped/img:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 9 << 20, kind: "random" }]);
+
+  const whole = await sarde(["push", "-d", join(work, "s"), ref], { env: FAST_RETRY });
+  assert.notEqual(whole.code, 0);
+  assert.match(whole.stderr, /413|too large/);
+  assert.match(whole.stderr, /--chunk-size/);
+
+  const chunked = await sarde(["push", "-d", join(work, "s"), "--chunk-size", "4MiB", ref]);
+  assert.equal(chunked.code, 0, chunked.stderr);
+  const f = await sarde(["fetch", "-d", join(work, "f"), ref]);
+  assert.equal(f.code, 0, f.stderr);
+  assert.equal(f.stdout.trim(), img.manifestDigest);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("bad input: malformed reference, missing tag, refused connection", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("bad");
+  const malformed = await sarde(["fetch", "-d", work, "Registry.example.org/UPPER:x"]);
+  assert.equal(malformed.code, 2);
+  assert.match(malformed.stderr, /invalid image reference/);
+  assert.doesNotMatch(malformed.stderr, /\s+at /, "no stack trace");
+
+  const missing = await sarde(["fetch", "-d", work, `${reg.host}/nothing/here:v9`]);
+  assert.equal(missing.code, 3, missing.stderr);
+  assert.match(missing.stderr, /not found/);
+  assert.equal(missing.stderr.trim().split("\n").length <= 2, true, "one line (plus hint)");
+
+  const refused = await sarde(["fetch", "-d", work, "127.0.0.1:1/nothing/here:v9"], {
+    env: FAST_RETRY,
+  });
+  assert.equal(refused.code, 5, refused.stderr);
+  assert.match(refused.stderr, /refused/);
+
+  const noImage = await sarde(["push", "-d", work, `${reg.host}/never/made:v1`]);
+  assert.equal(noImage.code, 3);
+  assert.deepEqual(await listFiles(work), [], "failed commands leave the store empty");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("unknown host: a clear DNS error (in an offline network namespace)", async () => {
+  const work = await tempDir("dns");
+  const r = await run("unshare", [
+    "-n",
+    SARDE_PATH(),
+    "fetch",
+    "-d",
+    work,
+    "registry.invalid/x/y:z",
+  ], { env: FAST_RETRY });
+  assert.equal(r.code, 5, r.stderr);
+  assert.match(r.stderr, /cannot resolve registry host 'registry\.invalid'/);
+  await Deno.remove(work, { recursive: true });
+});
+
+function SARDE_PATH(): string {
+  return Deno.env.get("SARDE_BIN") ?? new URL("../bin/sarde", import.meta.url).pathname;
+}
+
+Deno.test("faults: wrong bytes are refused and nothing is stored", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("corrupt");
+  const ref = `${reg.host}/fault/img:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 2 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+
+  const proxy = await startFaultyProxy(reg, { kind: "corrupt-blob" });
+  try {
+    const store = join(work, "f");
+    const r = await sarde(["fetch", "-d", store, `${proxy.host}/fault/img:v1`], {
+      env: FAST_RETRY,
+    });
+    assert.equal(r.code, 6, r.stderr);
+    assert.match(r.stderr, /failed verification/);
+    const files = await listFiles(store);
+    assert.deepEqual(blobNames(files), [], `no blobs or partial files kept: ${files}`);
+  } finally {
+    await proxy.stop();
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("faults: a connection cut mid-blob is resumed with Range", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("cut");
+  const ref = `${reg.host}/fault/cut:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 8 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+  const proxy = await startFaultyProxy(reg, { kind: "cut-blob", afterBytes: 3 << 20, times: 2 });
+  try {
+    const store = join(work, "f");
+    const r = await sarde(["fetch", "-d", store, `${proxy.host}/fault/cut:v1`], {
+      env: FAST_RETRY,
+    });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /resuming/);
+    const big = img.layers[1];
+    const path = join(store, proxy.host, "fault", "cut", "blobs", "sha256", big.digest.slice(7));
+    assert.deepEqual(await digestFile(path), { digest: big.digest, size: big.size });
+  } finally {
+    await proxy.stop();
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("faults: 503 (with Retry-After) then success is retried", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("503");
+  const ref = `${reg.host}/fault/busy:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+  const proxy = await startFaultyProxy(reg, {
+    kind: "status",
+    status: 503,
+    times: 2,
+    retryAfter: 0,
+  });
+  try {
+    const r = await sarde(["fetch", "-d", join(work, "f"), `${proxy.host}/fault/busy:v1`], {
+      env: FAST_RETRY,
+    });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout.trim(), img.manifestDigest);
+    assert.match(r.stderr, /503; retrying/);
+  } finally {
+    await proxy.stop();
+  }
+  const always = await startFaultyProxy(reg, { kind: "status", status: 503, times: 1000 });
+  try {
+    const r = await sarde(["fetch", "-d", join(work, "g"), `${always.host}/fault/busy:v1`], {
+      env: FAST_RETRY,
+    });
+    assert.equal(r.code, 5, "bounded retries, then a registry error");
+    assert.ok(always.hits() <= 6, `at most 5 attempts, got ${always.hits()}`);
+  } finally {
+    await always.stop();
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("concurrency: two fetches of one image at once both succeed and store one copy", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("parallel");
+  const ref = `${reg.host}/par/img:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 32 << 20 }, { size: 16 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+  const store = join(work, "f");
+  const [a, b] = await Promise.all([
+    sarde(["fetch", "-d", store, ref]),
+    sarde(["fetch", "-d", store, ref]),
+  ]);
+  assert.equal(a.code, 0, a.stderr);
+  assert.equal(b.code, 0, b.stderr);
+  assert.equal(a.stdout.trim(), img.manifestDigest);
+  assert.equal(b.stdout.trim(), img.manifestDigest);
+  const downloads = [a, b].filter((r) => /fetching/.test(r.stderr)).length;
+  assert.equal(downloads, 1, "exactly one process downloaded the blobs");
+  const files = blobNames(await listFiles(join(store, reg.host, "par", "img")));
+  assert.equal(files.length, 4 + 1, "config, vmconfig, two layers, manifest; no partial files");
+  await Deno.remove(work, { recursive: true });
+});
