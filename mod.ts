@@ -13,8 +13,20 @@
  * @module
  */
 
+import { type CloneResult, cloneVm } from "./lib/clone.ts";
 import type { Credentials } from "./lib/credentials.ts";
-import { getVmConfig, type ImageEntry, listImages, type StateLookup } from "./lib/images.ts";
+import { type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
+import type { Compression, VmConfig } from "./lib/format.ts";
+import { defaultVmdir, type ImportResult, importVm as importFromStore } from "./lib/import.ts";
+import { domainState } from "./lib/libvirt.ts";
+import { prune as pruneStore, type Removed, removeImage } from "./lib/prune.ts";
+import {
+  getVmConfig,
+  type ImageEntry,
+  listImages,
+  type StateLookup,
+  type VmState,
+} from "./lib/images.ts";
 import { login as loginRegistry, logout as logoutRegistry } from "./lib/login.ts";
 import { parseReference, type Reference } from "./lib/reference.ts";
 import type { RetryPolicy } from "./lib/retry.ts";
@@ -32,6 +44,12 @@ export type { TransferResult } from "./lib/transfer.ts";
 export type { TlsSettings } from "./lib/tls.ts";
 export type { RetryPolicy } from "./lib/retry.ts";
 export { defaultOcidir } from "./lib/store.ts";
+export { defaultVmdir } from "./lib/import.ts";
+export type { ExportResult } from "./lib/export.ts";
+export type { ImportResult } from "./lib/import.ts";
+export type { CloneResult } from "./lib/clone.ts";
+export type { Removed } from "./lib/prune.ts";
+export type { Compression, VmConfig } from "./lib/format.ts";
 
 /** Where the local image store is. */
 export interface StoreOptions {
@@ -113,11 +131,121 @@ export async function logout(
   return await logoutRegistry(registry, options);
 }
 
-/** Lists the images in the local store (`sarde list`). */
+/** How to reach libvirt. */
+export interface LibvirtOptions {
+  /** libvirt URI (default: `LIBVIRT_DEFAULT_URI`, else libvirt's own default). */
+  connect?: string;
+}
+
+/** Where imported VMs live. */
+export interface VmOptions {
+  /** Folder with one sub-folder per imported VM (default {@link defaultVmdir}). */
+  vmdir?: string;
+}
+
+async function vmState(id: string, connect?: string): Promise<VmState> {
+  const s = await domainState(id, { uri: connect });
+  return s === "running" ? "running" : s === "missing" ? "missing" : "stopped";
+}
+
+/**
+ * Lists the images in the local store (`sarde list`), with the state of the VM imported under
+ * each image ID (`running`, `stopped`, `missing`). Pass `stateOf: false` to skip libvirt.
+ */
 export async function list(
-  options: StoreOptions & { stateOf?: StateLookup } = {},
+  options: StoreOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
 ): Promise<ImageEntry[]> {
-  return await listImages(options.ocidir ?? defaultOcidir(), options.stateOf);
+  const stateOf = options.stateOf === false
+    ? undefined
+    : options.stateOf ?? ((id: string) => vmState(id, options.connect));
+  return await listImages(options.ocidir ?? defaultOcidir(), stateOf);
+}
+
+/** Options of {@link exportVm}. */
+export interface ExportVmOptions extends StoreOptions, LibvirtOptions {
+  /** Read the domain XML from this file instead of libvirt. */
+  libvirtConfig?: string;
+  /** VM config (users, services): a JSON file path or an object. */
+  vmConfig?: string | VmConfig;
+  /** Disk encoding: `zstd` (default) or `gzip` (readable by sardinecake 0.4). */
+  compression?: Compression;
+  /** zstd: uncompressed chunk size; gzip: piece size (0 = one piece per file). */
+  chunkSize?: number;
+  /** Export a running VM anyway. */
+  force?: boolean;
+  signal?: AbortSignal;
+}
+
+/**
+ * Exports the libvirt VM `vm` into the local store as `reference` (`sarde export`). Returns the
+ * image ID and manifest digest.
+ */
+export async function exportVm(
+  vm: string,
+  reference?: string,
+  options: ExportVmOptions = {},
+): Promise<ExportResult> {
+  return await exportToStore(vm, reference, {
+    ...options,
+    uri: options.connect,
+    ocidir: options.ocidir ?? defaultOcidir(),
+  });
+}
+
+/** Options of {@link importVm}. */
+export interface ImportVmOptions extends StoreOptions, VmOptions, LibvirtOptions {
+  /** VM name (default: the image ID). */
+  name?: string;
+  /** Accept domain XML that uses host resources. */
+  allowHostResources?: boolean;
+  /** Force the libvirt domain type (`qemu` where KVM is unavailable). */
+  domainType?: string;
+  signal?: AbortSignal;
+}
+
+function importOptions(options: ImportVmOptions) {
+  return {
+    ...options,
+    uri: options.connect,
+    ocidir: options.ocidir ?? defaultOcidir(),
+    vmdir: options.vmdir ?? defaultVmdir(),
+  };
+}
+
+/** Imports a local image as a libvirt VM (`sarde import`). Idempotent. */
+export async function importVm(
+  reference: string,
+  options: ImportVmOptions = {},
+): Promise<ImportResult> {
+  return await importFromStore(reference, importOptions(options));
+}
+
+/** Fetches an image and imports it (`sarde pull`): `name=$(sarde pull REF); virsh start "$name"`. */
+export async function pull(
+  reference: string,
+  options: ImportVmOptions & RegistryAccessOptions & { source?: string } = {},
+): Promise<ImportResult> {
+  await fetch(reference, options);
+  return await importVm(reference, options);
+}
+
+/** Options of {@link clone}. */
+export interface CloneVmOptions extends Omit<ImportVmOptions, "name"> {
+  /** Folder for the clone's overlays (default: `vmdir`). */
+  clonedir?: string;
+  /** Start the clone. */
+  start?: boolean;
+  /** Make a transient VM (started at once, gone when it stops). */
+  transient?: boolean;
+}
+
+/** Clones a local image or a defined VM into a new VM with copy-on-write disks (`sarde clone`). */
+export async function clone(
+  source: string,
+  target: string,
+  options: CloneVmOptions = {},
+): Promise<CloneResult> {
+  return await cloneVm(source, target, { ...importOptions(options), clonedir: options.clonedir });
 }
 
 /** The sardine VM config (users, services) of a local image, or `undefined` (`sarde getconfig`). */
@@ -126,4 +254,34 @@ export async function getConfig(
   options: StoreOptions = {},
 ): Promise<Record<string, unknown> | undefined> {
   return await getVmConfig(options.ocidir ?? defaultOcidir(), parseReference(reference));
+}
+
+/** Removes a cached image and the blobs only it needed (`sarde rm`). Imported VMs stay. */
+export async function remove(reference: string, options: StoreOptions = {}): Promise<Removed> {
+  return await removeImage(options.ocidir ?? defaultOcidir(), reference);
+}
+
+/** Options of {@link prune}. */
+export interface PruneOptions extends StoreOptions, VmOptions, LibvirtOptions {
+  /** Also look for leftover clones here (the executor's clonedir). */
+  clonedirs?: string[];
+  /** Remove images and unused imported VMs not used for this long (milliseconds). */
+  olderThanMs?: number;
+  /** Then remove the least recently used until at most this many bytes remain. */
+  keepBytes?: number;
+  /** Report only. */
+  dryRun?: boolean;
+}
+
+/**
+ * Frees space (`sarde prune`): leftovers always; with `olderThanMs`/`keepBytes` also cached images
+ * and imported VMs that no defined VM uses, least recently used first.
+ */
+export async function prune(options: PruneOptions = {}): Promise<Removed[]> {
+  return await pruneStore({
+    ...options,
+    uri: options.connect,
+    ocidir: options.ocidir ?? defaultOcidir(),
+    vmdir: options.vmdir ?? defaultVmdir(),
+  });
 }

@@ -95,3 +95,25 @@ export async function exists(path: string): Promise<boolean> {
     throw err;
   }
 }
+
+/** Free bytes on the filesystem holding `path` (via `df`), or undefined if unknown. */
+export async function freeBytes(path: string): Promise<number | undefined> {
+  try {
+    const out = await new Deno.Command("df", {
+      args: ["-B1", "--output=avail", path],
+      stdout: "piped",
+      stderr: "null",
+    })
+      .output();
+    const n = Number(new TextDecoder().decode(out.stdout).trim().split("\n").at(-1));
+    return out.success && Number.isFinite(n) ? n : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Marks a file as just used (`sarde prune` removes the least recently used first). */
+export async function touch(path: string): Promise<void> {
+  const now = new Date();
+  await Deno.utime(path, now, now).catch(() => {});
+}

@@ -12,9 +12,12 @@ cd "$(dirname "$0")/.."
 log() { echo "setup: $*" >&2; }
 
 PACKAGES=(
-  libvirt-daemon-system libvirt-clients qemu-utils qemu-system-x86 zstd
+  libvirt-daemon-system libvirt-clients qemu-utils qemu-system-x86 zstd pigz
   docker-registry apache2-utils skopeo
   openssh-client sshpass cpio kmod e2fsprogs curl openssl
+  time # /usr/bin/time -f %M: peak RSS in deno task bench
+  dropbear-bin # host key for the tiny test guest (tests/support/guest/build.sh)
+  xorriso ovmf # cdrom ISO + UEFI vars template for test VMs (tests/support/vms.ts)
 )
 
 # --- 1. Debian packages ------------------------------------------------------------------------

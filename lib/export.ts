@@ -1,0 +1,414 @@
+/**
+ * `sarde export`: a libvirt VM (its domain XML, every disk with its whole backing chain, NVRAM and
+ * kernel files) becomes an OCI image in the local store.
+ *
+ * @module
+ */
+
+import { basename, dirname, extname, join, resolve } from "node:path";
+import { encodeGzip, encodeZstd } from "./compress.ts";
+import { onInterrupt } from "./cleanup.ts";
+import { digestOf } from "./digest.ts";
+import {
+  anonymizeDomain,
+  bootFiles,
+  type DomainDoc,
+  domainName,
+  fileDisks,
+  ociArchitecture,
+  ociOs,
+  parseDomainXml,
+  serializeDomainXml,
+  setElementText,
+} from "./domain.ts";
+import { fail } from "./errors.ts";
+import {
+  Annotation,
+  type Compression,
+  detectFileMime,
+  validateVmConfig,
+  type VmConfig,
+} from "./format.ts";
+import {
+  addToIndex,
+  blobPath,
+  type Layout,
+  lockLayout,
+  openLayout,
+  readIndex,
+  writeBlob,
+  writeIndex,
+} from "./layout.ts";
+import { type ConnectOptions, domainState, dumpXml } from "./libvirt.ts";
+import { debug, info, warn } from "./log.ts";
+import { type Descriptor, MediaType } from "./oci.ts";
+import { formatBytes, startProgress } from "./progress.ts";
+import { backingChain, rebaseUnsafe } from "./qemu.ts";
+import { parseReference } from "./reference.ts";
+import { layoutDir } from "./store.ts";
+
+/** Default size of the uncompressed zstd chunks; see README ("Chunk size") for the measurements. */
+export const DEFAULT_ZSTD_CHUNK = 128 << 20;
+
+/** Options for {@link exportVm}. */
+export interface ExportOptions extends ConnectOptions {
+  /** The local store. */
+  ocidir: string;
+  /** Read the domain XML from this file instead of libvirt ("experts only", as in 0.4). */
+  libvirtConfig?: string;
+  /** The VM config (users, services) as a file path or an object. */
+  vmConfig?: string | VmConfig;
+  /** Disk encoding (default `zstd`). */
+  compression?: Compression;
+  /** zstd: uncompressed chunk size; gzip: compressed piece size (0 = one piece per file). */
+  chunkSize?: number;
+  /** Export a running VM anyway (its disks may be inconsistent). */
+  force?: boolean;
+  /** Cancels the export. */
+  signal?: AbortSignal;
+}
+
+/** What {@link exportVm} produced. */
+export interface ExportResult {
+  /** The config digest (`sha256:…`): the image ID. */
+  imageId: string;
+  manifestDigest: string;
+  /** Local name with tag, e.g. `registry.example.org/sardines/debian12:latest`. */
+  reference: string;
+  /** Every file stored, in image order. */
+  files: { name: string; path: string; size: number; digest: string }[];
+}
+
+/** One file of the VM to store. */
+interface VmFile {
+  path: string;
+  name: string;
+  backing?: VmFile;
+  backingFormat?: string;
+  /** The backing reference as written in the file's qcow2 header. */
+  headerBacking?: string;
+}
+
+function uniqueName(wanted: string, used: Set<string>): string {
+  let name = wanted.replace(/^\.+/, "_") || "disk";
+  if (used.has(name)) {
+    const ext = extname(name);
+    const stem = name.slice(0, name.length - ext.length);
+    let i = 1;
+    while (used.has(`${stem}-${i}${ext}`)) i++;
+    name = `${stem}-${i}${ext}`;
+  }
+  used.add(name);
+  return name;
+}
+
+async function readVmConfig(source: string | VmConfig | undefined): Promise<VmConfig | undefined> {
+  if (source === undefined) return undefined;
+  if (typeof source !== "string") return validateVmConfig(source, "VM config");
+  let text: string;
+  try {
+    text = await Deno.readTextFile(source);
+  } catch (err) {
+    throw fail("usage", `cannot read VM config ${source}: ${(err as Error).message}`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw fail("usage", `VM config ${source} is not valid JSON: ${(err as Error).message}`);
+  }
+  return validateVmConfig(value, `VM config ${source}`);
+}
+
+/** Collects every file of the VM (disk chains base first, then boot files), with unique names. */
+async function collectFiles(
+  doc: DomainDoc,
+  baseDir: string,
+): Promise<{ files: VmFile[]; tops: Map<string, VmFile> }> {
+  const byPath = new Map<string, VmFile>();
+  const used = new Set<string>();
+  const files: VmFile[] = [];
+  const tops = new Map<string, VmFile>();
+  const add = (path: string): VmFile => {
+    let f = byPath.get(path);
+    if (!f) {
+      f = { path, name: uniqueName(basename(path), used) };
+      byPath.set(path, f);
+      files.push(f);
+    }
+    return f;
+  };
+  for (const disk of fileDisks(doc)) {
+    const top = resolve(baseDir, disk.path);
+    try {
+      await Deno.stat(top);
+    } catch {
+      throw fail("not-found", `disk ${disk.target || "?"} of the VM: ${top} does not exist`);
+    }
+    const chain = (await backingChain(top)).reverse(); // base → top
+    let below: VmFile | undefined;
+    let belowFormat: string | undefined;
+    for (const element of chain) {
+      const f = add(element.realFilename);
+      if (below && !f.backing) {
+        f.backing = below;
+        f.backingFormat = belowFormat;
+        f.headerBacking = element.backingFilename;
+      }
+      below = f;
+      belowFormat = element.format;
+    }
+    tops.set(disk.path, below!);
+  }
+  for (const bf of bootFiles(doc)) {
+    const path = resolve(baseDir, bf.path);
+    const real = await Deno.realPath(path).catch(() => {
+      throw fail("not-found", `<${bf.kind}> of the VM: ${path} does not exist`);
+    });
+    add(real);
+  }
+  return { files, tops };
+}
+
+/** A temporary copy of `f` whose qcow2 header names its backing file by its name in the image. */
+async function rebasedCopy(f: VmFile, scratch: string, cleanups: string[]): Promise<string> {
+  const dir = join(scratch, `.rebase-${Deno.pid}-${crypto.randomUUID()}`);
+  await Deno.mkdir(dir);
+  cleanups.push(dir);
+  const copy = join(dir, f.name);
+  const cp = await new Deno.Command("cp", {
+    args: ["--sparse=always", "--reflink=auto", f.path, copy],
+    stderr: "piped",
+  }).output();
+  if (!cp.success) {
+    throw fail("io", `cannot copy ${f.path}: ${new TextDecoder().decode(cp.stderr).trim()}`);
+  }
+  const backing = f.backing!.name.includes(":") ? `./${f.backing!.name}` : f.backing!.name;
+  await rebaseUnsafe(copy, backing, f.backingFormat ?? "qcow2");
+  debug(`${f.name}: stored with backing file ${backing} instead of ${f.headerBacking}`);
+  return copy;
+}
+
+/** Stores an encoded piece (a temp file in the blobs folder) under its digest. */
+async function adoptBlob(layout: Layout, tmp: string, digest: string): Promise<void> {
+  const target = blobPath(layout, digest);
+  try {
+    await Deno.stat(target);
+    await Deno.remove(tmp);
+  } catch {
+    await Deno.rename(tmp, target);
+  }
+}
+
+/**
+ * Exports `vm` (a libvirt domain name) into the store as `reference` (default: the VM name with
+ * tag `latest`). Refuses a running VM unless `force`. The result is reproducible: the same VM
+ * exported twice gives the same manifest digest (no wall-clock timestamps unless
+ * `SOURCE_DATE_EPOCH` is set, which is then used).
+ */
+export async function exportVm(
+  vm: string,
+  reference: string | undefined,
+  options: ExportOptions,
+): Promise<ExportResult> {
+  let xmlText: string;
+  let baseDir = Deno.cwd();
+  if (options.libvirtConfig) {
+    try {
+      xmlText = await Deno.readTextFile(options.libvirtConfig);
+    } catch (err) {
+      throw fail("usage", `cannot read ${options.libvirtConfig}: ${(err as Error).message}`);
+    }
+    baseDir = dirname(resolve(options.libvirtConfig));
+  } else {
+    const state = await domainState(vm, options);
+    if (state === "missing") {
+      throw fail("not-found", `no libvirt VM named '${vm}'`, "see virsh list --all");
+    }
+    if (state !== "stopped") {
+      if (!options.force) {
+        throw fail(
+          "usage",
+          `VM '${vm}' is ${state}; its disks may change while they are read`,
+          "shut it down first, or pass --force",
+        );
+      }
+      warn(`exporting running VM '${vm}' (--force): the disks may be inconsistent`);
+    }
+    xmlText = await dumpXml(vm, { ...options, inactive: true });
+  }
+  const doc = parseDomainXml(xmlText, options.libvirtConfig ?? `domain XML of ${vm}`);
+  const ref = parseReference(reference ?? `${domainName(doc) || vm}:latest`);
+  const vmConfig = await readVmConfig(options.vmConfig);
+  const compression = options.compression ?? "zstd";
+  const epoch = Deno.env.get("SOURCE_DATE_EPOCH");
+  const created = epoch && /^\d+$/.test(epoch)
+    ? new Date(Number(epoch) * 1000).toISOString()
+    : undefined;
+
+  const { files, tops } = await collectFiles(doc, baseDir);
+  if (files.length === 0) {
+    warn(`VM '${vm}' has no file-backed disks; exporting its definition only`);
+  }
+  for (const f of files) {
+    if (f.backing && compression === "gzip" && f.backing.name !== basename(f.backing.path)) {
+      warn(
+        `${f.name}: its backing file was renamed to ${f.backing.name}; sardinecake 0.4 cannot follow that`,
+      );
+    }
+  }
+
+  const layout = await openLayout(layoutDir(options.ocidir, ref), { create: true });
+  using _lock = await lockLayout(layout);
+  const outDir = join(layout.dir, "blobs", "sha256");
+  const sizes = await Promise.all(files.map(async (f) => (await Deno.stat(f.path)).size));
+  const total = sizes.reduce((a, b) => a + b, 0);
+  info(`exporting ${vm}: ${files.length} file(s), ${formatBytes(total)}, ${compression}`);
+  const progress = startProgress("export", total);
+  const diskLayers: Descriptor[] = [];
+  const stored: ExportResult["files"] = [];
+  const cleanups: string[] = [];
+  const unregister = onInterrupt(() =>
+    cleanups.forEach((p) => Deno.removeSync(p, { recursive: true }))
+  );
+  try {
+    for (const f of files) {
+      const mime = await detectFileMime(f.path);
+      if (compression === "zstd") {
+        const enc = await encodeZstd(f.path, {
+          chunkSize: options.chunkSize || DEFAULT_ZSTD_CHUNK,
+          outDir,
+          signal: options.signal,
+          onProgress: (n) => progress.add(n),
+        });
+        for (const [i, c] of enc.chunks.entries()) {
+          await adoptBlob(layout, c.path, c.digest);
+          diskLayers.push({
+            mediaType: `${mime}+zstd`,
+            digest: c.digest,
+            size: c.size,
+            annotations: {
+              [Annotation.title]: f.name,
+              [Annotation.fileName]: f.name,
+              [Annotation.fileSize]: String(enc.fileSize),
+              [Annotation.fileDigest]: enc.fileDigest,
+              [Annotation.chunkIndex]: String(i),
+              [Annotation.chunkOffset]: String(c.offset),
+              [Annotation.chunkSize]: String(c.length),
+              [Annotation.chunkDigest]: c.uncompressedDigest,
+              ...(f.backing
+                ? {
+                  [Annotation.backingFile]: f.backing.name,
+                  [Annotation.backingFormat]: f.backingFormat ?? "qcow2",
+                }
+                : {}),
+            },
+          });
+        }
+        stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
+      } else {
+        // gzip images carry no rebase instructions for sardinecake 0.4, so the header itself must
+        // name the backing file by its name in the image: rebase a temporary copy when it does not.
+        const source = f.backing && f.headerBacking !== f.backing.name
+          ? await rebasedCopy(f, layout.dir, cleanups)
+          : f.path;
+        const st = await Deno.stat(f.path);
+        const mtime = epoch && /^\d+$/.test(epoch)
+          ? Number(epoch)
+          : Math.floor((st.mtime?.getTime() ?? 0) / 1000);
+        const enc = await encodeGzip(source, {
+          storedName: f.name,
+          mtime,
+          chunkSize: options.chunkSize ?? 0,
+          outDir,
+          signal: options.signal,
+          onProgress: (n) => progress.add(n),
+        });
+        for (const [i, p] of enc.pieces.entries()) {
+          await adoptBlob(layout, p.path, p.digest);
+          diskLayers.push({
+            mediaType: i === 0 ? `${mime}+gzip` : `${mime}+gzip;chunk=${i}`,
+            digest: p.digest,
+            size: p.size,
+          });
+        }
+        if (source !== f.path) await Deno.remove(source);
+        stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
+      }
+      debug(`stored ${f.path} as ${f.name}`);
+    }
+  } finally {
+    progress.stop();
+    unregister();
+    for (const p of cleanups) await Deno.remove(p, { recursive: true }).catch(() => {});
+  }
+
+  // The XML refers to files by their names in the image; import puts them into the VM folder.
+  for (const disk of fileDisks(doc)) disk.source.setAttribute("file", tops.get(disk.path)!.name);
+  const byPath = new Map(files.map((f) => [f.path, f]));
+  for (const bf of bootFiles(doc)) {
+    const real = await Deno.realPath(resolve(baseDir, bf.path)).catch(() =>
+      resolve(baseDir, bf.path)
+    );
+    setElementText(bf.element, byPath.get(real)!.name);
+  }
+  anonymizeDomain(doc);
+  const xmlBytes = new TextEncoder().encode(serializeDomainXml(doc));
+  const xmlLayer = await writeBlob(layout, xmlBytes, MediaType.libvirtDomain);
+  const layers: Descriptor[] = [xmlLayer];
+  const diffIds = [xmlLayer.digest];
+  const history: Record<string, unknown>[] = [{
+    ...(created ? { created } : {}),
+    created_by: `virsh dumpxml --inactive '${vm}'`,
+  }];
+  if (vmConfig) {
+    const cfg = await writeBlob(
+      layout,
+      new TextEncoder().encode(JSON.stringify(vmConfig, null, 2)),
+      MediaType.sardineConfig,
+    );
+    layers.push(cfg);
+    diffIds.push(cfg.digest);
+    history.push({ ...(created ? { created } : {}), created_by: "sarde export --vmconfig" });
+  }
+  layers.push(...diskLayers);
+  for (const s of stored) {
+    diffIds.push(s.digest);
+    history.push({
+      ...(created ? { created } : {}),
+      created_by: `sarde export (${compression}) ${s.name}`,
+    });
+  }
+  const config = {
+    architecture: ociArchitecture(doc),
+    os: ociOs(doc),
+    ...(created ? { created } : {}),
+    rootfs: { type: "layers", diff_ids: diffIds },
+    history,
+  };
+  const configLayer = await writeBlob(
+    layout,
+    new TextEncoder().encode(JSON.stringify(config, null, 2)),
+    MediaType.ociConfig,
+  );
+  const manifest = {
+    schemaVersion: 2,
+    mediaType: MediaType.ociManifest,
+    config: configLayer,
+    layers,
+    annotations: { [Annotation.uncompressedSize]: String(stored.reduce((n, s) => n + s.size, 0)) },
+  };
+  const manifestBytes = new TextEncoder().encode(JSON.stringify(manifest, null, 2));
+  const manifestDesc = await writeBlob(layout, manifestBytes, MediaType.ociManifest);
+  const tag = ref.tag ?? "latest";
+  await writeIndex(layout, addToIndex(await readIndex(layout), manifestDesc, tag));
+  if (digestOf(manifestBytes) !== manifestDesc.digest) {
+    throw fail("io", "manifest changed while being written");
+  }
+  return {
+    imageId: configLayer.digest,
+    manifestDigest: manifestDesc.digest,
+    reference: `${ref.name}:${tag}`,
+    files: stored,
+  };
+}

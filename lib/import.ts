@@ -1,0 +1,289 @@
+/**
+ * `sarde import`: an image from the local store becomes a defined libvirt VM whose files live in
+ * `<vmdir>/<name>/`.
+ *
+ * Atomic, unlike sardinecake 0.4 (which defined the VM first and extracted after, so an
+ * interrupted import left a VM with broken disks forever): files are extracted into a hidden
+ * temp folder, verified chunk by chunk, marked complete, renamed into place, and only then is the
+ * VM defined. A half-done import is noticed and redone; a finished one is a no-op.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { onInterrupt } from "./cleanup.ts";
+import { decodeGzip, decodeZstdChunk, parseGzipHeader } from "./compress.ts";
+import {
+  type DomainDoc,
+  parseDomainXml,
+  prepareImportedDomain,
+  serializeDomainXml,
+} from "./domain.ts";
+import { fail } from "./errors.ts";
+import { checkImageFileName, domainLayer, groupDiskLayers, type ImageFile } from "./format.ts";
+import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./fsutil.ts";
+import { blobPath, type Layout, readBlob } from "./layout.ts";
+import { type ConnectOptions, defineXml, domainExists, domainUuid } from "./libvirt.ts";
+import { debug, info } from "./log.ts";
+import { MediaType } from "./oci.ts";
+import { forEachConcurrent } from "./pool.ts";
+import { formatBytes, startProgress } from "./progress.ts";
+import { rebaseUnsafe } from "./qemu.ts";
+import { formatLocalName, parseReference } from "./reference.ts";
+import { readLocalManifest } from "./transfer.ts";
+
+/** Name of the marker file that says a VM folder is complete. */
+export const IMPORT_MARKER = ".sarde-import.json";
+
+/** Default folder for imported VMs: `/var/lib/sardinecake/VMs` for root. */
+export function defaultVmdir(): string {
+  const fromEnv = Deno.env.get("SARDE_VMDIR");
+  if (fromEnv) return fromEnv;
+  if (Deno.uid() === 0) return "/var/lib/sardinecake/VMs";
+  const home = Deno.env.get("HOME") ?? ".";
+  return join(Deno.env.get("XDG_DATA_HOME") ?? join(home, ".local", "share"), "sardinecake", "VMs");
+}
+
+/** Options for {@link importVm}. */
+export interface ImportOptions extends ConnectOptions {
+  ocidir: string;
+  /** Folder holding one sub-folder per imported VM. */
+  vmdir: string;
+  /** VM name (default: the image ID, `sha256:…`, as sardinecake 0.4). */
+  name?: string;
+  /** Accept domain XML that uses host resources (devices, absolute paths, qemu:commandline). */
+  allowHostResources?: boolean;
+  /** Force the domain type (`qemu` on hosts without KVM). */
+  domainType?: string;
+  /** Chunks decoded at once (default 2). */
+  concurrency?: number;
+  signal?: AbortSignal;
+}
+
+/** What {@link importVm} did. */
+export interface ImportResult {
+  name: string;
+  uuid: string;
+  vmFolder: string;
+  imageId: string;
+  /** True when the VM was already imported and nothing was done. */
+  alreadyImported: boolean;
+}
+
+interface Marker {
+  image: string;
+  manifest: string;
+  reference: string;
+}
+
+async function readMarker(folder: string): Promise<Marker | undefined> {
+  try {
+    return JSON.parse(await Deno.readTextFile(join(folder, IMPORT_MARKER)));
+  } catch {
+    return undefined;
+  }
+}
+
+function checkVmName(name: string): string {
+  if (
+    !name || name.includes("/") || name.includes("\0") || name.startsWith(".") || name.length > 200
+  ) {
+    throw fail("usage", `invalid VM name '${name}'`, "names may not contain '/' or start with '.'");
+  }
+  return name;
+}
+
+/** Removes temp folders of earlier imports of `name` whose process is gone. */
+async function removeStalePartials(vmdir: string, name: string): Promise<void> {
+  const prefix = `.${name}.partial-`;
+  for await (const e of Deno.readDir(vmdir)) {
+    if (!e.name.startsWith(prefix)) continue;
+    const pid = Number(e.name.slice(prefix.length).split("-")[0]);
+    if (pid && pid !== Deno.pid && await exists(`/proc/${pid}`)) continue;
+    debug(`removing leftovers of an interrupted import: ${e.name}`);
+    await Deno.remove(join(vmdir, e.name), { recursive: true }).catch(() => {});
+  }
+}
+
+async function gzipFileName(layout: Layout, file: ImageFile, what: string): Promise<string> {
+  using f = await Deno.open(blobPath(layout, file.layers[0].digest));
+  const head = new Uint8Array(Math.min(file.layers[0].size, 4096));
+  let n = 0;
+  while (n < head.length) {
+    const r = await f.read(head.subarray(n));
+    if (r === null) break;
+    n += r;
+  }
+  const header = parseGzipHeader(head.subarray(0, n));
+  if (!header.name) {
+    throw fail("integrity", `${what}: a gzip disk layer has no file name in its header`);
+  }
+  return checkImageFileName(header.name, what);
+}
+
+async function extractFiles(
+  layout: Layout,
+  files: ImageFile[],
+  folder: string,
+  options: ImportOptions,
+): Promise<void> {
+  const total = files.reduce((n, f) => n + (f.size ?? f.layers.reduce((m, l) => m + l.size, 0)), 0);
+  const progress = startProgress("import", total);
+  try {
+    // zstd: every chunk of every file is independent; decode them in parallel.
+    const chunks: { file: ImageFile; index: number }[] = [];
+    for (const f of files) {
+      if (f.encoding !== "zstd") continue;
+      using out = await Deno.open(join(folder, f.name), {
+        write: true,
+        create: true,
+        truncate: true,
+      });
+      await out.truncate(f.size!);
+      f.layers.forEach((_, index) => chunks.push({ file: f, index }));
+    }
+    await forEachConcurrent(chunks, options.concurrency ?? 2, async ({ file, index }) => {
+      const layer = file.layers[index];
+      const a = layer.annotations!;
+      const length = Number(a["org.sardinecake.chunk.size"]);
+      await decodeZstdChunk(
+        blobPath(layout, layer.digest),
+        join(folder, file.name),
+        Number(a["org.sardinecake.chunk.offset"]),
+        length,
+        a["org.sardinecake.chunk.digest"],
+        { signal: options.signal },
+      );
+      progress.add(length);
+    });
+    for (const f of files) {
+      if (f.encoding !== "gzip") continue;
+      const r = await decodeGzip(
+        f.layers.map((l) => blobPath(layout, l.digest)),
+        join(folder, f.name),
+        {
+          signal: options.signal,
+        },
+      );
+      progress.add(f.layers.reduce((m, l) => m + l.size, 0));
+      if (r.header.mtime > 0) {
+        await Deno.utime(join(folder, f.name), r.header.mtime, r.header.mtime);
+      }
+    }
+  } finally {
+    progress.stop();
+  }
+  // Backing references become plain names of files in this folder (0.4 images already have them).
+  for (const f of files) {
+    if (!f.backingFile) continue;
+    // qemu reads "a:b" as protocol "a"; "./a:b" is a plain relative file name.
+    const backing = f.backingFile.includes(":") ? `./${f.backingFile}` : f.backingFile;
+    await rebaseUnsafe(join(folder, f.name), backing, f.backingFormat ?? "qcow2");
+  }
+}
+
+/**
+ * Imports the local image `reference` as a libvirt VM. Returns the VM's name and UUID. Running
+ * it again for the same image and name does nothing and returns the same name; N processes
+ * importing at once extract once (a lock per VM name).
+ */
+export async function importVm(reference: string, options: ImportOptions): Promise<ImportResult> {
+  const ref = parseReference(reference);
+  const what = formatLocalName(ref);
+  const { layout, descriptor, manifest } = await readLocalManifest(options.ocidir, ref);
+  if (manifest.config.mediaType !== MediaType.ociConfig) {
+    throw fail(
+      "usage",
+      `${what} is not a sardinecake VM image (config type ${manifest.config.mediaType})`,
+    );
+  }
+  const imageId = manifest.config.digest;
+  const name = checkVmName(options.name ?? imageId);
+  const vmFolder = join(options.vmdir, name);
+  await Deno.mkdir(options.vmdir, { recursive: true });
+  using _lock = await lockFile(join(options.vmdir, ".locks", `${name}.lock`));
+
+  const marker = await readMarker(vmFolder);
+  if (await domainExists(name, options)) {
+    if (marker?.image === imageId) {
+      info(`VM ${name} is already imported from ${what}`);
+      await touch(join(vmFolder, IMPORT_MARKER));
+      return {
+        name,
+        uuid: await domainUuid(name, options),
+        vmFolder,
+        imageId,
+        alreadyImported: true,
+      };
+    }
+    throw fail(
+      "usage",
+      `a libvirt VM named '${name}' already exists and was not imported from ${what} by sarde`,
+      "choose another name with -n NAME, or remove that VM first",
+    );
+  }
+
+  // Check the XML before spending minutes on extraction.
+  const xml = new TextDecoder().decode(
+    await readBlob(layout, domainLayer(manifest, what).digest, 4 << 20),
+  );
+  const doc: DomainDoc = parseDomainXml(xml, `domain XML of ${what}`);
+  prepareImportedDomain(doc, {
+    name,
+    vmFolder,
+    allowHostResources: options.allowHostResources,
+    domainType: options.domainType,
+  });
+
+  if (marker?.image === imageId) {
+    debug(`${vmFolder} is complete from an earlier import; defining the VM only`);
+  } else if (marker) {
+    throw fail(
+      "usage",
+      `${vmFolder} holds the files of another image (${marker.reference}), and no VM '${name}' is defined`,
+      "choose another name with -n NAME, or remove that folder (sarde prune) if nothing uses it",
+    );
+  } else {
+    const files = groupDiskLayers(manifest, what);
+    const names = new Set<string>();
+    for (const f of files) {
+      if (f.encoding === "gzip") f.name = await gzipFileName(layout, f, what);
+      if (names.has(f.name)) {
+        throw fail("integrity", `${what}: the file ${f.name} appears twice in the image`);
+      }
+      names.add(f.name);
+    }
+    const needed = files.reduce((n, f) => n + (f.size ?? 0), 0);
+    const free = await freeBytes(options.vmdir);
+    if (free !== undefined && needed > free) {
+      throw fail(
+        "io",
+        `not enough space in ${options.vmdir}: the VM needs ${formatBytes(needed)}, ${
+          formatBytes(free)
+        } free`,
+      );
+    }
+    await removeStalePartials(options.vmdir, name);
+    const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
+    const tmp = join(options.vmdir, `.${name}.partial-${Deno.pid}-${rand}`);
+    await Deno.mkdir(tmp, { mode: 0o755 });
+    const unregister = onInterrupt(() => Deno.removeSync(tmp, { recursive: true }));
+    try {
+      info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
+      await extractFiles(layout, files, tmp, options);
+      const m: Marker = { image: imageId, manifest: descriptor.digest, reference: what };
+      await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
+      // A folder without a marker is a leftover of an import that never completed.
+      if (await exists(vmFolder)) await Deno.remove(vmFolder, { recursive: true });
+      await Deno.rename(tmp, vmFolder);
+      await syncDir(options.vmdir);
+    } catch (err) {
+      await Deno.remove(tmp, { recursive: true }).catch(() => {});
+      throw err;
+    } finally {
+      unregister();
+    }
+  }
+  await defineXml(serializeDomainXml(doc), options);
+  return { name, uuid: await domainUuid(name, options), vmFolder, imageId, alreadyImported: false };
+}

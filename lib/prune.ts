@@ -1,0 +1,249 @@
+/**
+ * Freeing space: `sarde rm` (one cached image) and `sarde prune` (garbage, and least recently used
+ * images and imported VMs beyond an age or a byte budget). Nothing a defined VM still uses is ever
+ * removed: an imported base VM is only removed when it is not running and no other VM's disks
+ * are backed by its files.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { CLONE_MARKER } from "./clone.ts";
+import { fileDisks, parseDomainXml } from "./domain.ts";
+import { fail } from "./errors.ts";
+import { exists } from "./fsutil.ts";
+import { IMPORT_MARKER } from "./import.ts";
+import {
+  descriptorTag,
+  type Layout,
+  lockLayout,
+  openLayout,
+  readBlob,
+  readIndex,
+  removeFromIndex,
+  writeIndex,
+} from "./layout.ts";
+import {
+  type ConnectOptions,
+  domainExists,
+  domainState,
+  dumpXml,
+  listDomains,
+  undefine,
+} from "./libvirt.ts";
+import { debug, info, warn } from "./log.ts";
+import { manifestBlobs, parseManifest } from "./oci.ts";
+import { formatBytes } from "./progress.ts";
+import { backingChain } from "./qemu.ts";
+import { formatLocalName, parseReference } from "./reference.ts";
+import { findLayouts, layoutDir } from "./store.ts";
+
+/** One thing removed, and the bytes it freed. */
+export interface Removed {
+  what: string;
+  bytes: number;
+}
+
+async function diskUsage(path: string): Promise<number> {
+  let total = 0;
+  const walk = async (p: string) => {
+    const st = await Deno.lstat(p).catch(() => undefined);
+    if (!st) return;
+    if (st.isDirectory) { for await (const e of Deno.readDir(p)) await walk(join(p, e.name)); }
+    else total += (st.blocks ?? Math.ceil(st.size / 512)) * 512;
+  };
+  await walk(path);
+  return total;
+}
+
+/** Deletes blobs no manifest of the layout refers to (and stale partial files). Lock held. */
+async function collectGarbage(layout: Layout): Promise<number> {
+  const index = await readIndex(layout);
+  const keep = new Set<string>();
+  for (const d of index.manifests) {
+    keep.add(d.digest.slice(7));
+    try {
+      for (const b of manifestBlobs(parseManifest(await readBlob(layout, d.digest)))) {
+        keep.add(b.digest.slice(7));
+      }
+    } catch (err) {
+      warn(`not collecting garbage in ${layout.dir}: ${(err as Error).message}`);
+      return 0;
+    }
+  }
+  let freed = 0;
+  const dir = join(layout.dir, "blobs", "sha256");
+  for await (const e of Deno.readDir(dir)) {
+    if (keep.has(e.name)) continue;
+    const p = join(dir, e.name);
+    freed += await diskUsage(p);
+    await Deno.remove(p, { recursive: true });
+  }
+  return freed;
+}
+
+/**
+ * Removes a cached image (`sarde rm`): its tag (or digest; `latest` when neither is given) and
+ * every blob no other tag of that repository needs. The repository folder goes when empty.
+ * Imported VMs are not touched.
+ */
+export async function removeImage(ocidir: string, reference: string): Promise<Removed> {
+  const ref = parseReference(reference);
+  const what = formatLocalName(ref);
+  const layout = await openLayout(layoutDir(ocidir, ref), { what });
+  using _lock = await lockLayout(layout);
+  const index = await readIndex(layout);
+  const selector = ref.digest ? { digest: ref.digest } : { tag: ref.tag ?? "latest" };
+  const left = removeFromIndex(index, selector);
+  if (left.manifests.length === index.manifests.length) {
+    const tags = index.manifests.map(descriptorTag).filter(Boolean);
+    throw fail(
+      "not-found",
+      `${what}: not in the local store`,
+      tags.length ? `known tags: ${tags.join(", ")}` : undefined,
+    );
+  }
+  await writeIndex(layout, left);
+  let bytes = await collectGarbage(layout);
+  if (left.manifests.length === 0) {
+    bytes += await diskUsage(layout.dir);
+    await Deno.remove(layout.dir, { recursive: true });
+  }
+  return { what, bytes };
+}
+
+/** Options of {@link prune}. */
+export interface PruneOptions extends ConnectOptions {
+  ocidir: string;
+  vmdir: string;
+  /** Extra folders holding clones (the executor's `clonedir`). */
+  clonedirs?: string[];
+  /** Remove images and unused imported VMs not used for this long (ms). */
+  olderThanMs?: number;
+  /** Then remove the least recently used ones until store + imported VMs use at most this. */
+  keepBytes?: number;
+  /** Only say what would go. */
+  dryRun?: boolean;
+}
+
+/** Whether any defined VM other than `name` uses a file inside `folder` (directly or as backing). */
+async function folderInUse(
+  folder: string,
+  name: string,
+  domains: string[],
+  options: ConnectOptions,
+): Promise<boolean> {
+  for (const d of domains) {
+    if (d === name) continue;
+    let doc;
+    try {
+      doc = parseDomainXml(await dumpXml(d, { ...options, inactive: true }), d);
+    } catch {
+      return true; // cannot tell: keep it
+    }
+    for (const disk of fileDisks(doc)) {
+      if (disk.path.startsWith(folder + "/")) return true;
+      try {
+        const chain = await backingChain(disk.path);
+        if (
+          chain.some((c) =>
+            c.filename.startsWith(folder + "/") || c.realFilename.startsWith(folder + "/")
+          )
+        ) return true;
+      } catch {
+        debug(`cannot read the backing chain of ${disk.path} (VM ${d})`);
+      }
+    }
+  }
+  return false;
+}
+
+interface Candidate {
+  what: string;
+  lastUsed: number;
+  bytes: number;
+  remove: () => Promise<void>;
+}
+
+/**
+ * Prunes: always removes leftovers (clone folders whose VM is gone, temp folders of killed
+ * imports); with `olderThanMs` and/or `keepBytes`, also cached images and unused imported VMs,
+ * least recently used first. Returns what was (or, with `dryRun`, would be) removed.
+ */
+export async function prune(options: PruneOptions): Promise<Removed[]> {
+  const removed: Removed[] = [];
+  const act = async (what: string, bytes: number, fn: () => Promise<void>) => {
+    if (!options.dryRun) await fn();
+    removed.push({ what, bytes });
+    info(`${options.dryRun ? "would remove" : "removed"} ${what} (${formatBytes(bytes)})`);
+  };
+  // 1. Leftovers.
+  for (const dir of new Set([options.vmdir, ...(options.clonedirs ?? [])])) {
+    if (!await exists(dir)) continue;
+    for await (const e of Deno.readDir(dir)) {
+      const p = join(dir, e.name);
+      if (e.isDirectory && /^\..+\.partial-(\d+)-/.test(e.name)) {
+        const pid = Number(/\.partial-(\d+)-/.exec(e.name)![1]);
+        if (!await exists(`/proc/${pid}`)) {
+          await act(
+            `interrupted import ${p}`,
+            await diskUsage(p),
+            () => Deno.remove(p, { recursive: true }),
+          );
+        }
+      } else if (
+        e.isDirectory && await exists(join(p, CLONE_MARKER)) && !await domainExists(e.name, options)
+      ) {
+        await act(
+          `clone folder ${p} (its VM is gone)`,
+          await diskUsage(p),
+          () => Deno.remove(p, { recursive: true }),
+        );
+      }
+    }
+  }
+  if (options.olderThanMs === undefined && options.keepBytes === undefined) return removed;
+
+  // 2. Candidates: cached images (whole repositories) and imported VMs nobody uses.
+  const candidates: Candidate[] = [];
+  for (const { name, dir } of await findLayouts(options.ocidir)) {
+    const st = await Deno.stat(join(dir, "index.json"));
+    candidates.push({
+      what: `cached image ${name}`,
+      lastUsed: Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0),
+      bytes: await diskUsage(dir),
+      remove: () => Deno.remove(dir, { recursive: true }),
+    });
+  }
+  const domains = await listDomains({ ...options, all: true });
+  if (await exists(options.vmdir)) {
+    for await (const e of Deno.readDir(options.vmdir)) {
+      const folder = join(options.vmdir, e.name);
+      if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
+      const state = await domainState(e.name, options);
+      if (state !== "stopped" && state !== "missing") continue;
+      if (await folderInUse(folder, e.name, domains, options)) continue;
+      const st = await Deno.stat(join(folder, IMPORT_MARKER));
+      candidates.push({
+        what: `imported VM ${e.name} (${folder})`,
+        lastUsed: Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0),
+        bytes: await diskUsage(folder),
+        remove: async () => {
+          if (state !== "missing") await undefine(e.name, { ...options, nvram: true });
+          await Deno.remove(folder, { recursive: true });
+        },
+      });
+    }
+  }
+  candidates.sort((a, b) => a.lastUsed - b.lastUsed);
+  let total = candidates.reduce((n, c) => n + c.bytes, 0);
+  const now = Date.now();
+  for (const c of candidates) {
+    const old = options.olderThanMs !== undefined && c.lastUsed < now - options.olderThanMs;
+    const over = options.keepBytes !== undefined && total > options.keepBytes;
+    if (!old && !over) continue;
+    await act(c.what, c.bytes, c.remove);
+    total -= c.bytes;
+  }
+  return removed;
+}

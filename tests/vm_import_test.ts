@@ -1,0 +1,259 @@
+/**
+ * Import robustness: hostile images, interrupted imports, parallel pulls, and clones.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { digestOf } from "../lib/digest.ts";
+import { listFiles, run, SARDE, sarde, tempDir } from "./support/images.ts";
+import { startRegistry } from "./support/registry.ts";
+import { defineTestVm, ensureLibvirtd, shTry, TEST_URI } from "./support/vms.ts";
+
+const URI = TEST_URI;
+const env = { LIBVIRT_DEFAULT_URI: URI };
+const opts = { sanitizeResources: false, sanitizeOps: false };
+
+async function virsh(...args: string[]) {
+  return await shTry("virsh", ["-c", URI, ...args]);
+}
+
+async function undefineAll(names: string[]) {
+  for (const n of names) {
+    await virsh("destroy", "--domain", n);
+    await virsh("undefine", "--domain", n, "--nvram");
+    await virsh("undefine", "--domain", n);
+  }
+}
+
+/** Replaces the domain XML of a stored image (test helper to forge hostile images). */
+async function forgeXml(layout: string, edit: (xml: string) => string): Promise<void> {
+  const blob = (d: string) => join(layout, "blobs", "sha256", d.slice(7));
+  const write = async (text: string) => {
+    const bytes = new TextEncoder().encode(text);
+    const digest = digestOf(bytes);
+    await Deno.writeFile(blob(digest), bytes);
+    return { digest, size: bytes.length };
+  };
+  const index = JSON.parse(await Deno.readTextFile(join(layout, "index.json")));
+  const manifest = JSON.parse(await Deno.readTextFile(blob(index.manifests[0].digest)));
+  const xml = await Deno.readTextFile(blob(manifest.layers[0].digest));
+  Object.assign(manifest.layers[0], await write(edit(xml)));
+  Object.assign(index.manifests[0], await write(JSON.stringify(manifest)));
+  await Deno.writeTextFile(join(layout, "index.json"), JSON.stringify(index));
+}
+
+Deno.test({
+  name: "import: hostile domain XML is refused; nothing is defined or written",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({});
+    const work = await tempDir("hostile");
+    const vmdir = join(work, "vms");
+    try {
+      assert.equal(
+        (await sarde(["export", "-d", join(work, "s"), vm.name, "local/evil:v1"], { env })).code,
+        0,
+      );
+      const cases: [string, (x: string) => string, RegExp][] = [
+        [
+          "disk path",
+          (x) => x.replace(/<source file="[^"]+"/, '<source file="../../../../etc/shadow"'),
+          /outside the image/,
+        ],
+        [
+          "block device",
+          (x) =>
+            x.replace(
+              "</devices>",
+              "<disk type='block' device='disk'><source dev='/dev/vda'/><target dev='vdz'/></disk></devices>",
+            ),
+          /host storage/,
+        ],
+        [
+          "hostdev",
+          (x) =>
+            x.replace(
+              "</devices>",
+              "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev></devices>",
+            ),
+          /host resources/,
+        ],
+        [
+          "qemu:commandline",
+          (x) =>
+            x.replace(
+              "<domain ",
+              "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' ",
+            ).replace(
+              "</domain>",
+              "<qemu:commandline><qemu:arg value='-nope'/></qemu:commandline></domain>",
+            ),
+          /raw arguments to QEMU/,
+        ],
+      ];
+      for (const [what, edit, expected] of cases) {
+        await Deno.remove(join(work, "t"), { recursive: true }).catch(() => {});
+        await run("cp", ["-a", join(work, "s"), join(work, "t")], { check: true });
+        await forgeXml(join(work, "t", "local", "evil"), edit);
+        const r = await sarde([
+          "import",
+          "-d",
+          join(work, "t"),
+          "--vmdir",
+          vmdir,
+          "-n",
+          `${vm.name}-evil`,
+          "local/evil:v1",
+        ], { env });
+        assert.equal(r.code, 2, `${what}: ${r.stderr}`);
+        assert.match(r.stderr, expected, what);
+        assert.match(r.stderr, /--allow-host-resources/);
+        assert.equal(
+          (await virsh("domstate", "--domain", `${vm.name}-evil`)).code,
+          1,
+          `${what}: not defined`,
+        );
+        assert.deepEqual(
+          (await listFiles(vmdir)).filter((f) => !f.startsWith(".locks/")),
+          [],
+          `${what}: nothing extracted`,
+        );
+      }
+    } finally {
+      await undefineAll([`${vm.name}-evil`]);
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "import: a killed import is redone by the next one; two parallel pulls extract once",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    // A big sparse-free disk makes the extraction last long enough to be killed.
+    const big = join(vm.dir, "sparse.raw");
+    await run("sh", ["-c", `head -c 600M /dev/urandom > '${big}'`], { check: true });
+    await using reg = await startRegistry("plain");
+    const work = await tempDir("interrupt");
+    const vmdir = join("/var/tmp/sarde-test-vms", `interrupt-${Deno.pid}`);
+    const ref = `${reg.host}/sardines/interrupt:v1`;
+    const names: string[] = [];
+    try {
+      assert.equal(
+        (await sarde(["export", "-d", join(work, "s"), "--chunksize", "8MiB", vm.name, ref], {
+          env,
+        })).code,
+        0,
+      );
+      assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+      const store = join(work, "f");
+      assert.equal((await sarde(["fetch", "-d", store, ref])).code, 0);
+
+      // Kill -9 an import as soon as its temp folder has data in it.
+      const child = new Deno.Command(SARDE, {
+        args: ["import", "-d", store, "--vmdir", vmdir, ref],
+        env,
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+      let killed = false;
+      for (let i = 0; i < 400 && !killed; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        const partial = (await listFiles(vmdir).catch(() => [])).find((f) =>
+          f.startsWith(".") && f.includes(".partial-") && f.endsWith("sparse.raw")
+        );
+        if (partial) {
+          child.kill("SIGKILL");
+          killed = true;
+        }
+      }
+      const status = await child.output();
+      assert.ok(killed, "the import was caught mid-extraction");
+      assert.notEqual(status.code, 0);
+      const imageId =
+        JSON.parse((await sarde(["list", "-d", store, "--format", "json"], { env })).stdout)[0].id;
+      assert.equal(
+        (await virsh("domstate", "--domain", imageId)).code,
+        1,
+        "no VM was defined by the killed import",
+      );
+
+      // Two pulls at once: both succeed, print the same name, one extracts.
+      const [a, b] = await Promise.all([
+        sarde(["pull", "-d", store, "--vmdir", vmdir, ref], { env }),
+        sarde(["pull", "-d", store, "--vmdir", vmdir, ref], { env }),
+      ]);
+      assert.equal(a.code, 0, a.stderr);
+      assert.equal(b.code, 0, b.stderr);
+      names.push(a.stdout.trim());
+      assert.equal(a.stdout, b.stdout);
+      assert.equal([a, b].filter((r) => /importing/.test(r.stderr)).length, 1, "one extraction");
+      const left = await listFiles(vmdir);
+      assert.deepEqual(
+        left.filter((f) => f.includes(".partial-")),
+        [],
+        "leftovers of the killed import are gone",
+      );
+      const raw = join(vmdir, imageId, "sparse.raw");
+      const cmp = await run("cmp", [raw, big]);
+      assert.equal(cmp.code, 0, "the redone import is complete");
+    } finally {
+      await undefineAll(names);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "clone: copy-on-write overlays, new identity, own NVRAM; the base stays untouched",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ chain: true, cdrom: true });
+    const work = await tempDir("clone");
+    const vmdir = join("/var/tmp/sarde-test-vms", `clone-${Deno.pid}`);
+    const names: string[] = [];
+    try {
+      assert.equal((await sarde(["export", "-d", work, vm.name, "local/c:v1"], { env })).code, 0);
+      const target = `${vm.name}-clone`;
+      const t0 = performance.now();
+      const r = await sarde(["clone", "-d", work, "--vmdir", vmdir, "local/c:v1", target], { env });
+      assert.equal(r.code, 0, r.stderr);
+      names.push(target);
+      const imageId =
+        JSON.parse((await sarde(["list", "-d", work, "--format", "json"], { env })).stdout)[0].id;
+      names.push(imageId);
+      assert.equal(r.stdout.trim(), target);
+      const xml = (await virsh("dumpxml", "--domain", target, "--inactive")).stdout;
+      const overlay = join(vmdir, target, "top.qcow2");
+      assert.ok(xml.includes(overlay), "the disk is an overlay in the clone folder");
+      assert.ok(
+        xml.includes(join(vmdir, imageId, "cdrom.iso")),
+        "the cdrom is shared with the base",
+      );
+      const info = JSON.parse((await run("qemu-img", ["info", "--output=json", overlay])).stdout);
+      assert.equal(
+        info["full-backing-filename"] ?? info["backing-filename"],
+        join(vmdir, imageId, "top.qcow2"),
+      );
+      assert.ok(info["actual-size"] < 1 << 20, "the overlay is tiny");
+      const cmp = await run("qemu-img", ["compare", overlay, vm.chain!.top.path]);
+      assert.equal(cmp.code, 0, cmp.stdout);
+      const baseUuid = (await virsh("domuuid", "--domain", imageId)).stdout.trim();
+      const cloneUuid = (await virsh("domuuid", "--domain", target)).stdout.trim();
+      assert.notEqual(baseUuid, cloneUuid);
+      // Cloning a defined VM by name works too, and an existing target is refused.
+      const again = await sarde(["clone", "--vmdir", vmdir, imageId, target], { env });
+      assert.equal(again.code, 2);
+      assert.match(again.stderr, /already exists/);
+      console.log(`clone took ${(performance.now() - t0).toFixed(0)} ms (including the import)`);
+    } finally {
+      await undefineAll(names);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
