@@ -25,9 +25,9 @@ import { formatBytes } from "./lib/progress.ts";
 import { parseRegistryHost } from "./lib/reference.ts";
 import { promptLine, readStdinSecret } from "./lib/terminal.ts";
 import { parseBoolean, parsePositiveInt, parseSize } from "./lib/units.ts";
+import { VERSION } from "./lib/version.ts";
 
-/** The version printed by `sarde --version`. */
-export const VERSION = "0.2.0";
+export { VERSION };
 
 const out = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));
 

@@ -78,14 +78,14 @@ export interface ZstdEncodeOptions {
   chunkSize: number;
   /** zstd level 1…19; default 3 (≈18× faster than gzip -6 here, and smaller). */
   level?: number;
-  /** Directory for the temp blob files (normally the OCI `blobs/sha256`, so a rename adopts them). */
+  /** Directory for the temp blob files (the OCI `blobs/sha256`, so that a rename adopts them). */
   outDir: string;
   /**
    * Parallelism: zstd worker threads per process and chunks in flight. Default: the number of
    * CPUs. It does not change the output bytes.
    */
   concurrency?: number;
-  /** Aborting kills the zstd processes, removes the temp files and throws an `interrupted` error. */
+  /** Aborting kills the zstd processes, removes the temp files, throws an `interrupted` error. */
   signal?: AbortSignal;
   /** Called with the number of uncompressed bytes processed since the previous call. */
   onProgress?: (uncompressedBytes: number) => void;
@@ -310,6 +310,13 @@ async function readExact(file: Deno.FsFile, buf: Uint8Array, path: string): Prom
   }
 }
 
+/** The size of an opened file, which must be a regular file (a block device reports 0). */
+async function regularFileSize(fh: Deno.FsFile, path: string): Promise<number> {
+  const st = await fh.stat();
+  if (!st.isFile) throw fail("usage", `${path} is not a regular file`);
+  return st.size;
+}
+
 async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
   let off = 0;
   while (off < data.length) off += await file.write(data.subarray(off));
@@ -460,6 +467,7 @@ self.onmessage = ({ data: m }) => {
   try {
     if (m.init) {
       views = m.init.map((b) => new Uint8Array(b));
+      self.postMessage({ ready: true });
     } else if (m.slot !== undefined) {
       hash.update(views[m.slot].subarray(0, m.len));
       size += m.len;
@@ -484,40 +492,55 @@ self.onmessage = ({ data: m }) => {
  * off the main thread it runs beside the reading, the chunk hash and zstd. Falls back to
  * {@link localHasher} where Workers are unavailable.
  */
-function workerHasher(slots: Slots): FileHasher {
-  let worker: Worker;
+async function workerHasher(slots: Slots): Promise<FileHasher> {
+  let worker: Worker | undefined;
+  let url: string | undefined;
+  let ready = false;
   try {
-    const url = URL.createObjectURL(new Blob([HASH_WORKER], { type: "text/javascript" }));
-    try {
-      worker = new Worker(url, { type: "module" });
-    } finally {
-      URL.revokeObjectURL(url);
-    }
+    url = URL.createObjectURL(new Blob([HASH_WORKER], { type: "text/javascript" }));
+    const w = new Worker(url, { type: "module" });
+    worker = w;
+    // Handshake: a worker that cannot load (e.g. a runtime without node:crypto in workers)
+    // reports it here, before any data depends on it.
+    ready = await new Promise<boolean>((resolve) => {
+      w.onmessage = ({ data }) => resolve(data?.ready === true);
+      w.onerror = (e) => {
+        e.preventDefault();
+        resolve(false);
+      };
+      w.postMessage({ init: slots.views.map((v) => v.buffer) });
+    });
   } catch (err) {
-    debug(`hash worker unavailable (${(err as Error).message}); hashing on the main thread`);
+    debug(`hash worker unavailable (${(err as Error).message})`);
+  } finally {
+    if (url) URL.revokeObjectURL(url);
+  }
+  if (!worker || !ready) {
+    worker?.terminate();
+    debug("hashing on the main thread");
     return localHasher();
   }
+  const w = worker;
   // The worker answers in order: a FIFO of waiters is enough.
   const waiters: { resolve: (v: unknown) => void; reject: (e: unknown) => void }[] = [];
   let failed: Error | undefined;
   const failAll = (err: Error) => {
     failed ??= err;
-    for (const w of waiters.splice(0)) w.reject(failed);
+    for (const waiter of waiters.splice(0)) waiter.reject(failed);
   };
-  worker.onmessage = ({ data }) => {
+  w.onmessage = ({ data }) => {
     if (data.error) return failAll(new Error(`hash worker: ${data.error}`));
     waiters.shift()?.resolve(data);
   };
-  worker.onerror = (e) => {
+  w.onerror = (e) => {
     e.preventDefault();
     failAll(new Error(`hash worker: ${e.message}`));
   };
-  worker.postMessage({ init: slots.views.map((v) => v.buffer) });
   const ask = (msg: unknown): Promise<unknown> => {
     if (failed) return Promise.reject(failed);
     return new Promise((resolve, reject) => {
       waiters.push({ resolve, reject });
-      worker.postMessage(msg);
+      w.postMessage(msg);
     });
   };
   return {
@@ -525,10 +548,10 @@ function workerHasher(slots: Slots): FileHasher {
       await ask({ slot, len: view.length });
     },
     zeros(n) {
-      if (n > 0 && !failed) worker.postMessage({ zeros: n });
+      if (n > 0 && !failed) w.postMessage({ zeros: n });
     },
     digest: async () => (await ask({ digest: true })) as { digest: string; size: number },
-    close: () => worker.terminate(),
+    close: () => w.terminate(),
   };
 }
 
@@ -705,9 +728,9 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
   let fileHash: FileHasher | undefined;
   try {
     using fh = await Deno.open(file, { read: true });
-    const fileSize = (await fh.stat()).size;
+    const fileSize = await regularFileSize(fh, file);
     const zeros = await zeroRanges(file, fileSize, signal);
-    fileHash = workerHasher(slots);
+    fileHash = await workerHasher(slots);
     // The compressed all-zero chunk per length (at most two: chunkSize and the tail).
     const zeroBlobs = new Map<
       number,
@@ -1245,7 +1268,7 @@ export async function encodeGzip(file: string, opts: GzipEncodeOptions): Promise
   const sink = new PieceSink(job, chunkSize);
   try {
     using fh = await Deno.open(file, { read: true });
-    const fileSize = (await fh.stat()).size;
+    const fileSize = await regularFileSize(fh, file);
     const zeros = await zeroRanges(file, fileSize, signal);
     // pigz keeps both cores busy, so hashing here costs no more than on a worker.
     const fileHash = localHasher();
@@ -1370,7 +1393,11 @@ export async function decodeGzip(
               joined.set(head);
               joined.set(data, head.length);
               head = joined;
-              header = tryParseGzipHeader(head);
+              try {
+                header = tryParseGzipHeader(head);
+              } catch (err) {
+                throw fail("integrity", `${pieces[0]}: ${(err as Error).message}`);
+              }
               if (!header && head.length > 16 << 20) {
                 throw fail("integrity", "gzip header longer than 16 MiB");
               }
@@ -1378,7 +1405,7 @@ export async function decodeGzip(
             await w.write(data.slice()); // copy: buf is reused before the pipe write may finish
           }
         }
-        if (!header) parseGzipHeader(head); // throws: truncated
+        if (!header) throw fail("integrity", `${pieces[0]}: truncated gzip header`);
         await w.close();
       } catch (err) {
         await w.abort().catch(() => {});

@@ -336,3 +336,23 @@ export async function domainUuid(name: string, opts: ConnectOptions = {}): Promi
   const r = await runOk(opts, "domuuid", ["domuuid", "--domain", name], name);
   return r.stdout.trim();
 }
+
+/**
+ * The guest's IPv4 addresses as libvirt knows them (`virsh domifaddr --source SOURCE`):
+ * `lease` (libvirt's DHCP), `arp` (the host's neighbour table) or `agent` (QEMU guest agent).
+ * An empty list when the source knows nothing (yet).
+ */
+export async function domainAddresses(
+  name: string,
+  source: "lease" | "arp" | "agent",
+  opts: ConnectOptions = {},
+): Promise<string[]> {
+  const r = await run(opts, ["domifaddr", "--domain", name, "--source", source]);
+  if (r.code !== 0) return [];
+  const out: string[] = [];
+  for (const line of r.stdout.split("\n")) {
+    const m = /\sipv4\s+(\d+\.\d+\.\d+\.\d+)(?:\/\d+)?/.exec(line);
+    if (m && !m[1].startsWith("127.")) out.push(m[1]);
+  }
+  return out;
+}

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { makeImage, sarde, tempDir } from "./support/images.ts";
+import { makeImage, run, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
 
 Deno.test("cli: --help and --version go to stdout and exit 0", async () => {
@@ -61,15 +61,42 @@ Deno.test("cli: push, fetch, list and getconfig against a real registry", async 
   await Deno.remove(work, { recursive: true });
 });
 
-Deno.test("executor: reports that it is not implemented yet as a system failure", async () => {
+Deno.test("executor: --help explains, an unknown stage is a system failure", async () => {
   const bin = new URL("../bin/gitlab-sardinecake-executor", import.meta.url).pathname;
-  const out = await new Deno.Command(bin, {
-    args: ["config"],
-    env: { SYSTEM_FAILURE_EXIT_CODE: "42" },
-    stdout: "piped",
-    stderr: "piped",
-  })
-    .output();
-  assert.equal(out.code, 42);
-  assert.match(new TextDecoder().decode(out.stderr), /not implemented/);
+  const help = await run(bin, ["--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /config\|prepare\|run <script> <stage>\|cleanup/);
+  const bad = await run(bin, ["frobnicate"], { env: { SYSTEM_FAILURE_EXIT_CODE: "42" } });
+  assert.equal(bad.code, 42);
+  assert.match(bad.stderr, /unknown stage/);
+});
+
+Deno.test("cli: INI files give defaults; sections do not leak; the command line wins", async () => {
+  const work = await tempDir("ini");
+  const ref = "local/ini:v1";
+  const img = await makeImage(join(work, "store"), ref, [{ size: 1 << 10 }]);
+  const ini = join(work, "sarde.ini");
+  await Deno.writeTextFile(
+    ini,
+    `[DEFAULT]\nocidir = ${
+      join(work, "store")
+    }\n\n[list]\nformat = json\n\n[getconfig]\nocidir = /nonexistent\n`,
+  );
+  const env = { SARDE_CONF_FILES: ini };
+  const list = await sarde(["list"], { env });
+  assert.equal(list.code, 0, list.stderr);
+  assert.equal(
+    JSON.parse(list.stdout)[0].id,
+    img.configDigest,
+    "[DEFAULT] ocidir and [list] format apply",
+  );
+  const text = await sarde(["list", "--format", "text"], { env });
+  assert.match(text.stdout, /^SOURCE/, "the command line wins over the INI");
+  const cfg = await sarde(["getconfig", ref], { env });
+  assert.equal(cfg.code, 3, "[getconfig] ocidir applies to getconfig only");
+  await Deno.writeTextFile(ini, "[list]\nthis line is broken\n");
+  const broken = await sarde(["list"], { env });
+  assert.equal(broken.code, 2);
+  assert.match(broken.stderr, /sarde\.ini:2/);
+  await Deno.remove(work, { recursive: true });
 });
