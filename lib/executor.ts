@@ -196,7 +196,7 @@ function choosePolicy(s: JobSettings, env: Env): PullPolicy {
   return wanted as PullPolicy;
 }
 
-async function freePort(): Promise<number> {
+function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (l.addr as Deno.NetAddr).port;
   l.close();
@@ -251,17 +251,12 @@ async function credentials(
     : typeof u?.port === "number"
     ? u.port as number
     : 22;
-  const user = typeof u?.username === "string" ? u.username : s.username;
-  if (!user) {
-    throw fail(
-      "usage",
-      `no SSH user for ${image}`,
-      "the image has no vmconfig users; set username (and password or identity-file) in the executor INI",
-    );
-  }
-  const password = typeof u?.username === "string"
+  // sardinecake 0.4's fallback account, unless the admin configured a key.
+  const fromImage = typeof u?.username === "string";
+  const user = fromImage ? u.username as string : s.username ?? "vagrant";
+  const password = fromImage
     ? (typeof u.password === "string" ? u.password : undefined)
-    : s.password;
+    : s.password ?? (s.identityFile ? undefined : "vagrant");
   return { user, password, port };
 }
 
@@ -416,7 +411,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
   const creds = await credentials(s, image);
   const tPull = Date.now();
 
-  const hostPort = s.network === "user" ? await freePort() : creds.port;
+  const hostPort = s.network === "user" ? freePort() : creds.port;
   await cloneVm(base.name, s.vmName, {
     ...s.connect,
     ocidir: s.ocidir,
@@ -464,7 +459,11 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
       throw fail("usage", `cannot read prepare-script ${s.prepareScript}: ${describeError(err)}`);
     }
     info(`running prepare-script ${s.prepareScript}`);
-    const r = await sshRun(t, ["bash", "-s"], { stdin: script, inherit: true, signal });
+    const q = (v: string | undefined) => `'${(v ?? "").replaceAll("'", "'\\''")}'`;
+    const prologue = `export CI_JOB_ID=${q(env.CUSTOM_ENV_CI_JOB_ID)} CI_JOB_IMAGE=${q(image)} ` +
+      `CI_PROJECT_PATH=${q(env.CUSTOM_ENV_CI_PROJECT_PATH)}\n`;
+    const stdin = new Uint8Array([...new TextEncoder().encode(prologue), ...script]);
+    const r = await sshRun(t, ["bash", "-s"], { stdin, inherit: true, signal });
     if (r.code !== 0) {
       throw fail("external", `prepare-script ${s.prepareScript} failed with exit code ${r.code}`);
     }
