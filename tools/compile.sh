@@ -14,7 +14,7 @@ status=0
 for prog in sarde:cli.ts gitlab-sardinecake-executor:executor.ts; do
   name=${prog%%:*}; entry=${prog#*:}
   log=$(mktemp)
-  if "$deno" compile -A --target "$target" --output "dist/$name" "$entry" >"$log" 2>&1; then
+  if "$deno" compile -A --v8-flags=--max-semi-space-size=1 --target "$target" --output "dist/$name" "$entry" >"$log" 2>&1; then
     echo "built dist/$name" >&2
   else
     status=1
