@@ -37,7 +37,7 @@
  */
 
 import { Buffer } from "node:buffer";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { createDigester, type Digester, digestFile, IO_CHUNK } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
@@ -208,7 +208,11 @@ class Job {
   readonly children = new Set<Deno.ChildProcess>();
   #unregister: () => void;
 
-  constructor(readonly dir: string) {
+  readonly dir: string;
+
+  constructor(dir: string) {
+    // Absolute, so no tool mistakes a path for an option (`-x`) or a qemu protocol (`nbd:`).
+    this.dir = resolve(dir);
     this.#unregister = onInterrupt(() => this.cleanup());
   }
 
@@ -346,7 +350,8 @@ async function zeroRanges(file: string, size: number, signal?: AbortSignal): Pro
   let out: Deno.CommandOutput;
   try {
     out = await new Deno.Command("qemu-img", {
-      args: ["map", "--output=json", "-U", "-f", "raw", file],
+      // Absolute: qemu would read `nbd:…` or `json:…` as a protocol, not a file name.
+      args: ["map", "--output=json", "-U", "-f", "raw", resolve(file)],
       stdout: "piped",
       stderr: "piped",
       signal,
@@ -679,7 +684,12 @@ async function compressChunk(
   } catch (err) {
     // Closing stdin makes zstd exit (its pledged size is not met), so waiting cannot hang.
     await writer.abort().catch(() => {});
-    if (err instanceof SardeError) kill(tool.child);
+    if (err instanceof SardeError) { // ours (I/O, abort): zstd's exit status says nothing more
+      kill(tool.child);
+      await tool.child.status;
+      await tool.stderr;
+      throw err;
+    }
     // A write fails with BrokenPipe when zstd died: its own message is the useful one.
     await expectSuccess(tool, "external", what, run.signal);
     throw err;
@@ -957,7 +967,7 @@ async function rollback(out: string, file: Deno.FsFile, start: number, end: numb
         String(start),
         "--length",
         String(end - start),
-        out,
+        resolve(out),
       ],
       stdout: "null",
       stderr: "null",

@@ -11,6 +11,7 @@ import {
   serializeDomainXml,
 } from "../lib/domain.ts";
 import { SardeError } from "../lib/errors.ts";
+import { validateVmConfig } from "../lib/format.ts";
 
 const XML = `<domain type='kvm' id='7'>
   <name>debian12</name>
@@ -172,4 +173,25 @@ Deno.test("domain: malformed XML and non-domain documents are usage errors", () 
   assert.throws(() => parseDomainXml("<domain><name>x</domain>"), /not valid XML/);
   assert.throws(() => parseDomainXml("<network/>"), /not a libvirt <domain>/);
   assert.throws(() => parseDomainXml(""), SardeError);
+});
+
+Deno.test("vmconfig: the sardine schema is enforced with every problem named", () => {
+  const ok = {
+    users: [{ username: "vagrant", password: "vagrant" }],
+    services: [{ service: "ssh", port: 22, protocol: "tcp" }],
+    extra: 1,
+  };
+  assert.deepEqual(validateVmConfig(ok, "vm.json"), ok);
+  assert.throws(
+    () =>
+      validateVmConfig({
+        users: [{ username: 1 }],
+        services: [{ service: "ssh", port: 70000, protocol: "sctp" }],
+      }, "vm.json"),
+    (e: unknown) =>
+      e instanceof SardeError && e.kind === "usage" && /users\[0\]\.username/.test(e.message) &&
+      /users\[0\]\.password/.test(e.message) && /port must be/.test(e.message) &&
+      /protocol/.test(e.message),
+  );
+  assert.throws(() => validateVmConfig([], "vm.json"), /must be a JSON object/);
 });

@@ -501,3 +501,135 @@ Deno.test("concurrency: two fetches of one image at once both succeed and store 
   assert.equal(files.length, 4 + 1, "config, vmconfig, two layers, manifest; no partial files");
   await Deno.remove(work, { recursive: true });
 });
+
+Deno.test("token auth: a docker identitytoken is exchanged with the OAuth2 refresh grant", async () => {
+  await using reg = await startRegistry("token");
+  const work = await tempDir("identity");
+  const ref = `${reg.host}/tok/refresh:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+  // Get a refresh token the way `docker login` does for OAuth2 registries.
+  const form = new URLSearchParams({
+    grant_type: "password",
+    username: reg.username!,
+    password: reg.password!,
+    service: "sarde-registry",
+    scope: "repository:tok/refresh:pull,push",
+    access_type: "offline",
+    client_id: "test",
+  });
+  const res = await fetch(reg.tokenServer!.realm, { method: "POST", body: form });
+  const refresh = (await res.json()).refresh_token;
+  assert.ok(refresh, "the token server issued a refresh token");
+  const dockerDir = join(work, "docker");
+  await Deno.mkdir(dockerDir);
+  await Deno.writeTextFile(
+    join(dockerDir, "config.json"),
+    JSON.stringify({ auths: { [reg.host]: { auth: btoa("sarde:"), identitytoken: refresh } } }),
+  );
+  const env = { DOCKER_CONFIG: dockerDir, HOME: work, XDG_CONFIG_HOME: join(work, "cfg") };
+  const p = await sarde(
+    ["push", "-d", join(work, "s"), "--authfile", join(work, "none.json"), ref],
+    { env },
+  );
+  assert.equal(p.code, 0, p.stderr);
+  const grants = reg.tokenServer!.requests().filter((r) =>
+    r.grant === "refresh_token" && r.status === 200
+  );
+  assert.ok(grants.length >= 1, "the push authenticated with the refresh token");
+  assert.doesNotMatch(p.stderr, new RegExp(refresh), "the refresh token is never printed");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("redirects: blob downloads follow them without sending Authorization to another host", async () => {
+  await using reg = await startRegistry("htpasswd-tls");
+  const work = await tempDir("redirect");
+  const ref = `${reg.host}/redir/img:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+  const authfile = join(work, "auth.json");
+  await sarde([
+    "login",
+    "--authfile",
+    authfile,
+    "--cert-dir",
+    reg.certDir!,
+    "-u",
+    "sarde",
+    "--password-stdin",
+    reg.host,
+  ], {
+    stdin: reg.password!,
+  });
+  assert.equal(
+    (await sarde([
+      "push",
+      "-d",
+      join(work, "s"),
+      "--authfile",
+      authfile,
+      "--cert-dir",
+      reg.certDir!,
+      ref,
+    ])).code,
+    0,
+  );
+  // A "storage" host on another port: serves blobs from the registry's files, records headers.
+  const seen: (string | null)[] = [];
+  const storage = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
+    seen.push(req.headers.get("authorization"));
+    const digest = new URL(req.url).pathname.split("/").at(-1)!;
+    const path = join(img.dir, "blobs", "sha256", digest.replace("sha256:", ""));
+    return new Response(await Deno.readFile(path));
+  });
+  // A front that redirects blob GETs to the storage host and proxies the rest to the registry.
+  const caCerts = [await Deno.readTextFile(reg.caFile!)];
+  const client = Deno.createHttpClient({ caCerts });
+  const front = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
+    const url = new URL(req.url);
+    const m = /\/blobs\/(sha256:[a-f0-9]{64})$/.exec(url.pathname);
+    if (m && req.method === "GET") {
+      return new Response(null, {
+        status: 307,
+        headers: { location: `http://127.0.0.1:${storage.addr.port}/store/${m[1]}` },
+      });
+    }
+    const upstream = await fetch(`${reg.url}${url.pathname}${url.search}`, {
+      method: req.method,
+      headers: req.headers,
+      client,
+      redirect: "manual",
+    });
+    const headers = new Headers(upstream.headers);
+    const auth = headers.get("www-authenticate");
+    if (auth) headers.set("www-authenticate", auth);
+    return new Response(upstream.body, { status: upstream.status, headers });
+  });
+  try {
+    const frontRef = `127.0.0.1:${front.addr.port}/redir/img:v1`;
+    // Credentials for the front host: the same user.
+    await sarde([
+      "login",
+      "--authfile",
+      authfile,
+      "-u",
+      "sarde",
+      "--password-stdin",
+      `127.0.0.1:${front.addr.port}`,
+    ], {
+      stdin: reg.password!,
+    });
+    const f = await sarde(["fetch", "-d", join(work, "f"), "--authfile", authfile, frontRef]);
+    assert.equal(f.code, 0, f.stderr);
+    assert.equal(f.stdout.trim(), img.manifestDigest);
+    assert.ok(seen.length >= 2, "blobs came from the storage host");
+    assert.deepEqual(
+      seen.filter((h) => h !== null),
+      [],
+      "no Authorization header reached the other host",
+    );
+  } finally {
+    await front.shutdown();
+    await storage.shutdown();
+    client.close();
+  }
+  await Deno.remove(work, { recursive: true });
+});

@@ -93,6 +93,30 @@ for (const compression of ["zstd", "gzip"] as const) {
         assert.equal((await sarde(["push", "-d", join(work, "a"), ref])).code, 0);
         await Deno.remove(join(work, "a"), { recursive: true });
 
+        // Interop: skopeo copies registry → OCI folder → registry without changing a digest.
+        const manifestOf = async (r: string) =>
+          (await run("skopeo", ["inspect", "--raw", "--tls-verify=false", `docker://${r}`], {
+            check: true,
+          })).stdout;
+        const oci = join(work, "skopeo-oci");
+        await run(
+          "skopeo",
+          ["copy", "--src-tls-verify=false", `docker://${ref}`, `oci:${oci}:v1`],
+          { check: true },
+        );
+        const copy = `${reg.host}/copied/${compression}:v1`;
+        await run("skopeo", [
+          "copy",
+          "--dest-tls-verify=false",
+          `oci:${oci}:v1`,
+          `docker://${copy}`,
+        ], { check: true });
+        assert.equal(
+          await manifestOf(copy),
+          await manifestOf(ref),
+          "skopeo round trip keeps the manifest byte for byte",
+        );
+
         const pulled = await sarde(["pull", "-d", join(work, "b"), "--vmdir", vmdir, ref], { env });
         assert.equal(pulled.code, 0, pulled.stderr);
         const name = pulled.stdout.trim();

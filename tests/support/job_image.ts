@@ -144,6 +144,37 @@ export function jobImageDomainXml(
 `;
 }
 
+/**
+ * Kills the registry process this module started (found by its own config file's path on its
+ * command line, so nothing else is touched) and removes its folder, without awaiting anything.
+ */
+function stopRegistrySync(registry: TestRegistry): void {
+  const dir = registry.dataDir.replace(/\/data$/, "");
+  const config = `${dir}/config.yml`;
+  try {
+    for (const e of Deno.readDirSync("/proc")) {
+      if (!/^\d+$/.test(e.name)) continue;
+      let cmdline = "";
+      try {
+        cmdline = Deno.readTextFileSync(`/proc/${e.name}/cmdline`);
+      } catch {
+        continue;
+      }
+      const argv = cmdline.split("\0");
+      if (argv.includes("serve") && argv.includes(config)) {
+        try {
+          Deno.kill(Number(e.name), "SIGTERM");
+        } catch { /* gone */ }
+      }
+    }
+  } catch { /* no /proc */ }
+  if (Deno.env.get("SARDE_TEST_KEEP") !== "1") {
+    try {
+      Deno.removeSync(dir, { recursive: true });
+    } catch { /* already gone */ }
+  }
+}
+
 async function buildJobImages(): Promise<JobImages> {
   const start = performance.now();
   const guest = await ensureGuest();
@@ -196,6 +227,10 @@ async function buildJobImages(): Promise<JobImages> {
       images[repo] = ref;
     }
     let disposed: Promise<void> | undefined;
+    // A test file that never calls dispose() (a --filter that skips its teardown test) must not
+    // leave the registry running: stop it synchronously when the process unloads.
+    const onUnload = () => stopRegistrySync(registry);
+    globalThis.addEventListener("unload", onUnload);
     const result: JobImages = {
       registry,
       image: images["tiny"],
@@ -211,6 +246,7 @@ async function buildJobImages(): Promise<JobImages> {
       dispose: () =>
         disposed ??= (async () => {
           building = undefined;
+          globalThis.removeEventListener("unload", onUnload);
           await registry.stop();
         })(),
     };

@@ -1,0 +1,760 @@
+/**
+ * End-to-end tests of `gitlab-sardinecake-executor`: real libvirtd (qemu:///system, TCG), a real
+ * registry on 127.0.0.1, the tiny test guest as the job image, and a fake gitlab-runner
+ * (`support/runner.ts`) that drives the executor through whole jobs the way the runner does.
+ *
+ * Every test writes its own INI (folders under /var/tmp/sarde-test-vms, `network = user`,
+ * `network-restrict = true`, `domain-type = qemu`) and removes every VM and folder it made.
+ * Timings (cold/warm prepare, per-stage overhead, cleanup) are printed with a `TIMING` prefix.
+ *
+ * Needs root, libvirtd (`bash tools/libvirtd.sh start`; started if needed), the registry and
+ * guest build tools from tools/setup.sh. `SARDE_TEST_VERBOSE=1` streams every call's output.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { ensureJobImage, type JobImages } from "./support/job_image.ts";
+import { run, tempDir } from "./support/images.ts";
+import {
+  callOf,
+  callsOf,
+  describeJob,
+  type JobResult,
+  runJob,
+  type RunJobOptions,
+} from "./support/runner.ts";
+import { ensureLibvirtd, makeVmDir, removeVmDir, shTry, TEST_URI } from "./support/vms.ts";
+
+const opts = { sanitizeResources: false, sanitizeOps: false };
+const BUILDS_DIR = "/root/builds";
+const CACHE_DIR = "/root/cache";
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+async function virsh(...args: string[]) {
+  return await shTry("virsh", ["-c", TEST_URI, ...args]);
+}
+
+/** `running`, `shut off`, … or `gone` when libvirt does not know the domain. */
+async function domState(name: string): Promise<string> {
+  const r = await virsh("domstate", "--domain", name);
+  return r.code === 0 ? r.stdout.trim() : "gone";
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Files under `dirs` that contain `needle` (`grep -r -l -a -F`); [] when none or no dirs. */
+async function filesContaining(needle: string, dirs: string[]): Promise<string[]> {
+  if (!needle) throw new Error("filesContaining: empty needle");
+  const present = [];
+  for (const d of dirs) if (await exists(d)) present.push(d);
+  if (!present.length) return [];
+  const r = await run("grep", ["-r", "-l", "-a", "-F", "--", needle, ...present]);
+  if (r.code > 1) throw new Error(`grep failed: ${r.stderr}`);
+  return r.stdout.split("\n").filter(Boolean);
+}
+
+/** A test's own folders and INI. */
+interface Workspace {
+  root: string;
+  ini: string;
+  ocidir: string;
+  vmdir: string;
+  clonedir: string;
+  /** Environment for runJob: the INI. */
+  env: Record<string, string>;
+  /** The job VM's folder. */
+  jobDir(job: JobResult | string): string;
+  /** Destroys/undefines every VM of these folders and of `jobs`, removes the folders. */
+  dispose(jobs?: JobResult[]): Promise<void>;
+}
+
+/**
+ * Writes an INI with `[DEFAULT]` (our folders, qemu:///system, user networking, restrict,
+ * domain-type qemu, timeout 90s, guest builds/cache dirs, max-job-age 2h) plus `defaults`
+ * (extra `key = value` lines for [DEFAULT]) and `sections` (verbatim text appended).
+ */
+async function workspace(
+  name: string,
+  defaults: Record<string, string> = {},
+  sections = "",
+): Promise<Workspace> {
+  await ensureLibvirtd();
+  const root = await makeVmDir(`exec-${name}`);
+  const ocidir = join(root, "oci");
+  const vmdir = join(root, "vms");
+  const clonedir = join(root, "jobs");
+  const values: Record<string, string> = {
+    connect: TEST_URI,
+    ocidir,
+    vmdir,
+    clonedir,
+    timeout: "90s",
+    "domain-type": "qemu",
+    network: "user",
+    "network-restrict": "true",
+    "guest-builds-dir": BUILDS_DIR,
+    "guest-cache-dir": CACHE_DIR,
+    "max-job-age": "2h",
+    ...defaults,
+  };
+  const ini = join(root, "executor.ini");
+  await Deno.writeTextFile(
+    ini,
+    "[DEFAULT]\n" + Object.entries(values).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n\n" +
+      sections,
+  );
+  const jobDir = (job: JobResult | string) =>
+    join(clonedir, typeof job === "string" ? job : job.vmName);
+  return {
+    root,
+    ini,
+    ocidir,
+    vmdir,
+    clonedir,
+    env: { GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: ini },
+    jobDir,
+    dispose: async (jobs = []) => {
+      const list = await virsh("list", "--all", "--name");
+      const names = list.stdout.split("\n").map((s) => s.trim()).filter(Boolean);
+      for (const n of names) {
+        let ours = jobs.some((j) => j.vmName === n);
+        if (!ours) {
+          const xml = await virsh("dumpxml", "--domain", n, "--inactive");
+          ours = xml.code === 0 && xml.stdout.includes(root + "/");
+        }
+        if (ours) {
+          await virsh("destroy", "--domain", n);
+          await virsh("undefine", "--domain", n, "--nvram");
+          await virsh("undefine", "--domain", n);
+        }
+      }
+      await removeVmDir(root);
+    },
+  };
+}
+
+/** Sensible limits so that a hanging executor fails the test instead of hanging it. */
+function jobOptions(ws: Workspace, o: RunJobOptions): RunJobOptions {
+  return {
+    configTimeoutMs: 60_000,
+    prepareTimeoutMs: 300_000,
+    cleanupTimeoutMs: 120_000,
+    jobTimeoutMs: 300_000,
+    afterScriptTimeoutMs: 120_000,
+    gracefulKillTimeoutMs: 30_000,
+    ...o,
+    env: { ...ws.env, ...(o.env ?? {}) },
+  };
+}
+
+/** The job's VM is gone and so is its folder (after cleanup). */
+async function assertNothingLeft(ws: Workspace, job: JobResult) {
+  assert.equal(await domState(job.vmName), "gone", `VM ${job.vmName} still exists`);
+  assert.ok(!(await exists(ws.jobDir(job))), `clone folder ${ws.jobDir(job)} still exists`);
+  const leftovers = (await virsh("list", "--all", "--name")).stdout.split("\n")
+    .filter((n) => n.startsWith(`sarde-job-${job.runnerShortToken}-`));
+  assert.deepEqual(leftovers, [], `job VMs of this runner left: ${leftovers.join(" ")}`);
+}
+
+function timing(label: string, ms: number | undefined) {
+  console.log(`TIMING ${label}: ${ms === undefined ? "-" : `${(ms / 1000).toFixed(2)} s`}`);
+}
+
+/** Prints the prepare call's stderr lines with their offsets (the executor's own phases). */
+function printPhases(label: string, job: JobResult) {
+  const prep = callsOf(job, "prepare").at(-1);
+  if (!prep) return;
+  console.log(`TIMING ${label}: prepare ${prep.ms} ms; its output lines:`);
+  for (const l of prep.lines) {
+    if (l.text.trim()) console.log(`TIMING   +${String(l.t).padStart(6)} ms  ${l.text}`);
+  }
+}
+
+let images: JobImages | undefined;
+async function jobImages(): Promise<JobImages> {
+  images = await ensureJobImage();
+  return images;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the fake runner itself, against a fake executor (no VMs): so that a failure further down can
+// be told apart from a bug in the driver
+
+const FAKE_EXECUTOR = `#!/usr/bin/env bash
+# A "local" custom executor: runs the scripts on this host with bash, logs every call.
+stage="$1"; shift
+{
+  printf 'call %s %s|tmp=%s|cwd=%s|job=%s|status=%s|pd=%s|je=%s|pgid=%s|bf=%s|sf=%s|resp=%s\\n' \\
+    "$stage" "\${2:-}" "$TMPDIR" "$PWD" "$CUSTOM_ENV_CI_JOB_ID" "$CUSTOM_ENV_CI_JOB_STATUS" \\
+    "$CUSTOM_ENV_CI_PROJECT_DIR" "\${FAKE_JOB_ENV:-}" "$(ps -o pgid= $$ | tr -d ' ')" \\
+    "$BUILD_FAILURE_EXIT_CODE" "$SYSTEM_FAILURE_EXIT_CODE" "$JOB_RESPONSE_FILE"
+} >>"$FAKE_LOG"
+case "$stage" in
+  config)
+    printf '{"builds_dir":"%s","cache_dir":"/c","hostname":"fake","driver":{"name":"fake","version":"1"},"job_env":{"FAKE_JOB_ENV":"yes"},"shell":"bash"}\\n' "$FAKE_ROOT/builds" ;;
+  prepare)
+    echo preparing; [ -n "\${FAKE_PREP_EXIT:-}" ] && exit "$FAKE_PREP_EXIT"; exit 0 ;;
+  run)
+    bash "$1"; rc=$?
+    if [ $rc -ne 0 ]; then echo $rc >"$BUILD_EXIT_CODE_FILE"; exit "$BUILD_FAILURE_EXIT_CODE"; fi ;;
+  cleanup)
+    echo cleaned ;;
+esac
+`;
+
+Deno.test({
+  name: "runner driver: stage order, environment, exit codes, retries, cancel (fake executor)",
+  ...opts,
+  fn: async () => {
+    const dir = await tempDir("fake-executor");
+    try {
+      const exe = join(dir, "executor.sh");
+      const logFile = join(dir, "calls.log");
+      await Deno.writeTextFile(exe, FAKE_EXECUTOR, { mode: 0o755 });
+      const env = { FAKE_LOG: logFile, FAKE_ROOT: dir };
+      const calls = async () => {
+        const text = await Deno.readTextFile(logFile).catch(() => "");
+        await Deno.writeTextFile(logFile, "");
+        return text.split("\n").filter(Boolean).map((l) => {
+          const [head, ...kv] = l.split("|");
+          return {
+            stage: head.replace(/^call /, "").trim(),
+            ...Object.fromEntries(kv.map((p) => [p.split("=")[0], p.slice(p.indexOf("=") + 1)])),
+          } as Record<string, string>;
+        });
+      };
+
+      // success: order, env, job_env only after config, dirs empty during config
+      const ok = await runJob({
+        executor: exe,
+        env,
+        image: "img",
+        script: ["echo hello-$CI_JOB_ID"],
+        afterScript: ["echo after-$CI_JOB_STATUS"],
+        cache: true,
+        artifacts: true,
+      });
+      assert.equal(ok.outcome, "success", describeJob(ok));
+      const c1 = await calls();
+      assert.deepEqual(c1.map((c) => c.stage), [
+        "config",
+        "prepare",
+        "run prepare_script",
+        "run get_sources",
+        "run restore_cache",
+        "run build_script",
+        "run after_script",
+        "run archive_cache",
+        "run upload_artifacts_on_success",
+        "run cleanup_file_variables",
+        "cleanup",
+      ]);
+      assert.equal(c1[0].je, "", "job_env is not given to config");
+      assert.equal(c1[0].pd, "", "CI_PROJECT_DIR is empty during config");
+      for (const c of c1.slice(1)) {
+        assert.equal(c.je, "yes", `job_env reaches ${c.stage}`);
+        assert.equal(c.pd, join(dir, "builds/sarde/ci-test"));
+      }
+      for (const c of c1) {
+        assert.equal(c.tmp, c.cwd);
+        assert.equal(c.tmp, c1[0].tmp, "one TMPDIR per attempt");
+        assert.equal(c.bf, "1");
+        assert.equal(c.sf, "2");
+        assert.equal(c.resp, join(c.tmp, "response.json"));
+        assert.notEqual(c.pgid, String(Deno.pid), "own process group");
+      }
+      assert.equal(new Set(c1.map((c) => c.pgid)).size, c1.length, "a new group per call");
+      assert.ok(!(await exists(c1[0].tmp)), "TMPDIR removed after cleanup");
+      assert.match(callOf(ok, "build_script").stdout, new RegExp(`hello-${ok.jobId}`));
+      assert.match(callOf(ok, "after_script").stdout, /after-success/);
+      const script = callOf(ok, "build_script").script!;
+      assert.match(script, /^#!\/usr\/bin\/env bash\n/);
+      assert.match(script, /trap exit 1 TERM/);
+      assert.match(script, /: \| eval \$'/);
+      assert.ok(script.includes(ok.jobToken), "the script exports the job token, like GitLab's");
+      assert.ok(!ok.log.includes(ok.jobToken), "the job log is masked");
+
+      // script failure: exit code from BUILD_EXIT_CODE_FILE, after_script and on_failure stages
+      const bad = await runJob({
+        executor: exe,
+        env,
+        image: "img",
+        script: ["exit 7", "echo not-reached"],
+        afterScript: ["echo after-$CI_JOB_STATUS"],
+        artifacts: true,
+      });
+      assert.equal(bad.outcome, "script_failure", describeJob(bad));
+      assert.equal(bad.exitCode, 7);
+      assert.equal(bad.buildExitCodeFile?.trim(), "7");
+      assert.match(callOf(bad, "after_script").stdout, /after-failed/);
+      assert.ok(!callOf(bad, "build_script").stdout.includes("not-reached"));
+      assert.deepEqual((await calls()).map((c) => c.stage).slice(-4), [
+        "run after_script",
+        "run upload_artifacts_on_failure",
+        "run cleanup_file_variables",
+        "cleanup",
+      ]);
+
+      // system failure in prepare: retried, cleanup after every attempt, fresh TMPDIR each time
+      const sys = await runJob({
+        executor: exe,
+        env: { ...env, FAKE_PREP_EXIT: "2" },
+        image: "img",
+        prepareAttempts: 3,
+        prepareRetryIntervalMs: 50,
+      });
+      assert.equal(sys.outcome, "system_failure");
+      assert.equal(sys.attempts, 3);
+      const c3 = await calls();
+      assert.deepEqual(
+        c3.map((c) => c.stage),
+        Array(3).fill(["config", "prepare", "cleanup"]).flat(),
+      );
+      assert.equal(new Set(c3.map((c) => c.tmp)).size, 3);
+
+      // build failure in prepare: no retry
+      const pb = await runJob({
+        executor: exe,
+        env: { ...env, FAKE_PREP_EXIT: "1" },
+        image: "img",
+        prepareAttempts: 3,
+        prepareRetryIntervalMs: 50,
+      });
+      assert.equal(pb.outcome, "script_failure");
+      assert.equal(pb.attempts, 1);
+      assert.deepEqual((await calls()).map((c) => c.stage), ["config", "prepare", "cleanup"]);
+
+      // cancel: SIGTERM to the group of the build_script call, then after_script, cleanup
+      const cancelled = await runJob({
+        executor: exe,
+        env,
+        image: "img",
+        script: ["echo sleeping; sleep 600"],
+        afterScript: ["echo after-$CI_JOB_STATUS"],
+        cancelDuringStage: "build_script",
+        cancelWhenOutput: /sleeping/,
+        cancelAfterMs: 200,
+        gracefulKillTimeoutMs: 5000,
+      });
+      assert.equal(cancelled.outcome, "canceled", describeJob(cancelled));
+      const b = callOf(cancelled, "build_script");
+      assert.equal(b.terminated, "cancel");
+      assert.ok(b.exitAfterTermMs! < 2000, `${b.exitAfterTermMs} ms`);
+      assert.match(callOf(cancelled, "after_script").stdout, /after-canceled/);
+      assert.equal(callsOf(cancelled, "cleanup").length, 1);
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+// ---------------------------------------------------------------------------------------------
+// the executor
+
+Deno.test({
+  name: "executor: config JSON; a passing job (cold, then warm); secrets stay out; nothing left",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("pass");
+    const jobs: JobResult[] = [];
+    try {
+      const prepareScript = join(ws.root, "prepare.sh");
+      await Deno.writeTextFile(
+        prepareScript,
+        "echo PREPARE-SCRIPT-RAN job=$CI_JOB_ID\necho prepared >/root/prepared-by-script\n",
+      );
+      await Deno.writeTextFile(ws.ini, `\n[${img.image}]\nprepare-script = ${prepareScript}\n`, {
+        append: true,
+      });
+
+      const leaks: string[] = [];
+      let stateWhileRunning = "";
+      const jobToken = `glcbt-sardefake_${crypto.randomUUID().replaceAll("-", "")}`;
+      const job = await runJob(jobOptions(ws, {
+        image: img.image,
+        jobToken,
+        script: [
+          "echo JOB-MARKER-$CI_JOB_ID",
+          "uname -a",
+          "cat /proc/cmdline",
+          "cat /root/prepared-by-script",
+          'echo "token-length ${#CI_JOB_TOKEN}"',
+          "pwd",
+        ],
+        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+        beforeCleanup: async (ctx) => {
+          stateWhileRunning = await domState(ctx.vmName);
+          // The token is in every run script; it must not end up on the host's disks.
+          for (const f of await filesContaining(jobToken, [ws.jobDir(ctx.vmName), ws.vmdir])) {
+            leaks.push(f);
+          }
+          const xml = await virsh("dumpxml", "--domain", ctx.vmName);
+          if (xml.stdout.includes(jobToken)) leaks.push(`domain XML of ${ctx.vmName}`);
+        },
+      }));
+      jobs.push(job);
+      assert.equal(job.jobToken, jobToken);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "success", info);
+
+      // config
+      const cfg = job.config!;
+      assert.ok(cfg, info);
+      assert.equal(cfg.builds_dir, BUILDS_DIR);
+      assert.equal(cfg.cache_dir, CACHE_DIR);
+      assert.equal(cfg.builds_dir_is_shared, false);
+      assert.equal(typeof cfg.hostname, "string");
+      assert.ok(cfg.hostname!.length > 0);
+      assert.equal(cfg.driver?.name, "sarde");
+      assert.match(cfg.driver?.version ?? "", /libvirt/i);
+      assert.match(cfg.driver?.version ?? "", /qemu/i);
+      assert.equal(cfg.shell, "bash");
+      assert.deepEqual(JSON.parse(job.configRaw!), cfg, "stdout of config is only the JSON");
+
+      // the job ran in the guest, output on stdout
+      const build = callOf(job, "build_script");
+      assert.match(build.stdout, new RegExp(`JOB-MARKER-${job.jobId}`), info);
+      assert.match(build.stdout, /Linux sarde-tiny /, "uname -a of the guest");
+      assert.match(build.stdout, /sarde\.root=\/dev\/vda/, "the guest's kernel command line");
+      assert.match(build.stdout, /^prepared$/m, "prepare-script ran in the guest before the job");
+      assert.match(build.stdout, new RegExp(`token-length ${jobToken.length}`));
+      assert.match(build.stdout, new RegExp(`^${job.projectDir}$`, "m"), "cd into the project");
+      assert.match(callOf(job, "prepare").output, /PREPARE-SCRIPT-RAN/);
+      assert.match(callOf(job, "prepare_script").stdout, /Running on sarde-tiny via /);
+      assert.match(callOf(job, "after_script").stdout, /AFTER-MARKER success/);
+      assert.equal(stateWhileRunning, "running", "the VM ran until cleanup");
+
+      // secrets
+      for (const c of job.calls.filter((c) => c.kind !== "run")) {
+        assert.ok(!c.stderr.includes(jobToken), `token in stderr of ${c.stage}:\n${c.stderr}`);
+        assert.ok(!c.stdout.includes(jobToken), `token in stdout of ${c.stage}:\n${c.stdout}`);
+      }
+      assert.deepEqual(leaks, [], `the job token was written to: ${leaks.join(", ")}`);
+
+      // nothing left
+      assert.equal(job.cleanupCode, 0, info);
+      await assertNothingLeft(ws, job);
+
+      // warm: same image again, trivial stages
+      const warm = await runJob(jobOptions(ws, { image: img.image, script: ["true"] }));
+      jobs.push(warm);
+      assert.equal(warm.outcome, "success", describeJob(warm));
+      assert.doesNotMatch(callOf(warm, "prepare").stderr, /importing/);
+      assert.doesNotMatch(callOf(warm, "prepare").stderr, /pulling/);
+      await assertNothingLeft(ws, warm);
+
+      timing("image build (guest + define + 3 exports + 3 pushes, once per process)", img.buildMs);
+      timing("config (cold)", job.timings.configMs);
+      timing(
+        "prepare cold (pull + import + clone + boot + SSH + prepare-script)",
+        job.timings.prepareMs,
+      );
+      printPhases("prepare cold", job);
+      timing("config (warm)", warm.timings.configMs);
+      timing("prepare warm (clone + boot + SSH)", warm.timings.prepareMs);
+      printPhases("prepare warm", warm);
+      for (const [stage, ms] of Object.entries(warm.timings.stages)) {
+        timing(`run stage ${stage} (trivial)`, ms);
+      }
+      timing("cleanup (cold job)", job.timings.cleanupMs);
+      timing("cleanup (warm job)", warm.timings.cleanupMs);
+      timing("whole warm job", warm.timings.totalMs);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: a failing build_script (exit 7) → script failure, after_script still runs",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("fail");
+    const jobs: JobResult[] = [];
+    try {
+      const job = await runJob(jobOptions(ws, {
+        image: img.image,
+        script: ["echo BEFORE-FAIL", "exit 7", "echo NOT-REACHED"],
+        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+      }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "script_failure", info);
+      assert.equal(job.exitCode, 7, info);
+      assert.equal(job.buildExitCodeFile?.trim(), "7", "BUILD_EXIT_CODE_FILE holds 7");
+      const build = callOf(job, "build_script");
+      assert.equal(build.code, 1, "BUILD_FAILURE_EXIT_CODE");
+      assert.match(build.stdout, /BEFORE-FAIL/);
+      assert.doesNotMatch(build.output, /NOT-REACHED/);
+      const after = callOf(job, "after_script");
+      assert.equal(after.code, 0, info);
+      assert.match(after.stdout, /AFTER-MARKER failed/);
+      await assertNothingLeft(ws, job);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: an image outside allowed-images → system failure at once, no VM",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const host = img.registry.host;
+    const ws = await workspace("allowed", {
+      "allowed-images": `${host}/sardines/tiny:*, ${host}/other/*`,
+    });
+    const jobs: JobResult[] = [];
+    try {
+      let seenDuringPrepare = "";
+      const job = await runJob(jobOptions(ws, {
+        image: img.noUserImage,
+        afterCall: async (c, ctx) => {
+          if (c.stage === "prepare") seenDuringPrepare = await domState(ctx.vmName);
+        },
+      }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "system_failure", info);
+      assert.equal(job.failedStage, "prepare", info);
+      const prep = callOf(job, "prepare");
+      assert.equal(prep.code, 2, info);
+      assert.match(prep.stderr, /not allowed/i);
+      assert.ok(prep.ms < 15_000, `refusing took ${prep.ms} ms`);
+      assert.equal(seenDuringPrepare, "gone", "no VM was created");
+      assert.equal(callsOf(job, "cleanup").length, 1, "cleanup ran after the failed attempt");
+      assert.equal(job.cleanupCode, 0, "cleanup is fine with nothing to clean");
+      assert.ok(
+        !(await filesContaining("tiny-nouser", [ws.ocidir])).length &&
+          !(await exists(join(ws.ocidir, host, "sardines", "tiny-nouser"))),
+        "nothing was pulled",
+      );
+      await assertNothingLeft(ws, job);
+      timing("prepare refusing a disallowed image", prep.ms);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: wrong SSH password → system failure within the timeout; right one works",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace(
+      "creds",
+      { timeout: "40s" },
+      `[${img.noUserImage}]\nusername = root\npassword = wrong\n`,
+    );
+    const jobs: JobResult[] = [];
+    try {
+      const job = await runJob(jobOptions(ws, { image: img.noUserImage, script: ["true"] }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "system_failure", info);
+      assert.equal(job.failedStage, "prepare", info);
+      const prep = callOf(job, "prepare");
+      assert.equal(prep.code, 2, info);
+      assert.ok(prep.ms < 40_000 + 30_000, `prepare took ${prep.ms} ms with timeout = 40s`);
+      await assertNothingLeft(ws, job);
+      timing("prepare with a wrong password until failure (timeout = 40s)", prep.ms);
+
+      // The same image with the right password from the INI: the failure was the password.
+      await Deno.writeTextFile(
+        ws.ini,
+        (await Deno.readTextFile(ws.ini)).replace("password = wrong", `password = ${img.password}`),
+      );
+      const good = await runJob(jobOptions(ws, { image: img.noUserImage, script: ["id -un"] }));
+      jobs.push(good);
+      assert.equal(good.outcome, "success", describeJob(good));
+      assert.match(callOf(good, "build_script").stdout, /^root$/m);
+      await assertNothingLeft(ws, good);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: a guest that never answers SSH → system failure after timeout, no VM left",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("deaf", { timeout: "20s" });
+    const jobs: JobResult[] = [];
+    try {
+      const job = await runJob(jobOptions(ws, { image: img.badPortImage, script: ["true"] }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "system_failure", info);
+      assert.equal(job.failedStage, "prepare", info);
+      const prep = callOf(job, "prepare");
+      assert.equal(prep.code, 2, info);
+      assert.ok(prep.ms < 60_000, `prepare took ${prep.ms} ms with timeout = 20s`);
+      await assertNothingLeft(ws, job);
+      timing("prepare of a deaf guest until failure (timeout = 20s)", prep.ms);
+      printPhases("prepare of a deaf guest", job);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: two jobs on one image at once → both pass, the image is imported once",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("two");
+    const jobs: JobResult[] = [];
+    try {
+      const both = await Promise.all([0, 1].map((i) =>
+        runJob(jobOptions(ws, {
+          image: img.image,
+          concurrentId: i,
+          script: [`echo CONCURRENT-${i}-$CI_JOB_ID`],
+        }))
+      ));
+      jobs.push(...both);
+      for (const [i, job] of both.entries()) {
+        assert.equal(job.outcome, "success", describeJob(job));
+        assert.match(
+          callOf(job, "build_script").stdout,
+          new RegExp(`CONCURRENT-${i}-${job.jobId}`),
+        );
+      }
+      assert.notEqual(both[0].vmName, both[1].vmName);
+      const importing = both.filter((j) => /importing/.test(callOf(j, "prepare").stderr));
+      assert.equal(
+        importing.length,
+        1,
+        `prepare stderr with 'importing':\n${
+          both.map((j) => `--- ${j.vmName}\n${callOf(j, "prepare").stderr}`).join("\n")
+        }`,
+      );
+      for (const job of both) await assertNothingLeft(ws, job);
+      both.forEach((j, i) => timing(`prepare of concurrent job ${i}`, j.timings.prepareMs));
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: cancel (SIGTERM) during build_script → run ends, VM destroyed before cleanup",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("cancel");
+    const jobs: JobResult[] = [];
+    try {
+      let stateAfterCancel = "";
+      let settled = "";
+      const job = await runJob(jobOptions(ws, {
+        image: img.image,
+        script: ["echo SLEEPING-NOW", "sleep 600"],
+        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+        cancelDuringStage: "build_script",
+        cancelWhenOutput: /SLEEPING-NOW/,
+        cancelAfterMs: 1000,
+        afterCall: async (c, ctx) => {
+          if (c.stage !== "build_script") return;
+          stateAfterCancel = await domState(ctx.vmName);
+          // A destroy still in progress shows as "in shutdown"; give it a moment to finish.
+          const until = performance.now() + 10_000;
+          settled = stateAfterCancel;
+          while (settled === "in shutdown" && performance.now() < until) {
+            await new Promise((r) => setTimeout(r, 200));
+            settled = await domState(ctx.vmName);
+          }
+        },
+      }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "canceled", info);
+      const build = callOf(job, "build_script");
+      assert.equal(build.terminated, "cancel", info);
+      assert.notEqual(build.code, 0);
+      assert.ok(!build.killed, `the executor needed SIGKILL:\n${info}`);
+      assert.ok(build.exitAfterTermMs! < 10_000, `run took ${build.exitAfterTermMs} ms to end`);
+      console.log(`VM state right after the cancelled run call: ${stateAfterCancel}`);
+      assert.ok(
+        ["gone", "shut off", "in shutdown"].includes(stateAfterCancel),
+        `VM state right after the cancelled run call: ${stateAfterCancel}\n${info}`,
+      );
+      assert.ok(
+        settled === "gone" || settled === "shut off",
+        `VM state 10 s after the cancelled run call: ${settled}`,
+      );
+      // after_script is still called (GitLab does), on a VM that is gone: a quick system failure.
+      const after = callOf(job, "after_script");
+      assert.equal(after.code, 2, `after_script on a destroyed VM:\n${info}`);
+      assert.ok(after.ms < 60_000, `after_script took ${after.ms} ms`);
+      assert.equal(callsOf(job, "cleanup").length, 1);
+      await assertNothingLeft(ws, job);
+      timing("run call: SIGTERM → exit", build.exitAfterTermMs);
+      timing("after_script on the destroyed VM", after.ms);
+      timing("cleanup after cancel", job.timings.cleanupMs);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: cancel (SIGTERM) during prepare → prepare ends, no run stage, nothing left",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const ws = await workspace("cancelprep");
+    const jobs: JobResult[] = [];
+    try {
+      let stateAfterCancel = "";
+      // 6 s into a cold prepare: pulling/importing is over, the VM is booting or being cloned.
+      const job = await runJob(jobOptions(ws, {
+        image: img.image,
+        script: ["echo SHOULD-NOT-RUN"],
+        cancelDuringStage: "prepare",
+        cancelAfterMs: 6000,
+        afterCall: async (c, ctx) => {
+          if (c.stage === "prepare") stateAfterCancel = await domState(ctx.vmName);
+        },
+      }));
+      jobs.push(job);
+      const info = describeJob(job);
+      assert.equal(job.outcome, "canceled", info);
+      const prep = callOf(job, "prepare");
+      assert.equal(prep.terminated, "cancel", info);
+      assert.ok(!prep.killed, `the executor needed SIGKILL:\n${info}`);
+      assert.ok(prep.exitAfterTermMs! < 10_000, `prepare took ${prep.exitAfterTermMs} ms to end`);
+      assert.equal(job.calls.filter((c) => c.kind === "run").length, 0, info);
+      assert.equal(callsOf(job, "cleanup").length, 1);
+      console.log(`VM state right after the cancelled prepare call: ${stateAfterCancel}`);
+      await assertNothingLeft(ws, job);
+      timing("prepare call: SIGTERM → exit", prep.exitAfterTermMs);
+      timing("cleanup after a cancelled prepare", job.timings.cleanupMs);
+    } finally {
+      await ws.dispose(jobs);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: (teardown) stop the job images' registry",
+  ...opts,
+  fn: async () => {
+    await images?.dispose();
+  },
+});
