@@ -8,7 +8,7 @@
 
 import { Command, CommanderError, Option } from "commander";
 import * as sarde from "./mod.ts";
-import { installSignalHandlers, interruptSignal } from "./lib/cleanup.ts";
+import { installSignalHandlers, interruptSignal, settleInterrupt } from "./lib/cleanup.ts";
 import {
   getBoolean,
   getInt,
@@ -503,5 +503,7 @@ export async function main(args: string[]): Promise<number> {
 
 if (import.meta.main) {
   installSignalHandlers();
-  Deno.exit(await main(Deno.args));
+  const code = await main(Deno.args);
+  await settleInterrupt();
+  Deno.exit(code);
 }

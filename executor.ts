@@ -9,7 +9,12 @@
  * @module
  */
 
-import { installSignalHandlers, interruptSignal, onInterrupt } from "./lib/cleanup.ts";
+import {
+  installSignalHandlers,
+  interruptSignal,
+  onInterrupt,
+  settleInterrupt,
+} from "./lib/cleanup.ts";
 import {
   cleanupStage,
   configStage,
@@ -127,5 +132,9 @@ export async function main(
 
 if (import.meta.main) {
   installSignalHandlers();
-  Deno.exit(await main([...Deno.args], Deno.env.toObject()));
+  const code = await main([...Deno.args], Deno.env.toObject());
+  // When cancelled, the ssh child dies with us and main returns early: let the signal handler
+  // finish destroying the VM before the process ends.
+  await settleInterrupt();
+  Deno.exit(code);
 }

@@ -9,7 +9,8 @@
  *
  * It records wall-clock seconds and the peak RSS of the client process, checks that every
  * measurement really moved the bytes (no cross-repository mount, no "already exists" skip, digest
- * preserved), and prints a table (or `--json`). See bench/README.md for the method.
+ * preserved), and prints a table (or `--json`). Then it runs the VM benchmark of `bench/vm.ts`
+ * (`--only registry|vm` runs one of them). See bench/README.md for the method.
  *
  * @module
  */
@@ -23,11 +24,29 @@ import { parseReference } from "../lib/reference.ts";
 import { layoutDir } from "../lib/store.ts";
 import { SARDE } from "../tests/support/images.ts";
 import { startRegistry, type TestRegistry } from "../tests/support/registry.ts";
+import {
+  addCleanup,
+  cpuOf,
+  formatTable,
+  GiB,
+  haveTimeBin,
+  killCurrent,
+  loadavg,
+  log,
+  logSince,
+  logSize,
+  measure,
+  median,
+  MiB,
+  registryActivity,
+  registryPid,
+  RSS_GOAL_MB,
+  runCleanups,
+  settle,
+  versions,
+} from "./common.ts";
+import { formatVmReport, runVmBench, type VmReport } from "./vm.ts";
 
-const MiB = 1 << 20;
-const GiB = 1 << 30;
-const TIME_BIN = "/usr/bin/time";
-const RSS_GOAL_MB = 200;
 const TAG = "v1";
 
 type Tool = "sarde" | "skopeo";
@@ -73,17 +92,17 @@ interface Row {
   samples: Sample[];
 }
 
-const USAGE = `usage: deno task bench [--quick] [--repeat N] [--json]
+const USAGE = `usage: deno task bench [--only registry|vm] [--quick] [--repeat N] [--json]
 
-  --quick       256 MiB random + 512 MiB disk-mix instead of 1 GiB + 2 GiB
-  --repeat N    measure every case N times (default 1), alternating which tool goes first;
-                the table shows the best time and the highest peak RSS
+  --only WHAT   run one benchmark: registry (sarde push/fetch vs skopeo copy) or vm (export+push,
+                pull, clone, 1 % change of a libvirt VM vs sardinecake 0.4's gzip+skopeo);
+                default: both, registry first
+  --quick       registry: 256 MiB random + 512 MiB disk-mix instead of 1 GiB + 2 GiB;
+                vm: a 512 MiB disk instead of 2 GiB
+  --repeat N    registry: measure every case N times (default 1), alternating which tool goes
+                first; the table shows the best time and the highest peak RSS (vm: one run)
   --json        machine-readable output on stdout (progress stays on stderr)
 `;
-
-function log(msg: string): void {
-  Deno.stderr.writeSync(new TextEncoder().encode(`bench: ${msg}\n`));
-}
 
 // ---------------------------------------------------------------------------------------------
 // test data
@@ -222,138 +241,6 @@ async function buildImage(
 // ---------------------------------------------------------------------------------------------
 // running and measuring
 
-let current: Deno.ChildProcess | undefined;
-
-/** Runs a command, returning wall seconds, peak RSS (10^6 bytes) and its output. */
-async function measure(
-  cmd: string,
-  args: string[],
-  opts: { env?: Record<string, string>; rssFile: string; useTime: boolean },
-): Promise<{ seconds: number; rssMB: number; cpuSeconds: number; stdout: string; stderr: string }> {
-  const argv = opts.useTime ? ["-f", "%M %U %S", "-o", opts.rssFile, cmd, ...args] : args;
-  const start = performance.now();
-  const child = new Deno.Command(opts.useTime ? TIME_BIN : cmd, {
-    args: argv,
-    env: opts.env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  current = child;
-  // Without /usr/bin/time: poll VmHWM (the kernel's peak RSS), the last read before exit wins.
-  let hwmKiB = 0;
-  let polling = !opts.useTime;
-  const poller = (async () => {
-    while (polling) {
-      try {
-        const status = await Deno.readTextFile(`/proc/${child.pid}/status`);
-        const m = status.match(/^VmHWM:\s+(\d+) kB/m);
-        if (m) hwmKiB = Math.max(hwmKiB, Number(m[1]));
-      } catch { /* exited */ }
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  })();
-  const out = await child.output();
-  const seconds = (performance.now() - start) / 1000;
-  polling = false;
-  await poller;
-  current = undefined;
-  const dec = new TextDecoder();
-  const stdout = dec.decode(out.stdout);
-  const stderr = dec.decode(out.stderr);
-  if (!out.success) {
-    throw new Error(`${cmd} ${args.join(" ")} failed (exit ${out.code}):\n${stderr}${stdout}`);
-  }
-  let cpuSeconds = NaN;
-  if (opts.useTime) {
-    const text = (await Deno.readTextFile(opts.rssFile)).trim().split("\n").at(-1) ?? "";
-    const [rss, user, sys] = text.split(" ").map(Number);
-    if (!Number.isFinite(rss)) throw new Error(`cannot read peak RSS from ${TIME_BIN}: ${text}`);
-    hwmKiB = rss;
-    cpuSeconds = user + sys;
-  }
-  return { seconds, rssMB: (hwmKiB * 1024) / 1e6, cpuSeconds, stdout, stderr };
-}
-
-const CLK_TCK = 100; // USER_HZ on Linux
-
-/** utime + stime of a process in seconds (NaN when unreadable). */
-function cpuOf(pid: number | undefined): number {
-  if (pid === undefined) return NaN;
-  try {
-    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK; // fields 14 and 15 of stat
-  } catch {
-    return NaN;
-  }
-}
-
-/** The pid of the registry serving `reg` (the process whose command line names its config). */
-async function registryPid(reg: TestRegistry): Promise<number | undefined> {
-  const config = join(reg.dataDir, "..", "config.yml");
-  for await (const e of Deno.readDir("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      const argv = (await Deno.readTextFile(`/proc/${e.name}/cmdline`)).split("\0");
-      if (argv.some((a) => a.endsWith("docker-registry")) && argv.includes(config)) {
-        return Number(e.name);
-      }
-    } catch { /* gone */ }
-  }
-  return undefined;
-}
-
-/** Runs a command to completion (not measured); throws with its output on failure. */
-async function runQuiet(cmd: string, args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" })
-    .output();
-  const dec = new TextDecoder();
-  if (!out.success) {
-    throw new Error(`${cmd} ${args.join(" ")} failed: ${dec.decode(out.stderr)}`);
-  }
-  return dec.decode(out.stdout) + dec.decode(out.stderr);
-}
-
-/** What the registry log says happened to a repository during one measurement. */
-interface RegistryActivity {
-  /** Blob uploads completed (`PUT …/blobs/uploads/…?digest=` → 201). */
-  uploads: number;
-  /** Cross-repository mounts that succeeded (`POST …?mount=` → 201). */
-  mounts: number;
-  /** Bytes of blob bodies the registry served (`GET …/blobs/sha256:…` → 200/206). */
-  servedBytes: number;
-}
-
-function registryActivity(logText: string, repository: string): RegistryActivity {
-  const act: RegistryActivity = { uploads: 0, mounts: 0, servedBytes: 0 };
-  const prefix = `/v2/${repository}/blobs/`;
-  for (const line of logText.split("\n")) {
-    if (!line.includes('msg="response completed"')) continue;
-    const method = line.match(/http\.request\.method=(\S+)/)?.[1];
-    let uri = line.match(/http\.request\.uri=("(?:[^"\\]|\\.)*"|\S+)/)?.[1] ?? "";
-    if (uri.startsWith('"')) uri = JSON.parse(uri);
-    const status = Number(line.match(/http\.response\.status=(\d+)/)?.[1]);
-    const written = Number(line.match(/http\.response\.written=(\d+)/)?.[1] ?? 0);
-    if (!uri.startsWith(prefix)) continue;
-    if (method === "PUT" && status === 201 && uri.includes("digest=")) act.uploads++;
-    if (method === "POST" && status === 201 && uri.includes("mount=")) act.mounts++;
-    if (method === "GET" && (status === 200 || status === 206)) act.servedBytes += written;
-  }
-  return act;
-}
-
-/** Reads what the registry logged since byte `offset` (after a moment, so the log catches up). */
-async function logSince(reg: TestRegistry, offset: number): Promise<string> {
-  await new Promise((r) => setTimeout(r, 200));
-  const all = await Deno.readFile(reg.logFile);
-  return new TextDecoder().decode(all.subarray(offset));
-}
-
-async function logSize(reg: TestRegistry): Promise<number> {
-  return (await Deno.stat(reg.logFile)).size;
-}
-
 /** The manifest digest the registry holds for `repo:tag`. */
 async function remoteDigest(reg: TestRegistry, repo: string): Promise<string> {
   const res = await fetch(`${reg.url}/v2/${repo}/manifests/${TAG}`, {
@@ -431,8 +318,9 @@ async function runOne(
       : ["copy", "--src-tls-verify=false", `docker://${remote}`, `oci:${dest}:${TAG}`];
   }
   await Deno.remove(dest, { recursive: true }).catch(() => {});
-  // Flush dirty pages of earlier steps so their writeback does not land in this measurement.
-  await runQuiet("sync", []);
+  // Flush dirty pages of earlier steps, and let the discards of deleted files finish, so that
+  // this work does not land in this measurement.
+  await settle(work);
   const offset = await logSize(reg);
   const regCpu0 = cpuOf(ctx.registryPid);
   const s = await measure(cmd, args, { env, rssFile, useTime: ctx.useTime });
@@ -481,12 +369,6 @@ async function runOne(
     cpuSeconds: s.cpuSeconds,
     registryCpuSeconds,
   };
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
 async function benchCase(ctx: Context, c: BenchCase, repeat: number): Promise<Row[]> {
@@ -596,47 +478,17 @@ function table(rows: Row[]): string {
     num(r.registryCpuSeconds),
   ]);
   const numeric = [false, false, false, true, true, true, true, true, true];
-  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
-  const fmt = (cells: string[]) =>
-    cells.map((c, i) => (numeric[i] ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join("  ")
-      .trimEnd();
-  return [fmt(head), fmt(widths.map((w) => "-".repeat(w))), ...body.map(fmt)].join("\n");
-}
-
-/** The 1-minute load average: other work on the machine makes the numbers noisy. */
-function loadavg(): string {
-  try {
-    return Deno.readTextFileSync("/proc/loadavg").split(" ")[0];
-  } catch {
-    return "?";
-  }
-}
-
-async function versions(): Promise<Record<string, string>> {
-  const first = async (cmd: string, args: string[]) => {
-    try {
-      return (await runQuiet(cmd, args)).trim().split("\n")[0];
-    } catch {
-      return "unknown";
-    }
-  };
-  return {
-    // not optional: fails early when the sarde under test does not even start
-    sarde: (await runQuiet(SARDE, ["--version"])).trim(),
-    deno: Deno.version.deno,
-    skopeo: await first("skopeo", ["--version"]),
-    registry: await first("docker-registry", ["--version"]),
-    cpus: String(navigator.hardwareConcurrency),
-    loadavg: loadavg(),
-  };
+  return formatTable(head, body, numeric);
 }
 
 // ---------------------------------------------------------------------------------------------
 
 async function main(): Promise<number> {
   const { values } = parseArgs({
-    args: Deno.args,
+    // `deno task bench -- --only vm` passes the `--` through
+    args: Deno.args[0] === "--" ? Deno.args.slice(1) : Deno.args,
     options: {
+      only: { type: "string" },
       quick: { type: "boolean", default: false },
       repeat: { type: "string", default: "1" },
       json: { type: "boolean", default: false },
@@ -653,6 +505,12 @@ async function main(): Promise<number> {
     Deno.stderr.writeSync(new TextEncoder().encode(`--repeat wants a positive integer\n${USAGE}`));
     return 2;
   }
+  if (values.only !== undefined && values.only !== "registry" && values.only !== "vm") {
+    Deno.stderr.writeSync(new TextEncoder().encode(`--only wants registry or vm\n${USAGE}`));
+    return 2;
+  }
+  const runRegistryBench = values.only !== "vm";
+  const runVm = values.only !== "registry";
   const cases: BenchCase[] = [
     {
       id: "random",
@@ -668,28 +526,22 @@ async function main(): Promise<number> {
     },
   ];
 
-  let useTime = true;
-  try {
-    await Deno.stat(TIME_BIN);
-  } catch {
-    useTime = false;
-    log(`${TIME_BIN} missing (apt-get install time); polling /proc/PID/status VmHWM instead`);
-  }
+  const useTime = await haveTimeBin();
 
-  const work = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "sarde-bench-" });
+  let work: string | undefined;
   let reg: TestRegistry | undefined;
   let cleaned: Promise<void> | undefined;
-  const cleanup = () =>
+  const cleanupRegistryBench = () =>
     cleaned ??= (async () => {
-      try {
-        current?.kill("SIGKILL");
-      } catch { /* gone */ }
+      killCurrent();
       await reg?.stop();
-      await Deno.remove(work, { recursive: true }).catch(() => {});
+      if (work) await Deno.remove(work, { recursive: true }).catch(() => {});
     })();
+  const unregister = addCleanup(cleanupRegistryBench);
   const onSignal = (sig: Deno.Signal, code: number) => () => {
     log(`${sig}: cleaning up`);
-    cleanup().finally(() => Deno.exit(code));
+    killCurrent();
+    runCleanups().finally(() => Deno.exit(code));
   };
   const handlers: [Deno.Signal, () => void][] = [
     ["SIGINT", onSignal("SIGINT", 130)],
@@ -699,42 +551,63 @@ async function main(): Promise<number> {
 
   try {
     const env = await versions(); // also warms Deno's module cache for bin/sarde
-    reg = await startRegistry("plain");
-    log(`registry ${reg.url}, work dir ${work}, ${repeat} round(s)`);
-    const ctx: Context = { reg, registryPid: await registryPid(reg), work, useTime };
-    const rows: Row[] = [];
-    for (const c of cases) rows.push(...await benchCase(ctx, c, repeat));
-    const g = goals(rows);
+    let registryResult: { rows: Row[]; goals: Goal[]; loadavgAfter: string } | undefined;
+    if (runRegistryBench) {
+      work = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "sarde-bench-" });
+      reg = await startRegistry("plain");
+      log(`registry ${reg.url}, work dir ${work}, ${repeat} round(s)`);
+      const ctx: Context = { reg, registryPid: await registryPid(reg), work, useTime };
+      const rows: Row[] = [];
+      for (const c of cases) rows.push(...await benchCase(ctx, c, repeat));
+      registryResult = { rows, goals: goals(rows), loadavgAfter: loadavg() };
+      await cleanupRegistryBench(); // frees the disk space before the VM benchmark
+      if (!values.json) {
+        const g = registryResult.goals;
+        const lines = [
+          `# sarde ${env.sarde} (deno ${env.deno}) vs ${env.skopeo}; ${env.registry}; ` +
+          `${env.cpus} CPUs; loopback http`,
+          `# load average (1 min) before ${env.loadavg}, after ${registryResult.loadavgAfter}`,
+          `# seconds: best of ${repeat}; MB = 10^6 bytes of blob data; ` +
+          `sarde/skopeo > 1 means sarde is faster; peak RSS: highest of ${repeat}; ` +
+          `CPU s: user+sys of the client (and of the registry) in the best run`,
+          table(rows),
+          "",
+          ...g.map((x) => `goal ${x.name}: ${x.pass ? "PASS" : "MISS"} (${x.detail})`),
+        ];
+        Deno.stdout.writeSync(new TextEncoder().encode(lines.join("\n") + "\n"));
+      }
+    }
+    let vm: VmReport | undefined;
+    if (runVm) {
+      vm = await runVmBench({ quick: values.quick, useTime });
+      if (!values.json) {
+        const text = formatVmReport(vm, env);
+        Deno.stdout.writeSync(new TextEncoder().encode((runRegistryBench ? "\n" : "") + text));
+      }
+    }
     if (values.json) {
       const out = {
         date: new Date().toISOString(),
         quick: values.quick,
-        repeat,
-        versions: env,
-        loadavgAfter: loadavg(),
-        cases,
-        rows,
-        goals: g,
+        ...(registryResult
+          ? {
+            repeat,
+            versions: env,
+            loadavgAfter: registryResult.loadavgAfter,
+            cases,
+            rows: registryResult.rows,
+            goals: registryResult.goals,
+          }
+          : { versions: env }),
+        ...(vm ? { vm } : {}),
       };
       Deno.stdout.writeSync(new TextEncoder().encode(JSON.stringify(out, null, 2) + "\n"));
-    } else {
-      const lines = [
-        `# sarde ${env.sarde} (deno ${env.deno}) vs ${env.skopeo}; ${env.registry}; ` +
-        `${env.cpus} CPUs; loopback http`,
-        `# load average (1 min) before ${env.loadavg}, after ${loadavg()}`,
-        `# seconds: best of ${repeat}; MB = 10^6 bytes of blob data; ` +
-        `sarde/skopeo > 1 means sarde is faster; peak RSS: highest of ${repeat}; ` +
-        `CPU s: user+sys of the client (and of the registry) in the best run`,
-        table(rows),
-        "",
-        ...g.map((x) => `goal ${x.name}: ${x.pass ? "PASS" : "MISS"} (${x.detail})`),
-      ];
-      Deno.stdout.writeSync(new TextEncoder().encode(lines.join("\n") + "\n"));
     }
     return 0;
   } finally {
     for (const [s, h] of handlers) Deno.removeSignalListener(s, h);
-    await cleanup();
+    await cleanupRegistryBench();
+    unregister();
   }
 }
 

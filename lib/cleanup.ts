@@ -8,6 +8,7 @@
 const actions = new Set<() => void | Promise<void>>();
 const controller = new AbortController();
 let installed = false;
+let exiting: Promise<never> | undefined;
 
 /** Aborted on SIGINT/SIGTERM once {@link installSignalHandlers} ran. */
 export const interruptSignal: AbortSignal = controller.signal;
@@ -33,15 +34,27 @@ export function installSignalHandlers(): void {
   if (installed) return;
   installed = true;
   const handle = (signal: Deno.Signal, code: number) => {
-    Deno.addSignalListener(signal, async () => {
+    Deno.addSignalListener(signal, () => {
+      if (exiting) return;
       controller.abort(new Error("interrupted"));
-      await runInterruptActions();
-      Deno.stderr.writeSync(
-        new TextEncoder().encode(`\ninterrupted (${signal}); nothing half-written was kept\n`),
-      );
-      Deno.exit(code);
+      exiting = (async () => {
+        await runInterruptActions();
+        Deno.stderr.writeSync(
+          new TextEncoder().encode(`\ninterrupted (${signal}); nothing half-written was kept\n`),
+        );
+        Deno.exit(code);
+      })();
     });
   };
   handle("SIGINT", 130);
   handle("SIGTERM", 143);
+}
+
+/**
+ * Waits for an interrupt in progress to finish its cleanup actions (the process then exits).
+ * Main code that notices the interruption first calls this instead of exiting on its own, so a
+ * cleanup action (destroying a job VM) is never cut short. Returns at once when not interrupted.
+ */
+export async function settleInterrupt(): Promise<void> {
+  if (exiting) await exiting;
 }

@@ -634,6 +634,18 @@ function zstdArgs(level: number, threads: number, length: number, out: string): 
   ];
 }
 
+/**
+ * How many zstd processes may be busy at once. zstd -T<n> splits its input into jobs of about
+ * 4× its window (8 MiB at level 3), so a large chunk keeps all `concurrency` threads of one
+ * process busy and one more process only overlaps the draining of a chunk with the feeding of
+ * the next; small chunks need several processes to use the cores. Each process holds a few job
+ * buffers, so this also bounds zstd's memory.
+ */
+function zstdProcesses(chunkSize: number, concurrency: number): number {
+  const jobsPerChunk = Math.max(1, Math.min(Math.floor(chunkSize / (8 << 20)), concurrency));
+  return Math.min(concurrency + 1, Math.ceil(concurrency / jobsPerChunk) + 1);
+}
+
 interface ZstdRun {
   job: Job;
   file: string;
@@ -710,9 +722,9 @@ async function compressChunk(
  *
  * The file is read once, sequentially, in 4 MiB pieces; memory stays at a few MiB in Deno plus
  * zstd's own buffers, whatever the chunk size. The whole-file sha256 runs on a Worker thread.
- * Up to `concurrency` zstd processes run at once, each with `concurrency` worker threads: large
- * chunks use all cores inside one process, small ones through several processes. On any error
- * or abort, every temp file is removed.
+ * zstd runs with `concurrency` worker threads per process; large chunks use all cores inside one
+ * process, small ones through up to `concurrency + 1` processes at once. On any error or abort,
+ * every temp file is removed.
  *
  * @returns the file's size and sha256 and the chunks in order; the caller owns (renames) the
  * chunk files.
@@ -748,9 +760,9 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
     >();
     const results: Promise<ChunkBlob>[] = [];
 
-    // Bounds the zstd processes alive at once (memory, and no gain beyond the core count).
+    const maxProcs = zstdProcesses(chunkSize, concurrency);
     const throttle = async () => {
-      while (inFlight.size >= concurrency) await Promise.race(inFlight);
+      while (inFlight.size >= maxProcs) await Promise.race(inFlight);
     };
     const track = <T>(p: Promise<T>): Promise<T> => {
       const t = p.finally(() => inFlight.delete(t));

@@ -36,6 +36,7 @@ function sshCommand(
   target: SshTarget,
   remote: string[],
   firstContact: boolean,
+  connectTimeout = 10,
 ): { cmd: string; args: string[]; env: Record<string, string> } {
   const options = [
     "-o",
@@ -45,7 +46,7 @@ function sshCommand(
     "-o",
     "GlobalKnownHostsFile=/dev/null",
     "-o",
-    "ConnectTimeout=5",
+    `ConnectTimeout=${connectTimeout}`,
     "-o",
     "ServerAliveInterval=15",
     "-o",
@@ -82,6 +83,8 @@ export interface SshRunOptions {
   inherit?: boolean;
   /** First contact: accept and record the host key. */
   firstContact?: boolean;
+  /** Seconds for the TCP connect and banner (default 10). */
+  connectTimeout?: number;
   signal?: AbortSignal;
   /** Called with the child process right after it starts (to kill it on SIGTERM). */
   onSpawn?: (child: Deno.ChildProcess) => void;
@@ -93,7 +96,12 @@ export async function sshRun(
   remote: string[],
   options: SshRunOptions = {},
 ): Promise<SshResult> {
-  const { cmd, args, env } = sshCommand(target, remote, options.firstContact === true);
+  const { cmd, args, env } = sshCommand(
+    target,
+    remote,
+    options.firstContact === true,
+    options.connectTimeout,
+  );
   let child: Deno.ChildProcess;
   try {
     child = new Deno.Command(cmd, {
@@ -161,7 +169,14 @@ export async function waitForSsh(
   let last = "";
   let lastReport = 0;
   for (let attempt = 1;; attempt++) {
-    const r = await sshRun(target, ["true"], { firstContact: true, signal: options.signal });
+    // A short timeout: with user-mode networking the port forward accepts at once and the banner
+    // only comes when sshd is up, so a long timeout just delays the next try.
+    const r = await sshRun(target, ["true"], {
+      firstContact: true,
+      signal: options.signal,
+      connectTimeout: 3,
+    });
+    if (options.signal?.aborted) throw fail("interrupted", "interrupted while waiting for SSH");
     if (r.code === 0) return Date.now() - start;
     last = r.stderr.trim().split("\n").at(-1) ?? `exit ${r.code}`;
     const kind = classifySshFailure(r);
