@@ -17,8 +17,8 @@ const say = (text: string) => console.error(`\n== ${text}`);
 
 async function sh(cmd: string, args: string[], show = true): Promise<string> {
   if (show) console.error(`$ ${cmd.split("/").at(-1)} ${args.join(" ")}`);
-  const out = await new Deno.Command(cmd, { args, env, stdout: "piped", stderr: "inherit" })
-    .output();
+  const stderr = show ? "inherit" : "null";
+  const out = await new Deno.Command(cmd, { args, env, stdout: "piped", stderr }).output();
   const stdout = new TextDecoder().decode(out.stdout);
   if (show) Deno.stdout.writeSync(out.stdout);
   if (!out.success) throw new Error(`${cmd} ${args[0]} failed with exit code ${out.code}`);
