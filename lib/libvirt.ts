@@ -17,8 +17,8 @@
  * @module
  */
 
+import { runProgram } from "./command.ts";
 import { fail, type SardeError } from "./errors.ts";
-import { debug } from "./log.ts";
 
 /** How to reach libvirt. */
 export interface ConnectOptions {
@@ -66,7 +66,6 @@ export type DomainState =
 
 const VIRSH = "virsh";
 const CONNECT_HINT = "is libvirtd running? (tools/libvirtd.sh start)";
-const decoder = new TextDecoder();
 
 /**
  * Resolves the connection to use: the given URI, else `LIBVIRT_DEFAULT_URI`, else none (libvirt's
@@ -88,26 +87,9 @@ function describeUri(opts: ConnectOptions): string {
   return connectOptions(opts.uri).uri ?? "libvirt's default URI";
 }
 
-async function run(opts: ConnectOptions, args: string[]): Promise<RunResult> {
+function run(opts: ConnectOptions, args: string[]): Promise<RunResult> {
   const uri = connectOptions(opts.uri).uri;
-  const argv = uri ? ["-c", uri, ...args] : args;
-  debug(`run: ${VIRSH} ${argv.join(" ")}`);
-  let out: Deno.CommandOutput;
-  try {
-    out = await new Deno.Command(VIRSH, {
-      args: argv,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      env: { LC_ALL: "C" },
-    }).output();
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
-      throw fail("external", "virsh not found in PATH", "install libvirt-clients");
-    }
-    throw fail("external", `cannot run virsh: ${(err as Error).message}`);
-  }
-  return { code: out.code, stdout: decoder.decode(out.stdout), stderr: decoder.decode(out.stderr) };
+  return runProgram(VIRSH, uri ? ["-c", uri, ...args] : args, "install libvirt-clients");
 }
 
 /** virsh's `error: …` lines, prefix removed. */

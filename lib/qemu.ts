@@ -16,8 +16,8 @@
  */
 
 import { dirname, isAbsolute, normalize, resolve } from "node:path";
+import { runProgram } from "./command.ts";
 import { fail, type SardeError } from "./errors.ts";
-import { debug } from "./log.ts";
 
 /** One image as reported by `qemu-img info` (one element of a backing chain). */
 export interface ImageInfo {
@@ -105,7 +105,6 @@ export interface FormatOptions {
 }
 
 const QEMU_IMG = "qemu-img";
-const decoder = new TextDecoder();
 
 interface RunResult {
   code: number;
@@ -114,24 +113,8 @@ interface RunResult {
 }
 
 /** Runs qemu-img; returns whatever exit code it had (only a missing binary throws). */
-async function run(args: string[]): Promise<RunResult> {
-  debug(`run: ${QEMU_IMG} ${args.join(" ")}`);
-  let out: Deno.CommandOutput;
-  try {
-    out = await new Deno.Command(QEMU_IMG, {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      env: { LC_ALL: "C" },
-    }).output();
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
-      throw fail("external", "qemu-img not found in PATH", "install qemu-utils");
-    }
-    throw fail("external", `cannot run qemu-img: ${(err as Error).message}`);
-  }
-  return { code: out.code, stdout: decoder.decode(out.stdout), stderr: decoder.decode(out.stderr) };
+function run(args: string[]): Promise<RunResult> {
+  return runProgram(QEMU_IMG, args, "install qemu-utils");
 }
 
 /** qemu-img's stderr as one line: every non-empty line, `qemu-img: ` prefixes dropped. */

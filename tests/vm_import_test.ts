@@ -6,23 +6,10 @@ import { join } from "node:path";
 import { digestOf } from "../lib/digest.ts";
 import { listFiles, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
-import { defineTestVm, ensureLibvirtd, shTry, TEST_URI } from "./support/vms.ts";
+import { defineTestVm, ensureLibvirtd, TEST_URI, undefineVms, virsh } from "./support/vms.ts";
 
-const URI = TEST_URI;
-const env = { LIBVIRT_DEFAULT_URI: URI };
+const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
-
-async function virsh(...args: string[]) {
-  return await shTry("virsh", ["-c", URI, ...args]);
-}
-
-async function undefineAll(names: string[]) {
-  for (const n of names) {
-    await virsh("destroy", "--domain", n);
-    await virsh("undefine", "--domain", n, "--nvram");
-    await virsh("undefine", "--domain", n);
-  }
-}
 
 /** Replaces the domain XML of a stored image (test helper to forge hostile images). */
 async function forgeXml(layout: string, edit: (xml: string) => string): Promise<void> {
@@ -120,7 +107,7 @@ Deno.test({
         );
       }
     } finally {
-      await undefineAll([`${vm.name}-evil`]);
+      await undefineVms([`${vm.name}-evil`]);
       await Deno.remove(work, { recursive: true });
     }
   },
@@ -200,7 +187,7 @@ Deno.test({
       const cmp = await run("cmp", [raw, big]);
       assert.equal(cmp.code, 0, "the redone import is complete");
     } finally {
-      await undefineAll(names);
+      await undefineVms(names);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }
@@ -251,7 +238,7 @@ Deno.test({
       assert.match(again.stderr, /already exists/);
       console.log(`clone took ${(performance.now() - t0).toFixed(0)} ms (including the import)`);
     } finally {
-      await undefineAll(names);
+      await undefineVms(names);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }

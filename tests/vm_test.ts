@@ -11,26 +11,14 @@ import {
   defineTestVm,
   ensureLibvirtd,
   haveOvmf,
-  shTry,
   TEST_URI,
   type TestVm,
+  undefineVms,
+  virsh,
 } from "./support/vms.ts";
 
-const URI = TEST_URI;
-const env = { LIBVIRT_DEFAULT_URI: URI };
+const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
-
-async function virsh(...args: string[]) {
-  return await shTry("virsh", ["-c", URI, ...args]);
-}
-
-async function undefineAll(names: string[]) {
-  for (const n of names) {
-    await virsh("destroy", "--domain", n);
-    await virsh("undefine", "--domain", n, "--nvram");
-    await virsh("undefine", "--domain", n);
-  }
-}
 
 async function sameContent(a: string, b: string, format: string) {
   const r = await run("qemu-img", ["compare", "-f", format, "-F", format, a, b]);
@@ -189,7 +177,7 @@ for (const compression of ["zstd", "gzip"] as const) {
           22,
         );
       } finally {
-        await undefineAll(names);
+        await undefineVms(names);
         await Deno.remove(vmdir, { recursive: true }).catch(() => {});
         await Deno.remove(work, { recursive: true });
       }
@@ -229,7 +217,7 @@ Deno.test({
       }
       await sameContent(vm.chain!.top.path, join(folder, "disk-2.qcow2"), "qcow2");
     } finally {
-      await undefineAll([name]);
+      await undefineVms([name]);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }

@@ -659,3 +659,19 @@ export async function cleanupTestVm(
 export function chainBasenames(chain: TestChain): string[] {
   return chain.topFirst.map((d) => basename(d.path));
 }
+
+/** `virsh -c TEST_URI …` without failing (tests check the result themselves). */
+export function virsh(
+  ...args: string[]
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return shTry("virsh", ["-c", TEST_URI, ...args]);
+}
+
+/** Destroys and undefines (NVRAM included) each named VM that exists; ignores the others. */
+export async function undefineVms(names: string[]): Promise<void> {
+  for (const n of names.filter(Boolean)) {
+    await virsh("destroy", "--domain", n);
+    await virsh("undefine", "--domain", n, "--nvram");
+    await virsh("undefine", "--domain", n);
+  }
+}
