@@ -286,7 +286,7 @@ export function buildProgram(config: Config = {}): Command {
     )
     .option(
       "--chunksize <size>",
-      "zstd: uncompressed chunk size (default 128MiB); gzip: compressed piece size (default: one piece)",
+      "zstd: uncompressed chunk size (default 64MiB); gzip: compressed piece size (default: one piece)",
       (v) => parseSize(v, "--chunksize"),
     )
     .option("-f, --force", "export even if the VM is running")

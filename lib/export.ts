@@ -48,7 +48,7 @@ import { parseReference } from "./reference.ts";
 import { layoutDir } from "./store.ts";
 
 /** Default size of the uncompressed zstd chunks; see README ("Chunk size") for the measurements. */
-export const DEFAULT_ZSTD_CHUNK = 128 << 20;
+export const DEFAULT_ZSTD_CHUNK = 64 << 20;
 
 /** Options for {@link exportVm}. */
 export interface ExportOptions extends ConnectOptions {

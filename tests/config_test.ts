@@ -353,7 +353,7 @@ Deno.test("config: the example sarde.ini parses, and its documented keys have th
     assert.equal(getInt(d, "concurrency"), 4);
     assert.equal(getSize(d, "chunk-size"), 4 << 20);
     const exp = sectionValues(on, "export");
-    assert.equal(getSize(exp, "chunksize"), 128 << 20);
+    assert.equal(getSize(exp, "chunksize"), 64 << 20);
     assert.equal(getString(exp, "compression"), "zstd");
     assert.equal(getBoolean(exp, "force"), false);
     const imp = sectionValues(on, "import");
