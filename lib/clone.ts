@@ -21,9 +21,17 @@ import {
   setElementText,
 } from "./domain.ts";
 import { fail } from "./errors.ts";
-import { exists, touch, writeFileAtomic } from "./fsutil.ts";
+import { exists, lockFile, touch, writeFileAtomic } from "./fsutil.ts";
 import { IMPORT_MARKER, type ImportOptions, importVm } from "./import.ts";
-import { createTransient, defineXml, domainExists, domainUuid, dumpXml, start } from "./libvirt.ts";
+import {
+  createTransient,
+  defineXml,
+  domainExists,
+  domainUuid,
+  dumpXml,
+  start,
+  undefine,
+} from "./libvirt.ts";
 import { debug } from "./log.ts";
 import { createOverlay } from "./qemu.ts";
 
@@ -86,10 +94,20 @@ export async function cloneVm(
     );
   }
   const folder = join(options.clonedir ?? options.vmdir, target);
+  // The same per-name lock as import: a clone and an import of one name never race.
+  using _lock = await lockFile(join(options.clonedir ?? options.vmdir, ".locks", `${target}.lock`));
   if (await exists(join(folder, IMPORT_MARKER))) {
     throw fail("usage", `${folder} belongs to an imported VM; choose another name`);
   }
   if (await exists(folder)) {
+    // Only a folder this code made (its marker inside) is a leftover it may remove.
+    if (!await exists(join(folder, CLONE_MARKER))) {
+      throw fail(
+        "usage",
+        `${folder} exists and was not made by sarde clone`,
+        "choose another name or clonedir",
+      );
+    }
     debug(`removing leftovers of an earlier clone in ${folder}`);
     await Deno.remove(folder, { recursive: true });
   }
@@ -153,7 +171,12 @@ export async function cloneVm(
       await createTransient(xml, options);
     } else {
       await defineXml(xml, options);
-      if (options.start) await start(target, options);
+      if (options.start) {
+        await start(target, options).catch(async (err) => {
+          await undefine(target, { ...options, nvram: true }).catch(() => {});
+          throw err;
+        });
+      }
     }
   } catch (err) {
     await Deno.remove(folder, { recursive: true }).catch(() => {});

@@ -163,7 +163,8 @@ async function fromHelper(helper: string, registry: string): Promise<Credentials
 
 /**
  * Finds credentials for a registry host (`host[:port]`), or `undefined` for anonymous access.
- * `SARDE_REGISTRY_USERNAME`/`SARDE_REGISTRY_PASSWORD` win when set (for CI without files).
+ * `SARDE_REGISTRY_USERNAME`/`SARDE_REGISTRY_PASSWORD` win for the registry named in
+ * `SARDE_REGISTRY_HOST` (for CI without files).
  */
 export async function findCredentials(
   registry: string,
@@ -172,7 +173,8 @@ export async function findCredentials(
   const envUser = Deno.env.get("SARDE_REGISTRY_USERNAME");
   const envPass = Deno.env.get("SARDE_REGISTRY_PASSWORD");
   const envHost = Deno.env.get("SARDE_REGISTRY_HOST");
-  if (envUser && envPass !== undefined && (!envHost || envHost === registry)) {
+  // Only for the one registry named: credentials must never go to whatever host an image names.
+  if (envUser && envPass !== undefined && envHost === registry) {
     return { username: envUser, password: envPass };
   }
   for (const path of searchPath(authfile)) {

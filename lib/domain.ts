@@ -10,7 +10,7 @@
  */
 
 import { DOMParser, type Element, XMLSerializer } from "@xmldom/xmldom";
-import { basename, join } from "node:path";
+import { basename, join, normalize } from "node:path";
 import { fail } from "./errors.ts";
 
 /** A parsed domain document. */
@@ -63,6 +63,15 @@ function descendants(el: Element): Element[] {
   const out: Element[] = [];
   for (const c of childElements(el)) out.push(c, ...descendants(c));
   return out;
+}
+
+/** The element's own text (its text-node children, not its descendants'), trimmed. */
+function childTextOf(el: Element): string {
+  let t = "";
+  for (let n = el.firstChild; n; n = n.nextSibling) {
+    if (n.nodeType === 3 || n.nodeType === 4) t += n.nodeValue ?? "";
+  }
+  return t.trim();
 }
 
 /** Removes an element together with the indentation before it, so no blank line remains. */
@@ -271,8 +280,24 @@ const SAFE_CHAR_TYPES = new Set([
 const HOST_READONLY_PREFIX = "/usr/share/";
 
 function isPlainBasename(p: string): boolean {
-  return p !== "" && p !== "." && p !== ".." && !p.includes("/") && !p.includes("\0");
+  // Hidden names are refused too: the VM folder's own marker files start with a dot.
+  return p !== "" && !p.startsWith(".") && !p.includes("/") && !p.includes("\0");
 }
+
+/** Read-only host data (firmware): under /usr/share, with no `..` to climb out of it. */
+function isHostReadonly(p: string): boolean {
+  return p.startsWith(HOST_READONLY_PREFIX) && normalize(p) === p && !p.split("/").includes("..");
+}
+
+/** Inside `folder` for real: `..` segments are refused rather than resolved. */
+function isInside(p: string, folder: string): boolean {
+  return p.startsWith(folder + "/") && normalize(p) === p && !p.split("/").includes("..");
+}
+
+/** Interface types that attach the guest to a libvirt network, a host bridge or user-mode NAT. */
+const SAFE_INTERFACE_TYPES = new Set(["network", "bridge", "user"]);
+/** Elements whose text and attributes are free-form and never interpreted as host paths. */
+const FREE_FORM = new Set(["metadata", "description", "title"]);
 
 /**
  * Rewrites an image's (anonymised) domain XML for this host and checks it cannot reach outside
@@ -285,6 +310,14 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
   const problems: string[] = [];
   const allow = options.allowHostResources === true;
   const inFolder = (p: string) => join(options.vmFolder, p);
+  // libvirt merges repeated <devices>/<os> elements; the checks below look at the first only.
+  const counts = new Map<string, number>();
+  for (const el of childElements(root(doc))) {
+    counts.set(el.nodeName, (counts.get(el.nodeName) ?? 0) + 1);
+  }
+  for (const [name, n] of counts) {
+    if (n > 1 && !name.startsWith("qemu:")) problems.push(`<${name}> appears ${n} times`);
+  }
   anonymizeDomain(doc);
   setDomainName(doc, options.name);
   if (options.domainType) setDomainType(doc, options.domainType);
@@ -302,13 +335,13 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
   const os = childElement(root(doc), "os");
   for (const loader of os ? childElements(os, "loader") : []) {
     const p = loader.textContent?.trim() ?? "";
-    if (p && !p.startsWith(HOST_READONLY_PREFIX) && !allow) {
+    if (p && !isHostReadonly(p) && !allow) {
       problems.push(`<loader> '${p}' is not host firmware under ${HOST_READONLY_PREFIX}`);
     }
   }
   for (const nv of os ? childElements(os, "nvram") : []) {
     const template = nv.getAttribute("template");
-    if (template && !template.startsWith(HOST_READONLY_PREFIX) && !allow) {
+    if (template && !isHostReadonly(template) && !allow) {
       problems.push(`<nvram template> '${template}' is not under ${HOST_READONLY_PREFIX}`);
     }
   }
@@ -328,9 +361,15 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
         problems.push(`<${el.nodeName}> passes host resources to the guest`);
         break;
       case "interface":
-        if (["hostdev", "direct", "vhostuser", "ethernet", "vdpa"].includes(type)) {
-          problems.push(`<interface type='${type}'> uses host devices`);
+        if (!SAFE_INTERFACE_TYPES.has(type)) {
+          problems.push(`<interface type='${type}'> uses host devices or opens host ports`);
         }
+        break;
+      case "graphics":
+        // A display must not listen beyond this host: drop the image's listen addresses so
+        // libvirt's own default (127.0.0.1 in qemu.conf) applies.
+        el.removeAttribute("listen");
+        for (const l of childElements(el, "listen")) removeElement(l);
         break;
       case "input":
         if (type === "passthrough" || type === "evdev") {
@@ -391,25 +430,39 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
       if (el.parentNode === r) problems.push(`<${el.nodeName}> passes raw arguments to QEMU`);
     }
   }
-  // Whatever the rules above did not anticipate: any remaining absolute path must be inside
-  // the VM folder or read-only host data.
+  // Whatever the rules above did not anticipate: nothing may be network-backed, and every
+  // absolute path left, in any attribute or text, must be inside the VM folder or read-only host
+  // data. Free-form elements (metadata, description) are not interpreted by libvirt.
   const seen = new Set(problems);
-  for (const el of [r, ...descendants(r)]) {
-    if (el.nodeName === "path" && (el.textContent ?? "").trim().startsWith("/") && !allow) {
-      problems.push(`<path>${el.textContent?.trim()}</path> is outside the VM folder`);
+  const note = (msg: string) => {
+    if (!seen.has(msg)) problems.push(msg);
+    seen.add(msg);
+  };
+  const randomDevices = ["/dev/random", "/dev/urandom", "/dev/hwrng"];
+  const scan = (el: Element) => {
+    if (FREE_FORM.has(el.nodeName)) return;
+    if (el.getAttribute("type") === "network" && el.nodeName !== "interface") {
+      note(`<${el.nodeName} type='network'> reaches a network storage server`);
     }
-    for (const attr of ["file", "path", "dir", "socket"]) {
-      const p = el.getAttribute(attr);
-      if (
-        p && p.startsWith("/") && !p.startsWith(options.vmFolder + "/") &&
-        !p.startsWith(HOST_READONLY_PREFIX)
-      ) {
-        const msg = `<${el.nodeName} ${attr}='${p}'> is outside the VM folder`;
-        if (!seen.has(msg)) problems.push(msg);
-        seen.add(msg);
+    if (el.nodeName === "source" && el.getAttribute("protocol")) {
+      note(`<source protocol='${el.getAttribute("protocol")}'> reaches a network storage server`);
+    }
+    for (let i = 0; i < el.attributes.length; i++) {
+      const a = el.attributes.item(i)!;
+      const v = a.value.trim();
+      if (v.startsWith("/") && !isInside(v, options.vmFolder) && !isHostReadonly(v)) {
+        note(`<${el.nodeName} ${a.name}='${v}'> is outside the VM folder`);
       }
     }
-  }
+    const text = childTextOf(el);
+    if (text.startsWith("/") && !isInside(text, options.vmFolder) && !isHostReadonly(text)) {
+      const rng = el.nodeName === "backend" && el.parentNode?.nodeName === "rng" &&
+        randomDevices.includes(text);
+      if (!rng) note(`<${el.nodeName}>${text}</${el.nodeName}> is outside the VM folder`);
+    }
+    for (const c of childElements(el)) scan(c);
+  };
+  scan(r);
   if (problems.length && !allow) {
     throw fail(
       "usage",

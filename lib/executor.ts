@@ -521,14 +521,16 @@ export async function runStage(
     onSpawn: hooks.onSpawn,
   });
   if (r.code === 0) return { kind: "ok" };
-  if (r.code === 255) {
-    // ssh's own failure, or a script that exited 255: ask the guest whether it is still there.
+  // 255 is ssh's own failure, 1–6 may be sshpass's (5: password refused, 6: host key changed);
+  // a script can exit with those too, so ask the guest whether it still lets us in.
+  if (r.code === 255 || (t.password !== undefined && r.code <= 6)) {
     const alive = (await domainState(s.vmName, s.connect)) === "running" &&
       (await sshRun(t, ["true"]).catch(() => ({ code: 255 }))).code === 0;
     if (!alive) {
       return {
         kind: "system",
-        message: `lost the connection to the job VM ${s.vmName} during ${stage}`,
+        message:
+          `lost the connection to the job VM ${s.vmName} during ${stage} (ssh exit ${r.code})`,
       };
     }
   }

@@ -28,7 +28,7 @@ import { debug, info } from "./log.ts";
 import { MediaType } from "./oci.ts";
 import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
-import { rebaseUnsafe } from "./qemu.ts";
+import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
 import { formatLocalName, parseReference } from "./reference.ts";
 import { readLocalManifest } from "./transfer.ts";
 
@@ -77,11 +77,22 @@ interface Marker {
 }
 
 async function readMarker(folder: string): Promise<Marker | undefined> {
+  let text: string;
   try {
-    return JSON.parse(await Deno.readTextFile(join(folder, IMPORT_MARKER)));
-  } catch {
-    return undefined;
+    text = await Deno.readTextFile(join(folder, IMPORT_MARKER));
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return undefined;
+    throw fail("io", `cannot read ${join(folder, IMPORT_MARKER)}: ${(err as Error).message}`);
   }
+  try {
+    const m = JSON.parse(text);
+    if (typeof m?.image === "string" && typeof m?.manifest === "string") return m;
+  } catch { /* fall through */ }
+  throw fail(
+    "io",
+    `${join(folder, IMPORT_MARKER)} is damaged`,
+    `remove ${folder} if no VM uses it`,
+  );
 }
 
 function checkVmName(name: string): string {
@@ -173,12 +184,41 @@ async function extractFiles(
   } finally {
     progress.stop();
   }
+  await checkImageHeaders(folder, files);
   // Backing references become plain names of files in this folder (0.4 images already have them).
   for (const f of files) {
     if (!f.backingFile) continue;
     // qemu reads "a:b" as protocol "a"; "./a:b" is a plain relative file name.
     const backing = f.backingFile.includes(":") ? `./${f.backingFile}` : f.backingFile;
     await rebaseUnsafe(join(folder, f.name), backing, f.backingFormat ?? "qcow2");
+  }
+}
+
+/**
+ * The qcow2 headers of an image are as untrusted as its XML: a backing file or an external data
+ * file could name a host device, another VM's disk or a network server, which QEMU would open
+ * when the VM starts. Only plain names of files of the same image are accepted (zstd images name
+ * them in annotations instead and are rebased below).
+ */
+async function checkImageHeaders(folder: string, files: ImageFile[]): Promise<void> {
+  const names = new Set(files.map((f) => f.name));
+  for (const f of files) {
+    const i = await imageInfo(join(folder, f.name));
+    if (i.dataFile !== undefined) {
+      throw fail(
+        "usage",
+        `refusing to import: ${f.name} uses an external data file ('${i.dataFile}')`,
+      );
+    }
+    if (i.backingFilename === undefined || f.backingFile) continue;
+    const b = i.backingFilename.replace(/^\.\//, "");
+    if (!names.has(b) || b === f.name) {
+      throw fail(
+        "usage",
+        `refusing to import: ${f.name} is backed by '${i.backingFilename}', which is not a file of the image`,
+        "images must carry their whole backing chain; re-export the VM with sarde",
+      );
+    }
   }
 }
 
@@ -205,7 +245,9 @@ export async function importVm(reference: string, options: ImportOptions): Promi
 
   const marker = await readMarker(vmFolder);
   if (await domainExists(name, options)) {
-    if (marker?.image === imageId) {
+    // The manifest must match too: another manifest can reuse a trusted config (same image ID)
+    // with other layers, and must not pass for it.
+    if (marker?.image === imageId && marker.manifest === descriptor.digest) {
       info(`VM ${name} is already imported from ${what}`);
       await touch(join(vmFolder, IMPORT_MARKER));
       return {
@@ -235,12 +277,14 @@ export async function importVm(reference: string, options: ImportOptions): Promi
     domainType: options.domainType,
   });
 
-  if (marker?.image === imageId) {
+  if (marker?.image === imageId && marker.manifest === descriptor.digest) {
     debug(`${vmFolder} is complete from an earlier import; defining the VM only`);
-  } else if (marker) {
+  } else if (marker || await exists(vmFolder)) {
     throw fail(
       "usage",
-      `${vmFolder} holds the files of another image (${marker.reference}), and no VM '${name}' is defined`,
+      marker
+        ? `${vmFolder} holds the files of another image (${marker.reference}), and no VM '${name}' is defined`
+        : `${vmFolder} exists and was not made by sarde`,
       "choose another name with -n NAME, or remove that folder (sarde prune) if nothing uses it",
     );
   } else {
@@ -273,8 +317,6 @@ export async function importVm(reference: string, options: ImportOptions): Promi
       await extractFiles(layout, files, tmp, options);
       const m: Marker = { image: imageId, manifest: descriptor.digest, reference: what };
       await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
-      // A folder without a marker is a leftover of an import that never completed.
-      if (await exists(vmFolder)) await Deno.remove(vmFolder, { recursive: true });
       await Deno.rename(tmp, vmFolder);
       await syncDir(options.vmdir);
     } catch (err) {

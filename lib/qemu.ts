@@ -47,6 +47,8 @@ export interface ImageInfo {
   fullBackingFilename?: string;
   /** The backing format recorded in the header (`backing_fmt`), if any. */
   backingFormat?: string;
+  /** A qcow2 external data file (`data_file`), if the header names one. */
+  dataFile?: string;
 }
 
 /** One element of a backing chain; see {@link backingChain}. */
@@ -206,6 +208,9 @@ async function toImageInfo(o: Record<string, unknown>): Promise<ImageInfo> {
   if (actual !== undefined) info.actualSize = actual;
   const cluster = num(o["cluster-size"]);
   if (cluster !== undefined) info.clusterSize = cluster;
+  const specific = (o["format-specific"] as { data?: Record<string, unknown> } | undefined)?.data;
+  const dataFile = str(specific?.["data-file"]);
+  if (dataFile !== undefined) info.dataFile = dataFile;
   if (backingFilename !== undefined) {
     info.backingFilename = backingFilename;
     info.fullBackingFilename = full !== undefined

@@ -114,6 +114,41 @@ const wrap = (devices: string, os = "") =>
 
 Deno.test("domain: hostile XML is refused with a clear message", () => {
   const cases: [string, RegExp][] = [
+    // Bypasses found in review: repeated sections, '..', network backends, open ports, hidden names.
+    [
+      `<domain type='qemu'><name>x</name><devices/><devices><disk type='block'><source dev='/dev/sda'/><target dev='vdb'/></disk></devices></domain>`,
+      /<devices> appears 2 times/,
+    ],
+    [
+      wrap("", "<loader readonly='no' type='pflash'>/usr/share/../../var/lib/o/d.qcow2</loader>"),
+      /not host firmware/,
+    ],
+    [wrap("", "<nvram template='/usr/share/../../etc/shadow'>v.fd</nvram>"), /not under/],
+    [
+      wrap(
+        "",
+        "<nvram type='network'><source protocol='nbd' name='x'><host name='h'/></source></nvram>",
+      ),
+      /network storage/,
+    ],
+    [
+      wrap(`<interface type='server'><source address='0.0.0.0' port='5558'/></interface>`),
+      /opens host ports/,
+    ],
+    [
+      wrap(`<disk type='file'><source file='.sarde-import.json'/><target dev='vda'/></disk>`),
+      /outside the image/,
+    ],
+    [
+      wrap(
+        `<video><model type='virtio'><acceleration accel3d='yes' rendernode='/dev/dri/renderD128'/></model></video>`,
+      ),
+      /outside the VM folder/,
+    ],
+    [
+      wrap(`<audio id='1' type='file' path='/usr/share/../../root/x.wav'/>`),
+      /outside the VM folder/,
+    ],
     [
       wrap(`<disk type='file'><source file='../../etc/shadow'/><target dev='vda'/></disk>`),
       /outside the image/,
