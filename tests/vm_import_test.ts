@@ -3,6 +3,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { encodeGzip } from "../lib/compress.ts";
 import { digestOf } from "../lib/digest.ts";
 import { listFiles, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
@@ -240,6 +241,93 @@ Deno.test({
     } finally {
       await undefineVms(names);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "import: a qcow2 header whose backing file is a host file is refused",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({});
+    const work = await tempDir("evilbacking");
+    const vmdir = join(work, "vms");
+    try {
+      const store = join(work, "s");
+      const exp = await sarde([
+        "export",
+        "-d",
+        store,
+        "--compression",
+        "gzip",
+        vm.name,
+        "local/evil:v1",
+      ], { env });
+      assert.equal(exp.code, 0, exp.stderr);
+      // Swap the disk for one whose header points at a host file, as a hostile 0.4-style image would.
+      const evil = join(work, "plain.qcow2");
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        "/etc/passwd",
+        evil,
+        "1M",
+      ], {
+        check: true,
+      });
+      const enc = await encodeGzip(evil, {
+        storedName: "plain.qcow2",
+        mtime: 0,
+        chunkSize: 0,
+        outDir: work,
+      });
+      const layout = join(store, "local", "evil");
+      const blob = (d: string) => join(layout, "blobs", "sha256", d.slice(7));
+      await Deno.rename(enc.pieces[0].path, blob(enc.pieces[0].digest));
+      const index = JSON.parse(await Deno.readTextFile(join(layout, "index.json")));
+      const manifest = JSON.parse(await Deno.readTextFile(blob(index.manifests[0].digest)));
+      const disk = manifest.layers.findIndex((l: { mediaType: string }) =>
+        l.mediaType.endsWith("+gzip")
+      );
+      manifest.layers[disk] = {
+        ...manifest.layers[disk],
+        digest: enc.pieces[0].digest,
+        size: enc.pieces[0].size,
+      };
+      const bytes = new TextEncoder().encode(JSON.stringify(manifest));
+      const digest = digestOf(bytes);
+      await Deno.writeFile(blob(digest), bytes);
+      index.manifests[0] = { ...index.manifests[0], digest, size: bytes.length };
+      await Deno.writeTextFile(join(layout, "index.json"), JSON.stringify(index));
+
+      const r = await sarde([
+        "import",
+        "-d",
+        store,
+        "--vmdir",
+        vmdir,
+        "-n",
+        `${vm.name}-evil`,
+        "local/evil:v1",
+      ], { env });
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, /backed by '\/etc\/passwd', which is not a file of the image/);
+      assert.equal((await virsh("domstate", "--domain", `${vm.name}-evil`)).code, 1, "not defined");
+      assert.deepEqual(
+        (await listFiles(vmdir)).filter((f) => !f.startsWith(".locks/")),
+        [],
+        "nothing kept",
+      );
+    } finally {
+      await undefineVms([`${vm.name}-evil`]);
       await Deno.remove(work, { recursive: true });
     }
   },
