@@ -36,11 +36,38 @@ export async function haveTimeBin(): Promise<boolean> {
 
 let current: Deno.ChildProcess | undefined;
 
-/** Kills the command {@link measure} is running, if any (for cleanup on a signal). */
+/** The pids of all descendants of `pid` (from the parent pids in `/proc/PID/stat`). */
+function descendants(pid: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      children.set(ppid, [...(children.get(ppid) ?? []), Number(e.name)]);
+    } catch { /* gone */ }
+  }
+  const out: number[] = [];
+  const todo = [pid];
+  while (todo.length) {
+    const next = children.get(todo.pop()!) ?? [];
+    out.push(...next);
+    todo.push(...next);
+  }
+  return out;
+}
+
+/**
+ * Kills the command {@link measure} is running, if any, with everything it started (for cleanup
+ * on a signal): `/usr/bin/time` does not pass a SIGKILL on to the measured program.
+ */
 export function killCurrent(): void {
-  try {
-    current?.kill("SIGKILL");
-  } catch { /* gone */ }
+  if (!current) return;
+  for (const pid of [current.pid, ...descendants(current.pid)]) {
+    try {
+      Deno.kill(pid, "SIGKILL");
+    } catch { /* gone */ }
+  }
 }
 
 /** What {@link measure} returns. */

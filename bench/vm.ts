@@ -14,6 +14,7 @@
  */
 
 import { join } from "node:path";
+import { DEFAULT_ZSTD_CHUNK } from "../lib/export.ts";
 import { SARDE } from "../tests/support/images.ts";
 import { startRegistry, type TestRegistry } from "../tests/support/registry.ts";
 import {
@@ -51,8 +52,13 @@ import {
 
 const TAG1 = "v1";
 const TAG2 = "v2";
-/** Chunk sizes tried with zstd; the first is sarde's default. */
-const CHUNK_SIZES_MIB = [128, 64, 32];
+/** sarde's default zstd chunk size. */
+const DEFAULT_CHUNK_MIB = DEFAULT_ZSTD_CHUNK / MiB;
+/** Chunk sizes tried with zstd: the default first, then 128, 64, 32 MiB. */
+const CHUNK_SIZES_MIB = [
+  DEFAULT_CHUNK_MIB,
+  ...[128, 64, 32].filter((c) => c !== DEFAULT_CHUNK_MIB),
+];
 const CLONE_ROUNDS = 3;
 const SARDE_ENV = { LIBVIRT_DEFAULT_URI: TEST_URI };
 
@@ -589,7 +595,8 @@ async function sardeRoundTrip(ctx: Ctx, v: Variant): Promise<void> {
   log(`sarde ${v.label}`);
   const ref = `${ctx.reg.host}/${v.repo}:${TAG1}`;
   const args = ["export", "-d", v.store, "--compression", v.compression];
-  if (v.chunkMiB && v.chunkMiB !== CHUNK_SIZES_MIB[0]) args.push("--chunksize", `${v.chunkMiB}MiB`);
+  // explicit even for the default, so the default changing under a run cannot mix sizes
+  if (v.chunkMiB) args.push("--chunksize", `${v.chunkMiB}MiB`);
   const exp = await sardeStep(ctx, [...args, ctx.vm, ref]);
   const info = await imageInfo(sardeLayout(ctx, v.store, v.repo), TAG1);
   v.bytes = info.bytes;
@@ -716,7 +723,7 @@ async function change(ctx: Ctx, variants: Variant[]): Promise<VmReport["change"]
   for (const v of variants) {
     const ref = `${ctx.reg.host}/${v.repo}:${TAG2}`;
     const args = ["export", "-d", v.store];
-    if (v.chunkMiB !== CHUNK_SIZES_MIB[0]) args.push("--chunksize", `${v.chunkMiB}MiB`);
+    args.push("--chunksize", `${v.chunkMiB}MiB`);
     const exp = await sardeStep(ctx, [...args, ctx.vm, ref]);
     const layout = sardeLayout(ctx, v.store, v.repo);
     const before = await imageInfo(layout, TAG1);
@@ -812,7 +819,7 @@ function goals(
       name: "export+push ≥ 8× faster than 0.4",
       pass: upRatio >= 8,
       detail:
-        `zstd ${def.chunkMiB} MiB ${x(r.base.up.seconds, def.up!.seconds)} (${
+        `${def.label} ${x(r.base.up.seconds, def.up!.seconds)} (${
           def.up!.seconds.toFixed(1)
         } s vs ${r.base.up.seconds.toFixed(1)} s); ` +
         all.slice(1).map((v) => `${v.label} ${x(r.base.up.seconds, v.up!.seconds)}`).join(", "),
@@ -821,7 +828,7 @@ function goals(
       name: "fetch+import ≥ 3× faster than 0.4",
       pass: downRatio >= 3,
       detail:
-        `zstd ${def.chunkMiB} MiB ${x(r.base.down.seconds, def.down!.seconds)} (${
+        `${def.label} ${x(r.base.down.seconds, def.down!.seconds)} (${
           def.down!.seconds.toFixed(1)
         } s vs ${r.base.down.seconds.toFixed(1)} s); ` +
         all.slice(1).map((v) => `${v.label} ${x(r.base.down.seconds, v.down!.seconds)}`).join(
@@ -841,7 +848,7 @@ function goals(
       name: "compressed size ≤ gzip -6",
       pass: def.bytes! <= r.base.bytes,
       detail:
-        `zstd ${def.chunkMiB} MiB ${mb(def.bytes!)} vs gzip -6 ${mb(r.base.bytes)} (${
+        `${def.label} ${mb(def.bytes!)} vs gzip -6 ${mb(r.base.bytes)} (${
           (100 * def.bytes! / r.base.bytes).toFixed(1)
         } %); ` + all.slice(1).map((v) => `${v.label} ${mb(v.bytes!)}`).join(", "),
     },
@@ -862,7 +869,9 @@ function goals(
       name: "1 % change uploads only the changed chunks",
       pass: changeOk(defChange),
       detail: r.change.results.map((c) =>
-        `${c.chunkMiB} MiB: ${c.changedChunks.length} chunk(s) changed, ${c.uploadedLayerBlobs} uploaded${
+        `${c.chunkMiB} MiB${
+          c.chunkMiB === DEFAULT_CHUNK_MIB ? " (default)" : ""
+        }: ${c.changedChunks.length} chunk(s) changed, ${c.uploadedLayerBlobs} uploaded${
           c.unexpectedUploads ? ` (${c.unexpectedUploads} unexpected)` : ""
         }, ${mb(c.uploadedBytes)}${changeOk(c) ? "" : " MISS"}`
       ).join("; "),
@@ -988,7 +997,7 @@ export async function runVmBench(opts: VmBenchOptions): Promise<VmReport> {
     const base = await baseline(ctx);
 
     const variants: Variant[] = CHUNK_SIZES_MIB.map((c) => ({
-      label: `zstd ${c} MiB`,
+      label: `zstd ${c} MiB${c === DEFAULT_CHUNK_MIB ? " (default)" : ""}`,
       compression: "zstd",
       chunkMiB: c,
       repo: `bench/vm-zstd-${c}m`,
