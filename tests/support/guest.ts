@@ -104,8 +104,11 @@ export interface GuestDomainOptions {
   dir: string;
   /** The root disk, a qcow2 image (typically an overlay over {@link GuestFiles.rootfs}). */
   rootDisk: string;
-  /** Host port on 127.0.0.1 forwarded to the guest's port 22. */
-  sshPort: number;
+  /**
+   * Host port on 127.0.0.1 forwarded to the guest's port 22. Without it the domain has no
+   * network and no `qemu:commandline`, which is what an image may carry (sarde export/import).
+   */
+  sshPort?: number;
   /** Kernel for direct kernel boot ({@link GuestFiles.kernel}). */
   kernel: string;
   /** Initramfs ({@link GuestFiles.initrd}). */
@@ -136,10 +139,18 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
   const e = xmlEscape;
   const serialLog = opts.serialLog ?? `${opts.dir}/${opts.name}.console.log`;
   const port = opts.sshPort;
-  if (!Number.isInteger(port) || port <= 0 || port > 65535) {
+  if (port !== undefined && (!Number.isInteger(port) || port <= 0 || port > 65535)) {
     throw new Error(`guestDomainXml: bad sshPort ${port}`);
   }
-  return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  const network = port === undefined ? "" : `  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value='user,id=sardenet0,restrict=on,hostfwd=tcp:127.0.0.1:${port}-:22'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='virtio-net-pci,netdev=sardenet0,bus=pci.0,addr=0x10'/>
+  </qemu:commandline>
+`;
+  const ns = port === undefined ? "" : " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'";
+  return `<domain type='qemu'${ns}>
   <name>${e(opts.name)}</name>
   <memory unit='MiB'>${opts.memoryMiB ?? 256}</memory>
   <vcpu>1</vcpu>
@@ -175,13 +186,7 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
     </rng>
     <memballoon model='none'/>
   </devices>
-  <qemu:commandline>
-    <qemu:arg value='-netdev'/>
-    <qemu:arg value='user,id=sardenet0,restrict=on,hostfwd=tcp:127.0.0.1:${port}-:22'/>
-    <qemu:arg value='-device'/>
-    <qemu:arg value='virtio-net-pci,netdev=sardenet0,bus=pci.0,addr=0x10'/>
-  </qemu:commandline>
-</domain>
+${network}</domain>
 `;
 }
 

@@ -21,7 +21,7 @@
  */
 
 import { join } from "node:path";
-import { ensureGuest, GUEST_CMDLINE, GUEST_PASSWORD, type GuestFiles } from "./guest.ts";
+import { ensureGuest, GUEST_PASSWORD, guestDomainXml, type GuestFiles } from "./guest.ts";
 import { run, sarde, tempDir } from "./images.ts";
 import { startRegistry, type TestRegistry } from "./registry.ts";
 import {
@@ -32,7 +32,6 @@ import {
   TEST_URI,
   uniqueVmName,
   virshDefine,
-  xmlEscape,
 } from "./vms.ts";
 
 /** What {@link ensureJobImage} built. */
@@ -102,46 +101,7 @@ export function ensureJobImage(): Promise<JobImages> {
 export function jobImageDomainXml(
   opts: { name: string; dir: string; rootDisk: string; kernel: string; initrd: string },
 ): string {
-  const e = xmlEscape;
-  const serialLog = join(opts.dir, "console.log");
-  return `<domain type='qemu'>
-  <name>${e(opts.name)}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>${e(opts.kernel)}</kernel>
-    <initrd>${e(opts.initrd)}</initrd>
-    <cmdline>${e(GUEST_CMDLINE)}</cmdline>
-  </os>
-  <features>
-    <acpi/>
-  </features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='${e(opts.rootDisk)}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <serial type='file'>
-      <source path='${e(serialLog)}' append='on'/>
-      <target port='0'/>
-    </serial>
-    <console type='file'>
-      <source path='${e(serialLog)}' append='on'/>
-      <target type='serial' port='0'/>
-    </console>
-    <rng model='virtio'>
-      <backend model='random'>/dev/urandom</backend>
-    </rng>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`;
+  return guestDomainXml({ ...opts, serialLog: join(opts.dir, "console.log") });
 }
 
 /**
