@@ -15,8 +15,7 @@
 
 import { type CloneResult, cloneVm } from "./lib/clone.ts";
 import type { Credentials } from "./lib/credentials.ts";
-import { type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
-import type { Compression, VmConfig } from "./lib/format.ts";
+import { type ExportOptions, type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
 import { defaultVmdir, type ImportResult, importVm as importFromStore } from "./lib/import.ts";
 import { domainState } from "./lib/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/prune.ts";
@@ -45,7 +44,7 @@ export type { TlsSettings } from "./lib/tls.ts";
 export type { RetryPolicy } from "./lib/retry.ts";
 export { defaultOcidir } from "./lib/store.ts";
 export { defaultVmdir } from "./lib/import.ts";
-export type { ExportResult } from "./lib/export.ts";
+export type { ExportOptions, ExportResult } from "./lib/export.ts";
 export type { ImportResult } from "./lib/import.ts";
 export type { CloneResult } from "./lib/clone.ts";
 export type { Removed } from "./lib/prune.ts";
@@ -161,20 +160,13 @@ export async function list(
   return await listImages(options.ocidir ?? defaultOcidir(), stateOf);
 }
 
-/** Options of {@link exportVm}. */
-export interface ExportVmOptions extends StoreOptions, LibvirtOptions {
-  /** Read the domain XML from this file instead of libvirt. */
-  libvirtConfig?: string;
-  /** VM config (users, services): a JSON file path or an object. */
-  vmConfig?: string | VmConfig;
-  /** Disk encoding: `zstd` (default) or `gzip` (readable by sardinecake 0.4). */
-  compression?: Compression;
-  /** zstd: uncompressed chunk size; gzip: piece size (0 = one piece per file). */
-  chunkSize?: number;
-  /** Export a running VM anyway. */
-  force?: boolean;
-  signal?: AbortSignal;
-}
+/**
+ * Options of {@link exportVm}: those of the export itself (libvirtConfig, vmConfig, compression,
+ * chunkSize, force, signal), with the store and libvirt connection given as everywhere in this
+ * module.
+ */
+export interface ExportVmOptions
+  extends Omit<ExportOptions, "ocidir" | "uri">, StoreOptions, LibvirtOptions {}
 
 /**
  * Exports the libvirt VM `vm` into the local store as `reference` (`sarde export`). Returns the

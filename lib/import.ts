@@ -30,6 +30,7 @@ import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
 import { formatLocalName, parseReference } from "./reference.ts";
+import { defaultDataDir } from "./store.ts";
 import { readLocalManifest } from "./transfer.ts";
 
 /** Name of the marker file that says a VM folder is complete. */
@@ -37,11 +38,7 @@ export const IMPORT_MARKER = ".sarde-import.json";
 
 /** Default folder for imported VMs: `/var/lib/sardinecake/VMs` for root. */
 export function defaultVmdir(): string {
-  const fromEnv = Deno.env.get("SARDE_VMDIR");
-  if (fromEnv) return fromEnv;
-  if (Deno.uid() === 0) return "/var/lib/sardinecake/VMs";
-  const home = Deno.env.get("HOME") ?? ".";
-  return join(Deno.env.get("XDG_DATA_HOME") ?? join(home, ".local", "share"), "sardinecake", "VMs");
+  return defaultDataDir("SARDE_VMDIR", "VMs");
 }
 
 /** Options for {@link importVm}. */

@@ -11,13 +11,21 @@ import { fail } from "./errors.ts";
 import { isLayout } from "./layout.ts";
 import type { Reference } from "./reference.ts";
 
-/** The default store: `/var/lib/sardinecake/OCI` for root, else under `$XDG_DATA_HOME`. */
-export function defaultOcidir(): string {
-  const fromEnv = Deno.env.get("SARDE_OCIDIR");
+/**
+ * A default data folder of sarde: `$envVar` if set, `/var/lib/sardinecake/<leaf>` for root,
+ * else `$XDG_DATA_HOME/sardinecake/<leaf>` (`~/.local/share/…`).
+ */
+export function defaultDataDir(envVar: string, leaf: string): string {
+  const fromEnv = Deno.env.get(envVar);
   if (fromEnv) return fromEnv;
-  if (Deno.uid() === 0) return "/var/lib/sardinecake/OCI";
+  if (Deno.uid() === 0) return join("/var/lib/sardinecake", leaf);
   const home = Deno.env.get("HOME") ?? ".";
-  return join(Deno.env.get("XDG_DATA_HOME") ?? join(home, ".local", "share"), "sardinecake", "OCI");
+  return join(Deno.env.get("XDG_DATA_HOME") ?? join(home, ".local", "share"), "sardinecake", leaf);
+}
+
+/** The default store: `$SARDE_OCIDIR`, `/var/lib/sardinecake/OCI` for root, else under `$XDG_DATA_HOME`. */
+export function defaultOcidir(): string {
+  return defaultDataDir("SARDE_OCIDIR", "OCI");
 }
 
 /** The layout folder for a reference's local name; refuses names that would leave the store. */
