@@ -261,7 +261,7 @@ export function buildProgram(config: Config = {}): Command {
     out(`${r.digest}\n`);
   });
 
-  program.command("export")
+  const exportCmd = program.command("export")
     .description(
       "store a libvirt VM (XML, disks with backing chains, NVRAM, kernel) as an image; prints the image ID",
     )
@@ -290,9 +290,15 @@ export function buildProgram(config: Config = {}): Command {
       (v) => parseSize(v, "--chunksize"),
     )
     .option("-f, --force", "export even if the VM is running")
+    .option(
+      "--push",
+      "also push the image to its registry, uploading each disk chunk as soon as it is compressed",
+    );
+  addTlsOptions(exportCmd)
     .addHelpText(
       "after",
-      "\nExample:\n  sarde export --vmconfig vm.json debian12 registry.example.org/sardines/debian12:latest",
+      "\nExamples:\n  sarde export --vmconfig vm.json debian12 registry.example.org/sardines/debian12:latest" +
+        "\n  sarde export --push debian12 registry.example.org/sardines/debian12:latest   # export and push at once",
     )
     .action(async (
       vm: string,
@@ -304,6 +310,7 @@ export function buildProgram(config: Config = {}): Command {
         compression?: "zstd" | "gzip";
         chunksize?: number;
         force?: boolean;
+        push?: boolean;
       },
     ) => {
       if (image && o.tag && image !== o.tag) {
@@ -321,8 +328,12 @@ export function buildProgram(config: Config = {}): Command {
         compression,
         chunkSize: o.chunksize ?? getSize(config, "chunksize"),
         force: o.force ?? getBoolean(config, "force"),
+        push: o.push ?? getBoolean(config, "push")
+          ? { ...s, chunkSize: getSize(config, "chunk-size") }
+          : undefined,
       });
       info(`exported ${vm} as ${r.reference} (${r.files.length} file(s))`);
+      if (r.pushed) info(summary("pushed", r.pushed));
       out(`${r.imageId.replace(/^sha256:/, "")}\n`);
     });
 

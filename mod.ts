@@ -15,8 +15,14 @@
 
 import { type CloneResult, cloneVm } from "./lib/clone.ts";
 import type { Credentials } from "./lib/credentials.ts";
+import { fail } from "./lib/errors.ts";
 import { type ExportOptions, type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
-import { defaultVmdir, type ImportResult, importVm as importFromStore } from "./lib/import.ts";
+import {
+  defaultVmdir,
+  importImage,
+  type ImportResult,
+  importVm as importFromStore,
+} from "./lib/import.ts";
 import { domainState } from "./lib/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/prune.ts";
 import {
@@ -27,11 +33,11 @@ import {
   type VmState,
 } from "./lib/images.ts";
 import { login as loginRegistry, logout as logoutRegistry } from "./lib/login.ts";
-import { parseReference, type Reference } from "./lib/reference.ts";
+import { formatLocalName, parseReference, type Reference } from "./lib/reference.ts";
 import type { RetryPolicy } from "./lib/retry.ts";
 import { defaultOcidir } from "./lib/store.ts";
 import { type TlsSettings, transportFor } from "./lib/tls.ts";
-import { fetchImage, pushImage, type TransferResult } from "./lib/transfer.ts";
+import { fetchImage, pushImage, startPushSession, type TransferResult } from "./lib/transfer.ts";
 
 export { SardeError } from "./lib/errors.ts";
 export type { ErrorKind } from "./lib/errors.ts";
@@ -166,7 +172,18 @@ export async function list(
  * module.
  */
 export interface ExportVmOptions
-  extends Omit<ExportOptions, "ocidir" | "uri">, StoreOptions, LibvirtOptions {}
+  extends Omit<ExportOptions, "ocidir" | "uri" | "onBlob">, StoreOptions, LibvirtOptions {
+  /**
+   * Also push the image to its registry (`export --push`), uploading each disk chunk as soon
+   * as it is compressed: about as fast as the slower of the two instead of their sum.
+   */
+  push?: RegistryAccessOptions;
+}
+
+/** What {@link exportVm} did; `pushed` when it pushed too. */
+export interface ExportVmResult extends ExportResult {
+  pushed?: TransferResult;
+}
 
 /**
  * Exports the libvirt VM `vm` into the local store as `reference` (`sarde export`). Returns the
@@ -176,12 +193,30 @@ export async function exportVm(
   vm: string,
   reference?: string,
   options: ExportVmOptions = {},
-): Promise<ExportResult> {
-  return await exportToStore(vm, reference, {
-    ...options,
-    uri: options.connect,
-    ocidir: options.ocidir ?? defaultOcidir(),
+): Promise<ExportVmResult> {
+  const ocidir = options.ocidir ?? defaultOcidir();
+  const exportOptions = { ...options, uri: options.connect, ocidir };
+  if (!options.push) return await exportToStore(vm, reference, exportOptions);
+  if (!reference) {
+    throw fail(
+      "usage",
+      "exporting with push needs the image name, e.g. registry.example.org/vms/debian:12",
+    );
+  }
+  const target = parseReference(reference);
+  const session = startPushSession(target, {
+    ...await transferOptions(target.registry, { ...options.push, ocidir }),
   });
+  try {
+    const r = await exportToStore(vm, reference, {
+      ...exportOptions,
+      onBlob: (layout, blob) => session.add(layout, blob),
+    });
+    return { ...r, pushed: await session.finish(parseReference(r.reference)) };
+  } catch (err) {
+    session.abort();
+    throw err;
+  }
 }
 
 /** Options of {@link importVm}. */
@@ -217,8 +252,34 @@ export async function pull(
   reference: string,
   options: ImportVmOptions & RegistryAccessOptions & { source?: string } = {},
 ): Promise<ImportResult> {
-  await fetch(reference, options);
-  return await importVm(reference, options);
+  // The import runs behind the download: each chunk is decoded as soon as its blob is stored,
+  // so a pull takes about as long as the slower of the two instead of their sum.
+  const target = parseReference(reference);
+  const source = options.source ? parseReference(options.source) : target;
+  const stop = new AbortController();
+  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
+  let importing: Promise<ImportResult> | undefined;
+  const fetching = fetchImage(source, {
+    ...await transferOptions(source.registry, { ...options, signal }),
+    target,
+    onManifest(image) {
+      importing = importImage(image, formatLocalName(target), {
+        ...importOptions(options),
+        progress: false,
+        signal,
+      });
+      // A failed import stops the download too (its error is the one reported).
+      importing.catch(() => stop.abort());
+    },
+  });
+  try {
+    await fetching;
+  } catch (err) {
+    stop.abort();
+    await importing?.catch(() => {});
+    throw err;
+  }
+  return await importing!;
 }
 
 /** Options of {@link clone}. */

@@ -43,57 +43,12 @@
 import { Buffer } from "node:buffer";
 import { join, resolve } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
-import { createDigester, type Digester, digestFile, IO_CHUNK } from "./digest.ts";
+import { createDigester, type Digester, IO_CHUNK } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
 import { debug } from "./log.ts";
 
 // ------------------------------------------------------------------------------------------------
 // Public types
-
-/** One compressed chunk of a file, as {@link encodeZstd} returns it. */
-export interface ChunkBlob {
-  /** Temp file in `opts.outDir` holding the compressed bytes; the caller renames (adopts) it. */
-  path: string;
-  /** sha256 of the compressed blob (`sha256:…`). */
-  digest: string;
-  /** Size of the compressed blob in bytes. */
-  size: number;
-  /** Start of the uncompressed range of the file this chunk holds. */
-  offset: number;
-  /** Length of that uncompressed range. */
-  length: number;
-  /** sha256 of the uncompressed range. */
-  uncompressedDigest: string;
-}
-
-/** Result of {@link encodeZstd}. */
-export interface EncodedFile {
-  /** Size of the uncompressed file. */
-  fileSize: number;
-  /** sha256 of the whole uncompressed file (the image config's diff_id). */
-  fileDigest: string;
-  /** The chunks in file order; an empty file still has one (empty) chunk. */
-  chunks: ChunkBlob[];
-}
-
-/** Options of {@link encodeZstd}. */
-export interface ZstdEncodeOptions {
-  /** Uncompressed bytes per chunk (a positive integer). */
-  chunkSize: number;
-  /** zstd level 1…19; default 3 (≈18× faster than gzip -6 here, and smaller). */
-  level?: number;
-  /** Directory for the temp blob files (the OCI `blobs/sha256`, so that a rename adopts them). */
-  outDir: string;
-  /**
-   * Parallelism: zstd worker threads per process and chunks in flight. Default: the number of
-   * CPUs. It does not change the output bytes.
-   */
-  concurrency?: number;
-  /** Aborting kills the zstd processes, removes the temp files, throws an `interrupted` error. */
-  signal?: AbortSignal;
-  /** Called with the number of uncompressed bytes processed since the previous call. */
-  onProgress?: (uncompressedBytes: number) => void;
-}
 
 /** One piece of a gzip stream, as {@link encodeGzip} returns it. */
 export interface GzipPiece {
@@ -181,16 +136,22 @@ function isZero(b: Uint8Array): boolean {
   return true;
 }
 
-function interrupted(cause?: unknown): SardeError {
+/** The error of an aborted job. */
+export function interrupted(cause?: unknown): SardeError {
   return new SardeError("interrupted", "interrupted", { cause });
 }
 
-function checkAborted(signal?: AbortSignal): void {
+/** Throws {@link interrupted} if `signal` is aborted. */
+export function checkAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw interrupted(signal.reason);
 }
 
 /** Turns anything thrown during a job into a SardeError (aborts win: killed tools fail oddly). */
-function asSardeError(err: unknown, signal: AbortSignal | undefined, what: string): SardeError {
+export function asSardeError(
+  err: unknown,
+  signal: AbortSignal | undefined,
+  what: string,
+): SardeError {
   if (signal?.aborted) {
     return err instanceof SardeError && err.kind === "interrupted" ? err : interrupted(err);
   }
@@ -207,7 +168,7 @@ function asSardeError(err: unknown, signal: AbortSignal | undefined, what: strin
  * Temp files and child processes of one encode, removed/killed on error and on Ctrl-C (via
  * {@link onInterrupt}, since the process exits before any `finally` could run).
  */
-class Job {
+export class Job {
   readonly temps = new Set<string>();
   readonly children = new Set<Deno.ChildProcess>();
   #unregister: () => void;
@@ -319,7 +280,7 @@ async function readExact(file: Deno.FsFile, buf: Uint8Array, path: string): Prom
 }
 
 /** The size of an opened file, which must be a regular file (a block device reports 0). */
-async function regularFileSize(fh: Deno.FsFile, path: string): Promise<number> {
+export async function regularFileSize(fh: Deno.FsFile, path: string): Promise<number> {
   const st = await fh.stat();
   if (!st.isFile) throw fail("usage", `${path} is not a regular file`);
   return st.size;
@@ -333,7 +294,8 @@ async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
 // ------------------------------------------------------------------------------------------------
 // Holes
 
-interface Range {
+/** A byte range [start, end). */
+export interface Range {
   start: number;
   end: number;
 }
@@ -349,7 +311,11 @@ interface Segment extends Range {
  * which a running VM (export --force) holds. Without qemu-img, everything is data: slower, same
  * bytes.
  */
-async function zeroRanges(file: string, size: number, signal?: AbortSignal): Promise<Range[]> {
+export async function zeroRanges(
+  file: string,
+  size: number,
+  signal?: AbortSignal,
+): Promise<Range[]> {
   if (size === 0) return [];
   let out: Deno.CommandOutput;
   try {
@@ -465,105 +431,6 @@ function localHasher(): FileHasher {
   };
 }
 
-// Runs in a Worker. Inline (a blob URL), so `deno bundle` and `deno compile` need no extra file.
-const HASH_WORKER = `
-import { createHash } from "node:crypto";
-const hash = createHash("sha256");
-const zeros = new Uint8Array(${IO_CHUNK});
-let views = [];
-let size = 0;
-self.onmessage = ({ data: m }) => {
-  try {
-    if (m.init) {
-      views = m.init.map((b) => new Uint8Array(b));
-      self.postMessage({ ready: true });
-    } else if (m.slot !== undefined) {
-      hash.update(views[m.slot].subarray(0, m.len));
-      size += m.len;
-      self.postMessage({ ack: true });
-    } else if (m.zeros !== undefined) {
-      for (let left = m.zeros; left > 0; left -= zeros.length) {
-        hash.update(zeros.subarray(0, Math.min(left, zeros.length)));
-      }
-      size += m.zeros;
-    } else if (m.digest) {
-      self.postMessage({ digest: "sha256:" + hash.digest("hex"), size });
-    }
-  } catch (e) {
-    self.postMessage({ error: String(e) });
-  }
-};
-`;
-
-/**
- * A {@link FileHasher} on a Worker thread. The whole-file sha256 is the one long serial
- * computation of an encode (≈1 GB/s per core here, more than zstd needs per byte on 2 cores);
- * off the main thread it runs beside the reading, the chunk hash and zstd. Falls back to
- * {@link localHasher} where Workers are unavailable.
- */
-async function workerHasher(slots: Slots): Promise<FileHasher> {
-  let worker: Worker | undefined;
-  let url: string | undefined;
-  let ready = false;
-  try {
-    url = URL.createObjectURL(new Blob([HASH_WORKER], { type: "text/javascript" }));
-    const w = new Worker(url, { type: "module" });
-    worker = w;
-    // Handshake: a worker that cannot load (e.g. a runtime without node:crypto in workers)
-    // reports it here, before any data depends on it.
-    ready = await new Promise<boolean>((resolve) => {
-      w.onmessage = ({ data }) => resolve(data?.ready === true);
-      w.onerror = (e) => {
-        e.preventDefault();
-        resolve(false);
-      };
-      w.postMessage({ init: slots.views.map((v) => v.buffer) });
-    });
-  } catch (err) {
-    debug(`hash worker unavailable (${(err as Error).message})`);
-  } finally {
-    if (url) URL.revokeObjectURL(url);
-  }
-  if (!worker || !ready) {
-    worker?.terminate();
-    debug("hashing on the main thread");
-    return localHasher();
-  }
-  const w = worker;
-  // The worker answers in order: a FIFO of waiters is enough.
-  const waiters: { resolve: (v: unknown) => void; reject: (e: unknown) => void }[] = [];
-  let failed: Error | undefined;
-  const failAll = (err: Error) => {
-    failed ??= err;
-    for (const waiter of waiters.splice(0)) waiter.reject(failed);
-  };
-  w.onmessage = ({ data }) => {
-    if (data.error) return failAll(new Error(`hash worker: ${data.error}`));
-    waiters.shift()?.resolve(data);
-  };
-  w.onerror = (e) => {
-    e.preventDefault();
-    failAll(new Error(`hash worker: ${e.message}`));
-  };
-  const ask = (msg: unknown): Promise<unknown> => {
-    if (failed) return Promise.reject(failed);
-    return new Promise((resolve, reject) => {
-      waiters.push({ resolve, reject });
-      w.postMessage(msg);
-    });
-  };
-  return {
-    update: async (slot, view) => {
-      await ask({ slot, len: view.length });
-    },
-    zeros(n) {
-      if (n > 0 && !failed) w.postMessage({ zeros: n });
-    },
-    digest: async () => (await ask({ digest: true })) as { digest: string; size: number },
-    close: () => w.terminate(),
-  };
-}
-
 /**
  * Streams the segments of `fh` to `sink` in ≤4 MiB pieces, updating `chunkHash` (here) and
  * `fileHash` (maybe on its worker). Zero segments come from {@link ZEROS} and cost no I/O.
@@ -616,241 +483,6 @@ async function feed(
     // Slots carry no failure into the next chunk (errors surfaced above or are moot).
     await Promise.allSettled(slots.busy);
     slots.busy = slots.busy.map(() => Promise.resolve());
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// zstd
-
-function zstdArgs(level: number, threads: number, length: number, out: string): string[] {
-  // -T<n> (not --single-thread) + stdin + --stream-size: the deterministic mode, see the module
-  // doc. The pledged size also goes into the frame header (Frame_Content_Size), and zstd fails
-  // if the input turns out shorter or longer (a file changing under us).
-  return [
-    "-q",
-    "--no-progress",
-    `-${level}`,
-    `-T${threads}`,
-    `--stream-size=${length}`,
-    "-o",
-    out,
-    "-",
-  ];
-}
-
-/**
- * How many zstd processes may be busy at once. zstd -T<n> splits its input into jobs of about
- * 4× its window (8 MiB at level 3), so a large chunk keeps all `concurrency` threads of one
- * process busy and one more process only overlaps the draining of a chunk with the feeding of
- * the next; small chunks need several processes to use the cores. Each process holds a few job
- * buffers, so this also bounds zstd's memory.
- */
-function zstdProcesses(chunkSize: number, concurrency: number): number {
-  const jobsPerChunk = Math.max(1, Math.min(Math.floor(chunkSize / (8 << 20)), concurrency));
-  return Math.min(concurrency + 1, Math.ceil(concurrency / jobsPerChunk) + 1);
-}
-
-interface ZstdRun {
-  job: Job;
-  file: string;
-  level: number;
-  threads: number;
-  signal?: AbortSignal;
-}
-
-/**
- * Compresses one chunk: feeds its segments to a new zstd process and returns once everything
- * is written to zstd's stdin, with a promise for the finished blob, so the next chunk can start
- * while this one drains.
- */
-async function compressChunk(
-  run: ZstdRun,
-  fh: Deno.FsFile | undefined,
-  offset: number,
-  segments: Segment[],
-  chunkHash: Digester | undefined,
-  fileHash: FileHasher | undefined,
-  slots: Slots,
-  onProgress?: (n: number) => void,
-): Promise<{ done: Promise<{ path: string; digest: string; size: number; length: number }> }> {
-  const length = segments.reduce((n, s) => n + s.end - s.start, 0);
-  const path = run.job.temp("zst");
-  const tool = spawn(
-    run.job,
-    "zstd",
-    zstdArgs(run.level, run.threads, length, path),
-    { stdin: "piped", stdout: "null" },
-    run.signal,
-  );
-  const what = `zstd (${run.file} at ${offset})`;
-  const writer = tool.child.stdin.getWriter();
-  try {
-    await feed(
-      fh,
-      run.file,
-      segments,
-      chunkHash,
-      fileHash,
-      (d) => writer.write(d),
-      slots,
-      run.signal,
-      onProgress,
-    );
-    await writer.close();
-  } catch (err) {
-    // Closing stdin makes zstd exit (its pledged size is not met), so waiting cannot hang.
-    await writer.abort().catch(() => {});
-    if (err instanceof SardeError) { // ours (I/O, abort): zstd's exit status says nothing more
-      kill(tool.child);
-      await tool.child.status;
-      await tool.stderr;
-      throw err;
-    }
-    // A write fails with BrokenPipe when zstd died: its own message is the useful one.
-    await expectSuccess(tool, "external", what, run.signal);
-    throw err;
-  }
-  const done = (async () => {
-    await expectSuccess(tool, "external", what, run.signal);
-    run.job.children.delete(tool.child);
-    const { digest, size } = await digestFile(path);
-    return { path, digest, size, length };
-  })();
-  done.catch(() => {}); // awaited by the caller; never an unhandled rejection
-  return { done };
-}
-
-/**
- * Compresses `file` into independent zstd frames of `chunkSize` uncompressed bytes each, written
- * to temp files in `outDir` (see the module doc for determinism and hole handling).
- *
- * The file is read once, sequentially, in 4 MiB pieces; memory stays at a few MiB in Deno plus
- * zstd's own buffers, whatever the chunk size. The whole-file sha256 runs on a Worker thread.
- * zstd runs with `concurrency` worker threads per process; large chunks use all cores inside one
- * process, small ones through up to `concurrency + 1` processes at once. On any error or abort,
- * every temp file is removed.
- *
- * @returns the file's size and sha256 and the chunks in order; the caller owns (renames) the
- * chunk files.
- */
-export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise<EncodedFile> {
-  const { chunkSize, outDir, signal, onProgress } = opts;
-  const level = opts.level ?? 3;
-  const concurrency = opts.concurrency ?? navigator.hardwareConcurrency ?? 2;
-  if (!Number.isSafeInteger(chunkSize) || chunkSize <= 0) {
-    throw fail("usage", `invalid zstd chunk size ${chunkSize}: a positive number of bytes`);
-  }
-  if (!Number.isInteger(level) || level < 1 || level > 19) {
-    throw fail("usage", `invalid zstd level ${level}: 1…19`);
-  }
-  if (!Number.isInteger(concurrency) || concurrency < 1) {
-    throw fail("usage", `invalid concurrency ${concurrency}`);
-  }
-  checkAborted(signal);
-  const job = new Job(outDir);
-  const run: ZstdRun = { job, file, level, threads: concurrency, signal };
-  const inFlight = new Set<Promise<unknown>>();
-  const slots = newSlots();
-  let fileHash: FileHasher | undefined;
-  try {
-    using fh = await Deno.open(file, { read: true });
-    const fileSize = await regularFileSize(fh, file);
-    const zeros = await zeroRanges(file, fileSize, signal);
-    fileHash = await workerHasher(slots);
-    // The compressed all-zero chunk per length (at most two: chunkSize and the tail).
-    const zeroBlobs = new Map<
-      number,
-      Promise<{ path: string; digest: string; size: number; uncompressedDigest: string }>
-    >();
-    const results: Promise<ChunkBlob>[] = [];
-
-    const maxProcs = zstdProcesses(chunkSize, concurrency);
-    const throttle = async () => {
-      while (inFlight.size >= maxProcs) await Promise.race(inFlight);
-    };
-    const track = <T>(p: Promise<T>): Promise<T> => {
-      const t = p.finally(() => inFlight.delete(t));
-      t.catch(() => {});
-      inFlight.add(t);
-      return t;
-    };
-
-    const zeroBlob = (length: number) => {
-      let blob = zeroBlobs.get(length);
-      if (!blob) {
-        blob = (async () => {
-          await throttle();
-          const h = createDigester();
-          const seg = [{ start: 0, end: length, zero: true }];
-          // Own slots: this runs beside the main loop's feeding.
-          const { done } = await compressChunk(run, undefined, 0, seg, h, undefined, newSlots(2));
-          const r = await track(done);
-          return { path: r.path, digest: r.digest, size: r.size, uncompressedDigest: h.digest() };
-        })();
-        blob.catch(() => {});
-        zeroBlobs.set(length, blob);
-      }
-      return blob;
-    };
-    const settle = (p: Promise<ChunkBlob>) => {
-      p.catch(() => {});
-      results.push(p);
-    };
-
-    const count = fileSize === 0 ? 1 : Math.ceil(fileSize / chunkSize);
-    let singleDigest: Promise<{ digest: string; size: number }> | undefined;
-    for (let i = 0; i < count; i++) {
-      checkAborted(signal);
-      const offset = i * chunkSize;
-      const length = Math.min(chunkSize, fileSize - offset);
-      const segments = segmentsOf(zeros, offset, offset + length);
-      if (length > 0 && segments.length === 1 && segments[0].zero) {
-        // A hole chunk: nothing to read or compress; copy the cached frame of zeros.
-        const cached = zeroBlob(length);
-        fileHash.zeros(length);
-        onProgress?.(length);
-        settle((async () => {
-          const z = await cached;
-          const path = job.temp("zst");
-          await Deno.copyFile(z.path, path);
-          return { ...z, path, offset, length };
-        })());
-        continue;
-      }
-      await throttle();
-      // One chunk: its digest is the file digest; hash the data once.
-      const chunkHash = count === 1 ? undefined : createDigester();
-      const { done } = await compressChunk(
-        run,
-        fh,
-        offset,
-        segments,
-        chunkHash,
-        fileHash,
-        slots,
-        onProgress,
-      );
-      if (!chunkHash) singleDigest = fileHash.digest();
-      settle(
-        track(done).then(async (r) => ({
-          ...r,
-          offset,
-          uncompressedDigest: chunkHash ? chunkHash.digest() : (await singleDigest!).digest,
-        })),
-      );
-    }
-    const chunks = await Promise.all(results);
-    const whole = await (singleDigest ?? fileHash.digest());
-    if (whole.size !== fileSize) throw fail("io", `${file} changed size while being read`);
-    await job.finish(chunks.map((c) => c.path));
-    return { fileSize, fileDigest: whole.digest, chunks };
-  } catch (err) {
-    await job.cleanup();
-    await Promise.allSettled(inFlight);
-    job.dispose();
-    throw asSardeError(err, signal, `cannot compress ${file}`);
-  } finally {
-    fileHash?.close();
   }
 }
 
@@ -951,136 +583,6 @@ async function drainInto(
   } finally {
     await reader.cancel().catch(() => {});
     reader.releaseLock();
-  }
-}
-
-const zeroDigests = new Map<number, string>();
-
-/** sha256 of `length` zero bytes (cached: a pull asks for one or two lengths). */
-function zeroDigest(length: number): string {
-  let d = zeroDigests.get(length);
-  if (!d) {
-    const h = createDigester();
-    for (let pos = 0; pos < length; pos += IO_CHUNK) {
-      h.update(ZEROS.subarray(0, Math.min(IO_CHUNK, length - pos)));
-    }
-    d = h.digest();
-    if (zeroDigests.size < 16) zeroDigests.set(length, d);
-  }
-  return d;
-}
-
-/** Turns [offset, offset+length) of `out` back into zeros after a failed decode. */
-async function rollback(out: string, file: Deno.FsFile, start: number, end: number): Promise<void> {
-  if (end <= start) return;
-  // A hole punch frees the blocks; writing zeros is the fallback where fallocate is refused.
-  try {
-    const r = await new Deno.Command("fallocate", {
-      args: [
-        "--punch-hole",
-        "--keep-size",
-        "--offset",
-        String(start),
-        "--length",
-        String(end - start),
-        resolve(out),
-      ],
-      stdout: "null",
-      stderr: "null",
-    }).output();
-    if (r.success) return;
-  } catch { /* no fallocate */ }
-  try {
-    await file.seek(start, Deno.SeekMode.Start);
-    for (let pos = start; pos < end; pos += IO_CHUNK) {
-      await writeAll(file, ZEROS.subarray(0, Math.min(IO_CHUNK, end - pos)));
-    }
-  } catch { /* best effort: the caller discards the file anyway */ }
-}
-
-/**
- * Decompresses one zstd chunk blob into `out` at `offset` and verifies it.
- *
- * `out` must exist with its final size and read as zeros in the range (e.g. freshly created and
- * truncated): all-zero 4 MiB-aligned blocks are skipped, leaving holes. Each call opens its own
- * handle, so the chunks of one file can be decoded in parallel. A chunk whose
- * `uncompressedDigest` is that of `length` zero bytes is not even read: the range already holds
- * exactly those bytes (the blob's own digest is checked when it is downloaded).
- *
- * Throws an `integrity` error if the blob is corrupt, decompresses to a length other than
- * `length`, or its sha256 is not `uncompressedDigest`; the range is then turned back into zeros
- * (a hole), so no unverified data is left behind.
- */
-export async function decodeZstdChunk(
-  blobPath: string,
-  out: string,
-  offset: number,
-  length: number,
-  uncompressedDigest: string,
-  opts: { signal?: AbortSignal } = {},
-): Promise<void> {
-  const { signal } = opts;
-  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
-    throw fail("usage", `invalid chunk range ${offset}+${length}`);
-  }
-  checkAborted(signal);
-  const what = `zstd chunk ${blobPath} (at ${offset} of ${out})`;
-  if (length > 0 && uncompressedDigest === zeroDigest(length)) return;
-  try {
-    await Deno.stat(blobPath);
-  } catch (err) {
-    throw asSardeError(err, signal, `cannot read ${blobPath}`);
-  }
-  const file = await openChunkTarget(out, offset, length, signal);
-  const writer = new SparseWriter(file, offset);
-  try {
-    const tool = spawn(undefined, "zstd", ["-d", "-c", "-q", "--no-progress", "--", blobPath], {
-      stdin: "null",
-      stdout: "piped",
-    }, signal);
-    try {
-      await drainInto(tool.child.stdout, writer, length, what);
-    } catch (err) {
-      kill(tool.child);
-      await tool.child.status;
-      await tool.stderr;
-      throw err;
-    }
-    await expectSuccess(tool, "integrity", `corrupt ${what}`, signal);
-    const got = await writer.end();
-    if (got.size !== length) {
-      throw fail("integrity", `${what}: decompressed to ${got.size} bytes, expected ${length}`);
-    }
-    if (got.digest !== uncompressedDigest) {
-      throw fail("integrity", `${what}: content is ${got.digest}, expected ${uncompressedDigest}`);
-    }
-  } catch (err) {
-    await writer.settle();
-    if (writer.writtenStart >= 0) await rollback(out, file, writer.writtenStart, writer.writtenEnd);
-    throw asSardeError(err, signal, `cannot decompress ${blobPath}`);
-  } finally {
-    file.close();
-  }
-}
-
-/** Opens the caller's output file for one chunk, checking it is already long enough. */
-async function openChunkTarget(
-  out: string,
-  offset: number,
-  length: number,
-  signal?: AbortSignal,
-): Promise<Deno.FsFile> {
-  let file: Deno.FsFile | undefined;
-  try {
-    file = await Deno.open(out, { write: true });
-    const size = (await file.stat()).size;
-    if (size < offset + length) {
-      throw fail("usage", `${out} is ${size} bytes, too short for a chunk at ${offset}+${length}`);
-    }
-    return file;
-  } catch (err) {
-    file?.close();
-    throw asSardeError(err, signal, `cannot write ${out}`);
   }
 }
 

@@ -6,7 +6,8 @@
  */
 
 import { basename, dirname, extname, join, resolve } from "node:path";
-import { encodeGzip, encodeZstd } from "./compress.ts";
+import { encodeGzip } from "./compress.ts";
+import { encodeZstd } from "./zstd.ts";
 import { onInterrupt } from "./cleanup.ts";
 import { digestOf } from "./digest.ts";
 import {
@@ -66,6 +67,11 @@ export interface ExportOptions extends ConnectOptions {
   force?: boolean;
   /** Cancels the export. */
   signal?: AbortSignal;
+  /**
+   * Called with every disk blob as soon as it is in the store, before the image is complete
+   * (`export --push` uploads them meanwhile). The blob's media type is not final yet.
+   */
+  onBlob?: (layout: Layout, blob: Descriptor) => void;
 }
 
 /** What {@link exportVm} produced. */
@@ -275,14 +281,24 @@ export async function exportVm(
     for (const f of files) {
       const mime = await detectFileMime(f.path);
       if (compression === "zstd") {
+        // Each chunk enters the store as soon as it is compressed, so that an upload running
+        // beside the export (onBlob) can send it while the next chunks are compressed.
+        const adopted: Promise<void>[] = [];
         const enc = await encodeZstd(f.path, {
           chunkSize: options.chunkSize || DEFAULT_ZSTD_CHUNK,
           outDir,
           signal: options.signal,
           onProgress: (n) => progress.add(n),
+          onChunk: (c) => {
+            const done = adoptBlob(layout, c.path, c.digest).then(() =>
+              options.onBlob?.(layout, { mediaType: "", digest: c.digest, size: c.size })
+            );
+            done.catch(() => {});
+            adopted.push(done);
+          },
         });
+        await Promise.all(adopted);
         for (const [i, c] of enc.chunks.entries()) {
-          await adoptBlob(layout, c.path, c.digest);
           diskLayers.push({
             mediaType: `${mime}+zstd`,
             digest: c.digest,
@@ -326,6 +342,7 @@ export async function exportVm(
         });
         for (const [i, p] of enc.pieces.entries()) {
           await adoptBlob(layout, p.path, p.digest);
+          options.onBlob?.(layout, { mediaType: "", digest: p.digest, size: p.size });
           diskLayers.push({
             mediaType: i === 0 ? `${mime}+gzip` : `${mime}+gzip;chunk=${i}`,
             digest: p.digest,

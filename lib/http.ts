@@ -1,10 +1,16 @@
 /**
- * A small streaming HTTP/1.1 client on `node:http`/`node:https`.
+ * A small streaming HTTP/1.1 client on `node:http`/`node:https`, with Deno's `fetch` for bulk
+ * downloads.
  *
- * Why not `fetch`: Deno's `fetch` cannot skip TLS verification per client (`--tls-verify=false`),
+ * Why `node:http`: Deno's `fetch` cannot skip TLS verification per client (`--tls-verify=false`),
  * always sends request bodies chunked (some registries and proxies want `Content-Length`), and
  * follows redirects with the `Authorization` header intact. This module does none of that
  * implicitly: the registry client decides about redirects and headers.
+ *
+ * Why `fetch` too: for a large download, `node:http` costs 60 % more CPU than `fetch` read into
+ * reused 1 MiB buffers (BYOB), and its per-chunk Buffers doubled a fetch's peak RSS (920 MB of
+ * blobs from a local registry: 2.3 vs 1.4 CPU s, 200 vs 75 MB). Requests marked `bulk` (blob
+ * GETs) go through `fetch` unless TLS verification is off.
  *
  * @module
  */
@@ -39,6 +45,11 @@ export interface HttpRequest {
   body?: RequestBody;
   /** Aborts the request (Ctrl-C). */
   signal?: AbortSignal;
+  /**
+   * A large download (a blob GET): read with `fetch` in 1 MiB pieces where TLS settings allow.
+   * Each piece of `body` is valid only until the next one is requested.
+   */
+  bulk?: boolean;
 }
 
 /** A response whose body has not been read yet. */
@@ -76,12 +87,123 @@ export function createHttpClient(options: TransportOptions = {}): HttpClient {
     rejectUnauthorized: options.tlsVerify !== false,
     ...(options.caCerts?.length ? { ca: options.caCerts } : {}),
   });
+  let fetchClient: Deno.HttpClient | undefined;
+  const canFetch = options.tlsVerify !== false;
   return {
-    send: (request) =>
-      send(request, request.url.protocol === "https:" ? httpsAgent : httpAgent, idleTimeoutMs),
+    send(request) {
+      if (request.bulk && !request.body && canFetch) {
+        if (options.caCerts?.length) {
+          fetchClient ??= Deno.createHttpClient({ caCerts: options.caCerts });
+        }
+        return sendWithFetch(request, fetchClient, idleTimeoutMs);
+      }
+      return send(
+        request,
+        request.url.protocol === "https:" ? httpsAgent : httpAgent,
+        idleTimeoutMs,
+      );
+    },
     close() {
       httpAgent.destroy();
       httpsAgent.destroy();
+      fetchClient?.close();
+    },
+  };
+}
+
+const BULK_PIECE = 1 << 20;
+
+/** A body-less request through `fetch`, the body read in reused 1 MiB pieces (BYOB). */
+async function sendWithFetch(
+  req: HttpRequest,
+  client: Deno.HttpClient | undefined,
+  idleTimeoutMs: number,
+): Promise<HttpResponse> {
+  // An idle timer, as node's socket timeout: aborts when no data came for idleTimeoutMs.
+  const idle = new AbortController();
+  let timer = setTimeout(() => idle.abort(), idleTimeoutMs);
+  const touch = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => idle.abort(), idleTimeoutMs);
+  };
+  const signal = req.signal ? AbortSignal.any([req.signal, idle.signal]) : idle.signal;
+  const failure = (err: unknown) => {
+    if (req.signal?.aborted) return networkError(new AbortError(), req.url);
+    if (idle.signal.aborted) {
+      return networkError(new Error(`no data for ${idleTimeoutMs / 1000} s`), req.url);
+    }
+    return networkError(err, req.url);
+  };
+  let res: Response;
+  try {
+    res = await fetch(req.url, {
+      method: req.method,
+      headers: { "user-agent": USER_AGENT, ...req.headers },
+      redirect: "manual",
+      signal,
+      ...(client ? { client } : {}),
+    });
+  } catch (err) {
+    clearTimeout(timer);
+    throw failure(err);
+  }
+  touch();
+  const stream = res.body;
+  async function* pieces(): AsyncGenerator<Uint8Array> {
+    if (!stream) return;
+    const reader = stream.getReader({ mode: "byob" });
+    let buf = new Uint8Array(BULK_PIECE);
+    try {
+      for (;;) {
+        let filled = 0;
+        let done = false;
+        while (filled < buf.length) {
+          const r = await reader.read(new Uint8Array(buf.buffer, filled, buf.length - filled));
+          touch();
+          if (r.done) {
+            done = true;
+            if (r.value) buf = new Uint8Array(r.value.buffer);
+            break;
+          }
+          buf = new Uint8Array(r.value.buffer);
+          filled += r.value.length;
+        }
+        if (filled > 0) yield buf.subarray(0, filled);
+        if (done) return;
+      }
+    } catch (err) {
+      throw failure(err);
+    } finally {
+      clearTimeout(timer);
+      reader.releaseLock();
+      await stream.cancel().catch(() => {});
+    }
+  }
+  const bytes = async (limit = DEFAULT_BODY_LIMIT) => {
+    const parts: Uint8Array[] = [];
+    let total = 0;
+    for await (const piece of pieces()) {
+      total += piece.length;
+      if (total > limit) throw fail("registry", `response body larger than ${limit} bytes`);
+      parts.push(piece.slice());
+    }
+    const out = new Uint8Array(total);
+    let off = 0;
+    for (const p of parts) {
+      out.set(p, off);
+      off += p.length;
+    }
+    return out;
+  };
+  return {
+    status: res.status,
+    headers: res.headers,
+    body: pieces(),
+    bytes,
+    text: async () => new TextDecoder().decode(await bytes(1 << 20)),
+    discard: async () => {
+      clearTimeout(timer);
+      await stream?.cancel().catch(() => {});
     },
   };
 }

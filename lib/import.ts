@@ -12,7 +12,9 @@
 
 import { join } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
-import { decodeGzip, decodeZstdChunk, parseGzipHeader } from "./compress.ts";
+import { decodeGzip, parseGzipHeader } from "./compress.ts";
+import { decodeZstdChunk } from "./zstd.ts";
+import { createCodecPool } from "./codec_worker.ts";
 import {
   type DomainDoc,
   parseDomainXml,
@@ -31,7 +33,7 @@ import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
 import { formatLocalName, parseReference } from "./reference.ts";
 import { defaultDataDir } from "./store.ts";
-import { readLocalManifest } from "./transfer.ts";
+import { type FetchingImage, readLocalManifest } from "./transfer.ts";
 
 /** Name of the marker file that says a VM folder is complete. */
 export const IMPORT_MARKER = ".sarde-import.json";
@@ -52,8 +54,10 @@ export interface ImportOptions extends ConnectOptions {
   allowHostResources?: boolean;
   /** Force the domain type (`qemu` on hosts without KVM). */
   domainType?: string;
-  /** Chunks decoded at once (default 2). */
+  /** Chunks decoded at once (default: the number of CPUs). */
   concurrency?: number;
+  /** Draw a progress bar on a terminal (default true; a pull shows the fetch's instead). */
+  progress?: boolean;
   signal?: AbortSignal;
 }
 
@@ -133,10 +137,11 @@ async function extractFiles(
   layout: Layout,
   files: ImageFile[],
   folder: string,
+  ready: (digest: string) => Promise<void>,
   options: ImportOptions,
 ): Promise<void> {
   const total = files.reduce((n, f) => n + (f.size ?? f.layers.reduce((m, l) => m + l.size, 0)), 0);
-  const progress = startProgress("import", total);
+  const progress = startProgress("import", options.progress === false ? 0 : total);
   try {
     // zstd: every chunk of every file is independent; decode them in parallel.
     const chunks: { file: ImageFile; index: number }[] = [];
@@ -150,22 +155,30 @@ async function extractFiles(
       await out.truncate(f.size!);
       f.layers.forEach((_, index) => chunks.push({ file: f, index }));
     }
-    await forEachConcurrent(chunks, options.concurrency ?? 2, async ({ file, index }) => {
-      const layer = file.layers[index];
-      const a = layer.annotations!;
-      const length = Number(a["org.sardinecake.chunk.size"]);
-      await decodeZstdChunk(
-        blobPath(layout, layer.digest),
-        join(folder, file.name),
-        Number(a["org.sardinecake.chunk.offset"]),
-        length,
-        a["org.sardinecake.chunk.digest"],
-        { signal: options.signal },
-      );
-      progress.add(length);
-    });
+    const concurrency = options.concurrency ?? navigator.hardwareConcurrency ?? 2;
+    const pool = createCodecPool(concurrency);
+    try {
+      await forEachConcurrent(chunks, concurrency, async ({ file, index }) => {
+        const layer = file.layers[index];
+        const a = layer.annotations!;
+        const length = Number(a["org.sardinecake.chunk.size"]);
+        await ready(layer.digest);
+        await decodeZstdChunk(
+          blobPath(layout, layer.digest),
+          join(folder, file.name),
+          Number(a["org.sardinecake.chunk.offset"]),
+          length,
+          a["org.sardinecake.chunk.digest"],
+          { signal: options.signal, pool },
+        );
+        progress.add(length);
+      });
+    } finally {
+      pool.close();
+    }
     for (const f of files) {
       if (f.encoding !== "gzip") continue;
+      for (const l of f.layers) await ready(l.digest);
       const r = await decodeGzip(
         f.layers.map((l) => blobPath(layout, l.digest)),
         join(folder, f.name),
@@ -226,8 +239,29 @@ async function checkImageHeaders(folder: string, files: ImageFile[]): Promise<vo
  */
 export async function importVm(reference: string, options: ImportOptions): Promise<ImportResult> {
   const ref = parseReference(reference);
-  const what = formatLocalName(ref);
   const { layout, descriptor, manifest } = await readLocalManifest(options.ocidir, ref);
+  return await importImage({ layout, descriptor, manifest }, formatLocalName(ref), options);
+}
+
+/**
+ * The image an import reads: a local one, or one a fetch is still downloading
+ * ({@link FetchingImage}), whose blobs it waits for one by one.
+ */
+export type ImportSource = Pick<FetchingImage, "layout" | "descriptor" | "manifest"> & {
+  blobReady?: FetchingImage["blobReady"];
+};
+
+/**
+ * Imports `source` (named `what` in messages) as {@link importVm} does. With `blobReady`, each
+ * blob is awaited just before it is read, so the import runs behind a fetch (`sarde pull`).
+ */
+export async function importImage(
+  source: ImportSource,
+  what: string,
+  options: ImportOptions,
+): Promise<ImportResult> {
+  const { layout, descriptor, manifest } = source;
+  const ready = (digest: string) => source.blobReady?.(digest) ?? Promise.resolve();
   if (manifest.config.mediaType !== MediaType.ociConfig) {
     throw fail(
       "usage",
@@ -263,9 +297,9 @@ export async function importVm(reference: string, options: ImportOptions): Promi
   }
 
   // Check the XML before spending minutes on extraction.
-  const xml = new TextDecoder().decode(
-    await readBlob(layout, domainLayer(manifest, what).digest, 4 << 20),
-  );
+  const xmlDigest = domainLayer(manifest, what).digest;
+  await ready(xmlDigest);
+  const xml = new TextDecoder().decode(await readBlob(layout, xmlDigest, 4 << 20));
   const doc: DomainDoc = parseDomainXml(xml, `domain XML of ${what}`);
   prepareImportedDomain(doc, {
     name,
@@ -288,7 +322,10 @@ export async function importVm(reference: string, options: ImportOptions): Promi
     const files = groupDiskLayers(manifest, what);
     const names = new Set<string>();
     for (const f of files) {
-      if (f.encoding === "gzip") f.name = await gzipFileName(layout, f, what);
+      if (f.encoding === "gzip") {
+        await ready(f.layers[0].digest);
+        f.name = await gzipFileName(layout, f, what);
+      }
       if (names.has(f.name)) {
         throw fail("integrity", `${what}: the file ${f.name} appears twice in the image`);
       }
@@ -311,7 +348,7 @@ export async function importVm(reference: string, options: ImportOptions): Promi
     const unregister = onInterrupt(() => Deno.removeSync(tmp, { recursive: true }));
     try {
       info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
-      await extractFiles(layout, files, tmp, options);
+      await extractFiles(layout, files, tmp, ready, options);
       const m: Marker = { image: imageId, manifest: descriptor.digest, reference: what };
       await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
       await Deno.rename(tmp, vmFolder);

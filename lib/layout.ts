@@ -13,7 +13,9 @@ import { join } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { assertDigest, createDigester, digestHex, digestOf, IO_CHUNK } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
+import { alignedBuffer, DIRECT_ALIGN, openDirect } from "./direct_io.ts";
 import { exists, type FileLock, lockFile, syncDir, writeFileAtomic } from "./fsutil.ts";
+import { debug } from "./log.ts";
 import {
   type Descriptor,
   type ImageIndex,
@@ -157,12 +159,21 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
     `.partial-${digestHex(expected.digest)}-${Deno.pid}-${rand}`,
   );
   let file = await Deno.open(tmp, { write: true, createNew: true });
+  // Blobs bypass the page cache where possible (see lib/direct_io.ts): they are read once
+  // soon (by an import) or much later, and filling the cache was most of a fetch's CPU time.
+  let direct = openDirect(tmp, "write");
   let digester = createDigester();
+  let written = 0;
   let done = false;
-  const unregister = onInterrupt(() => {
+  const closeAll = () => {
+    direct?.close();
+    direct = undefined;
     try {
       file.close();
     } catch { /* already closed */ }
+  };
+  const unregister = onInterrupt(() => {
+    closeAll();
     try {
       Deno.removeSync(tmp);
     } catch { /* already gone */ }
@@ -171,25 +182,41 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
     if (done) return;
     done = true;
     unregister();
-    try {
-      file.close();
-    } catch { /* already closed */ }
+    closeAll();
     await Deno.remove(tmp).catch(() => {});
   };
   // Network reads come in 16–64 KiB pieces; gathering them into 1 MiB before hashing and writing
   // saves most of the per-chunk await and syscall cost (SHA-NI also prefers large inputs).
-  const buffer = new Uint8Array(1 << 20);
+  const buffer = alignedBuffer(1 << 20);
   let filled = 0;
+  const writeAt = async (data: Uint8Array, position: number) => {
+    const whole = direct ? data.length - (data.length % DIRECT_ALIGN) : 0;
+    if (whole > 0) {
+      try {
+        await direct!.write(data.subarray(0, whole), position);
+      } catch (err) {
+        debug(`O_DIRECT refused for ${tmp} (${(err as Error).message}); writing normally`);
+        direct?.close();
+        direct = undefined;
+        return await writeAt(data, position);
+      }
+    }
+    if (whole < data.length) {
+      await file.seek(position + whole, Deno.SeekMode.Start);
+      let off = whole;
+      while (off < data.length) off += await file.write(data.subarray(off));
+    }
+  };
   const flush = async () => {
     if (filled === 0) return;
     const data = buffer.subarray(0, filled);
     digester.update(data);
     try {
-      let off = 0;
-      while (off < data.length) off += await file.write(data.subarray(off));
+      await writeAt(data, written);
     } catch (err) {
       throw fail("io", `cannot write ${tmp}: ${(err as Error).message}`);
     }
+    written += filled;
     filled = 0;
   };
   return {
@@ -205,8 +232,8 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
     },
     async reset() {
       filled = 0;
-      file.close();
-      file = await Deno.open(tmp, { write: true, truncate: true });
+      written = 0;
+      await file.truncate(0);
       digester = createDigester();
     },
     async commit() {
@@ -223,7 +250,7 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
       }
       try {
         await file.sync();
-        file.close();
+        closeAll();
         await Deno.rename(tmp, final);
         await syncDir(join(layout.dir, "blobs", "sha256"));
       } catch (err) {

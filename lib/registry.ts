@@ -114,6 +114,8 @@ interface CallOptions {
   accept: number[];
   /** Retry on transport errors / 5xx (false for non-idempotent upload steps handled by caller). */
   retry?: boolean;
+  /** A large download: `bulk` of lib/http.ts. */
+  bulk?: boolean;
 }
 
 /** Opens a client for `registry` (`host[:port]`). Nothing is sent until the first call. */
@@ -201,6 +203,7 @@ export function createRegistryClient(
           headers,
           body: o.body,
           signal: options.signal,
+          bulk: o.bulk,
         });
       } catch (err) {
         if (o.retry !== false && isNetworkError(err) && attempt < policy.attempts) {
@@ -423,6 +426,7 @@ export function createRegistryClient(
           scopes: pull(repository),
           follow: true,
           accept: [200, 206],
+          bulk: true,
         }, what);
         if (offset > 0 && res.status === 200) {
           debug(`${what}: server ignored Range; starting over`);

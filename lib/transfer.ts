@@ -77,13 +77,49 @@ async function clientFor(registry: string, options: TransferOptions): Promise<Re
 }
 
 /**
+ * An image whose blobs are being fetched: what {@link FetchOptions.onManifest} receives, so that
+ * a consumer (a pull's import) can start on the blobs that are there while the rest downloads.
+ */
+export interface FetchingImage {
+  layout: Layout;
+  /** The manifest's descriptor (digest, media type, size). */
+  descriptor: Descriptor;
+  manifest: Manifest;
+  /**
+   * Resolves once the blob `digest` of the manifest is stored, verified (at once for blobs
+   * that were already local); rejects if the fetch fails first.
+   */
+  blobReady(digest: string): Promise<void>;
+}
+
+/** Options of {@link fetchImage}. */
+export interface FetchOptions extends TransferOptions {
+  /** Local name to store the image under (default: the source reference). */
+  target?: Reference;
+  /** Called once the manifest is known and before the first blob is downloaded. */
+  onManifest?: (image: FetchingImage) => void;
+}
+
+/** A promise with its resolve/reject, observed so that an unawaited rejection is harmless. */
+function deferred(): { promise: Promise<void>; resolve(): void; reject(e: unknown): void } {
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => {});
+  return { promise, resolve, reject };
+}
+
+/**
  * Downloads `source` from its registry into the store under the local name `target` (default:
  * the same reference). Blobs already present are not downloaded again; concurrent fetches of
- * one image wait for each other and store one copy.
+ * one image wait for each other and store one copy. Blobs are downloaded in manifest order.
  */
 export async function fetchImage(
   source: Reference,
-  options: TransferOptions & { target?: Reference },
+  options: FetchOptions,
 ): Promise<TransferResult> {
   const target = options.target ?? source;
   const client = await clientFor(source.registry, options);
@@ -115,6 +151,18 @@ export async function fetchImage(
     } else {
       debug(`all ${blobs.length} blobs of ${formatReference(source)} are already local`);
     }
+    const manifestDescriptor: Descriptor = {
+      mediaType,
+      digest: fetched.digest,
+      size: fetched.bytes.length,
+    };
+    const pending = new Map(missing.map((b) => [b.digest, deferred()]));
+    options.onManifest?.({
+      layout,
+      descriptor: manifestDescriptor,
+      manifest,
+      blobReady: (digest) => pending.get(digest)?.promise ?? Promise.resolve(),
+    });
     const progress = startProgress("fetch", total);
     try {
       await forEachConcurrent(missing, options.concurrency ?? 4, async (blob) => {
@@ -122,19 +170,18 @@ export async function fetchImage(
         try {
           await client.downloadBlob(source.repository, blob, writer, (n) => progress.add(n));
           await writer.commit();
+          pending.get(blob.digest)?.resolve();
         } finally {
           await writer.abort();
         }
       });
+    } catch (err) {
+      for (const d of pending.values()) d.reject(err);
+      throw err;
     } finally {
       progress.stop();
     }
 
-    const manifestDescriptor: Descriptor = {
-      mediaType,
-      digest: fetched.digest,
-      size: fetched.bytes.length,
-    };
     await storeManifest(layout, manifestDescriptor, fetched.bytes);
     const tag = target.digest ? target.tag : (target.tag ?? (source.digest ? undefined : "latest"));
     await writeIndex(layout, addToIndex(await readIndex(layout), manifestDescriptor, tag));
@@ -198,7 +245,11 @@ export async function readLocalManifest(
  */
 export async function pushImage(
   local: Reference,
-  options: TransferOptions & { target?: Reference },
+  options: TransferOptions & {
+    target?: Reference;
+    /** Blobs already uploaded to the target repository (by a {@link PushSession}). */
+    uploaded?: ReadonlyMap<string, number>;
+  },
 ): Promise<TransferResult> {
   const target = options.target ?? local;
   const { layout, descriptor, bytes, manifest } = await readLocalManifest(options.ocidir, local);
@@ -219,7 +270,9 @@ export async function pushImage(
   const client = await clientFor(target.registry, options);
   try {
     const missing: Descriptor[] = [];
+    const early = blobs.filter((b) => options.uploaded?.has(b.digest));
     await forEachConcurrent(blobs, 8, async (b) => {
+      if (options.uploaded?.has(b.digest)) return;
       if (!await client.hasBlob(target.repository, b.digest)) missing.push(b);
     });
     const total = missing.reduce((n, b) => n + b.size, 0);
@@ -256,16 +309,98 @@ export async function pushImage(
       throw fail("usage", `local image has digest ${descriptor.digest}, not ${target.digest}`);
     }
     await client.putManifest(target.repository, selector, bytes, mediaType);
+    const sentEarly = early.reduce((n, b) => n + (options.uploaded?.get(b.digest) ?? 0), 0);
+    const sentEarlyCount = early.filter((b) => (options.uploaded?.get(b.digest) ?? 0) > 0).length;
     return {
       digest: descriptor.digest,
       imageId: manifest.config.digest,
       layoutDir: layout.dir,
-      blobBytes: sent,
-      blobsTransferred: missing.length - mounted,
+      blobBytes: sent + sentEarly,
+      blobsTransferred: missing.length - mounted + sentEarlyCount,
       blobsMounted: mounted,
-      blobsSkipped: blobs.length - missing.length,
+      blobsSkipped: blobs.length - missing.length - sentEarlyCount,
     };
   } finally {
     client.close();
   }
+}
+
+/**
+ * Uploads blobs while an image is still being made (`sarde export --push`): {@link PushSession.add}
+ * queues each blob as soon as it is stored, and {@link PushSession.finish} pushes the finished
+ * image, whose blobs are then mostly in the registry already.
+ */
+export interface PushSession {
+  /** Queues a stored blob of `layout` for upload (skipped if the registry has it). */
+  add(layout: Layout, blob: Descriptor): void;
+  /** Waits for the queued uploads, then pushes the local image `local` to the target. */
+  finish(local: Reference): Promise<TransferResult>;
+  /** Stops: queued uploads are dropped, running ones interrupted. */
+  abort(): void;
+}
+
+/** Starts a {@link PushSession} to `target`. */
+export function startPushSession(
+  target: Reference,
+  options: TransferOptions,
+): PushSession {
+  const stop = new AbortController();
+  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
+  const clientP = clientFor(target.registry, { ...options, signal });
+  clientP.catch(() => {});
+  /** Digest → bytes sent (0: the registry had it). */
+  const uploaded = new Map<string, number>();
+  const queued = new Set<string>();
+  const queue: { layout: Layout; blob: Descriptor }[] = [];
+  let running = 0;
+  let failure: { error: unknown } | undefined;
+  let idle: (() => void) | undefined;
+  const limit = options.concurrency ?? 4;
+
+  const pump = () => {
+    while (!failure && running < limit && queue.length > 0) {
+      const { layout, blob } = queue.shift()!;
+      running++;
+      (async () => {
+        const client = await clientP;
+        if (await client.hasBlob(target.repository, blob.digest)) {
+          uploaded.set(blob.digest, 0);
+          return;
+        }
+        await client.uploadBlob(
+          target.repository,
+          blob,
+          (offset, length) => readBlobRange(layout, blob.digest, offset, length),
+        );
+        uploaded.set(blob.digest, blob.size);
+        debug(`uploaded ${blob.digest} during the export`);
+      })().catch((error) => {
+        failure ??= { error };
+      }).finally(() => {
+        running--;
+        pump();
+        if (running === 0 && (queue.length === 0 || failure)) idle?.();
+      });
+    }
+  };
+
+  return {
+    add(layout, blob) {
+      if (queued.has(blob.digest) || failure) return;
+      queued.add(blob.digest);
+      queue.push({ layout, blob });
+      pump();
+    },
+    async finish(local) {
+      if (running > 0) await new Promise<void>((resolve) => idle = resolve);
+      (await clientP).close();
+      if (failure) throw failure.error;
+      return await pushImage(local, { ...options, target, uploaded });
+    },
+    abort() {
+      queue.length = 0;
+      stop.abort();
+      clientP.then((c) => c.close(), () => {});
+    },
+  };
 }

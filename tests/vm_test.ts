@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { digestFile } from "../lib/digest.ts";
 import { listFiles, run, sarde, tempDir } from "./support/images.ts";
+import { startFaultyProxy } from "./support/proxy.ts";
 import { startRegistry } from "./support/registry.ts";
 import {
   defineTestVm,
@@ -19,6 +20,7 @@ import {
 
 const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
+const FAST_RETRY = { SARDE_RETRY_BASE_MS: "20" };
 
 async function sameContent(a: string, b: string, format: string) {
   const r = await run("qemu-img", ["compare", "-f", format, "-F", format, a, b]);
@@ -419,6 +421,102 @@ Deno.test({
       assert.equal(forced.code, 0, forced.stderr);
     } finally {
       await virsh("destroy", "--domain", vm.name);
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "vm: export --push uploads chunks while exporting; pull decodes behind the download; a bad blob mid-pull leaves nothing",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await using reg = await startRegistry("plain");
+    const work = await tempDir("pushpull");
+    const vmdir = join("/var/tmp/sarde-test-vms", `imported-stream-${Deno.pid}`);
+    const ref = `${reg.host}/stream/vm:v1`;
+    const names: string[] = [];
+    try {
+      // Small chunks: many blobs, uploaded while later ones are still being compressed.
+      const ex = await sarde(
+        ["export", "--push", "-d", join(work, "src"), "--chunksize", "256KiB", vm.name, ref],
+        { env },
+      );
+      assert.equal(ex.code, 0, ex.stderr);
+      // When the export ended, only the blobs written after the disks (XML, config) were left.
+      const left = /pushing \S+: (\d+) of (\d+) blobs to upload/.exec(ex.stderr);
+      assert.ok(left, ex.stderr);
+      assert.ok(Number(left[1]) <= 3 && Number(left[2]) - Number(left[1]) >= 4, left[0]);
+      // The registry serves exactly the local manifest (read by skopeo, independently).
+      const index = JSON.parse(
+        await Deno.readTextFile(join(work, "src", reg.host, "stream", "vm", "index.json")),
+      );
+      const raw = await run("sh", [
+        "-c",
+        `skopeo inspect --tls-verify=false --raw docker://${ref} | sha256sum`,
+      ]);
+      assert.equal(`sha256:${raw.stdout.split(" ")[0]}`, index.manifests[0].digest);
+
+      const p = await sarde(
+        ["pull", "-d", join(work, "dst"), "--vmdir", vmdir, "-n", `${vm.name}-s`, ref],
+        { env },
+      );
+      assert.equal(p.code, 0, p.stderr);
+      names.push(p.stdout.trim());
+      for (const d of vm.disks) {
+        const copy = join(vmdir, names[0], d.disk.path.split("/").at(-1)!);
+        await sameContent(d.disk.path, copy, d.disk.format);
+      }
+
+      // The last disk chunk corrupted on the way: the import has started when the download
+      // fails; nothing may stay behind.
+      const manifest = JSON.parse(
+        await Deno.readTextFile(
+          join(
+            work,
+            "src",
+            reg.host,
+            "stream",
+            "vm",
+            "blobs",
+            "sha256",
+            index.manifests[0].digest.slice(7),
+          ),
+        ),
+      );
+      const chunks = manifest.layers.filter((l: { annotations?: Record<string, string> }) =>
+        l.annotations?.["org.sardinecake.chunk.digest"]
+      );
+      const proxy = await startFaultyProxy(reg, {
+        kind: "corrupt-blob",
+        digests: [chunks.at(-1).digest],
+      });
+      const badDir = join("/var/tmp/sarde-test-vms", `imported-bad-${Deno.pid}`);
+      try {
+        const bad = await sarde([
+          "pull",
+          "-d",
+          join(work, "bad"),
+          "--vmdir",
+          badDir,
+          "-n",
+          `${vm.name}-bad`,
+          `${proxy.host}/stream/vm:v1`,
+        ], { env: { ...env, ...FAST_RETRY } });
+        assert.equal(bad.code, 6, bad.stderr);
+        assert.match(bad.stderr, /failed verification/);
+        assert.notEqual((await virsh("dominfo", `${vm.name}-bad`)).code, 0, "no VM defined");
+        const left = (await listFiles(badDir)).filter((f) => !f.startsWith(".locks"));
+        assert.deepEqual(left, [], `nothing left in the VM folder: ${left}`);
+      } finally {
+        await proxy.stop();
+        await Deno.remove(badDir, { recursive: true }).catch(() => {});
+      }
+    } finally {
+      await undefineVms(names);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }
   },

@@ -35,8 +35,11 @@ export interface RunningProxy {
 
 /** Faults {@link startFaultyProxy} can inject. */
 export type Fault =
-  /** Flip bytes (same length) in every `GET /v2/…/blobs/<digest>` response body. */
-  | { kind: "corrupt-blob" }
+  /**
+   * Flip bytes (same length) in every `GET /v2/…/blobs/<digest>` response body (only for the
+   * `digests` listed, if given).
+   */
+  | { kind: "corrupt-blob"; digests?: string[] }
   /**
    * Close the connection after `afterBytes` body bytes of a blob GET response, for the first
    * `times` responses that are longer than that. `Range` requests are forwarded, so clients can
@@ -308,7 +311,10 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
     case "corrupt-blob":
       return startProxy(target, {
         responseBody: (req, res, body) =>
-          isBlobGet(req) && (res.status === 200 || res.status === 206) ? corrupt(body) : body,
+          isBlobGet(req) && (res.status === 200 || res.status === 206) &&
+            (!fault.digests || fault.digests.some((d) => req.url.endsWith(`/blobs/${d}`)))
+            ? corrupt(body)
+            : body,
       });
     case "cut-blob": {
       let remaining = fault.times;
