@@ -289,6 +289,11 @@ export function buildProgram(config: Config = {}): Command {
       "zstd: uncompressed chunk size (default 64MiB); gzip: compressed piece size (default: one piece)",
       (v) => parseSize(v, "--chunksize"),
     )
+    .option(
+      "--zstd-level <n>",
+      "zstd level 1-19 (default 2; 3 makes images ~1.5 % smaller for ~40 % more CPU)",
+      (v) => parsePositiveInt(v, "--zstd-level"),
+    )
     .option("-f, --force", "export even if the VM is running")
     .option(
       "--push",
@@ -309,6 +314,7 @@ export function buildProgram(config: Config = {}): Command {
         libvirtconfig?: string;
         compression?: "zstd" | "gzip";
         chunksize?: number;
+        zstdLevel?: number;
         force?: boolean;
         push?: boolean;
       },
@@ -327,6 +333,7 @@ export function buildProgram(config: Config = {}): Command {
         libvirtConfig: o.libvirtconfig ?? getPath(config, "libvirtconfig"),
         compression,
         chunkSize: o.chunksize ?? getSize(config, "chunksize"),
+        zstdLevel: o.zstdLevel ?? getInt(config, "zstd-level"),
         force: o.force ?? getBoolean(config, "force"),
         push: o.push ?? getBoolean(config, "push")
           ? { ...s, chunkSize: getSize(config, "chunk-size") }

@@ -279,7 +279,7 @@ function codecWorkerMain(): void {
   // compressed (it is the match window). Three piece buffers in rotation guarantee that, with
   // gaps between them so libzstd never sees two pieces as one contiguous run (its output would
   // then depend on where the buffers happen to lie).
-  const PIECE = 8 << 20;
+  const PIECE = 4 << 20;
   const GAP = 4096;
   let pieces: Uint8Array[] | undefined; // allocated by the first encode: decoders need none
   let packed: Uint8Array | undefined; // compressBound(PIECE) + frame header and checksum
@@ -319,6 +319,55 @@ function codecWorkerMain(): void {
     readTo(end);
   }
 
+  let stage: Uint8Array | undefined;
+  /**
+   * Appends to `path` (made, empty, by the caller) through a 4 MiB staging buffer, written with
+   * O_DIRECT in whole aligned blocks where possible; the tail goes through a normal handle.
+   */
+  function appender(path: string) {
+    let fd = openDirect(path);
+    let file: Deno.FsFile | undefined;
+    let pos = 0;
+    let staged = 0;
+    const buf = stage ??= aligned(IO);
+    const flush = (all: boolean) => {
+      const whole = all ? staged : staged - (staged % 4096);
+      if (whole === 0) return;
+      const block = buf.subarray(0, whole);
+      if (!writeDirect(fd, block, pos)) {
+        if (fd >= 0 && pos % 4096 === 0 && whole % 4096 === 0) {
+          libc!.close(fd); // refused: stop trying
+          fd = -1;
+        }
+        file ??= Deno.openSync(path, { write: true });
+        file.seekSync(pos, Deno.SeekMode.Start);
+        writeAll(file, block);
+      }
+      pos += whole;
+      buf.copyWithin(0, whole, staged);
+      staged -= whole;
+    };
+    return {
+      append(bytes: Uint8Array) {
+        for (let off = 0; off < bytes.length;) {
+          const n = Math.min(bytes.length - off, buf.length - staged);
+          buf.set(bytes.subarray(off, off + n), staged);
+          staged += n;
+          off += n;
+          if (staged === buf.length) flush(false);
+        }
+      },
+      [Symbol.dispose]() {
+        try {
+          flush(true);
+        } finally {
+          if (fd >= 0) libc!.close(fd);
+          file?.close();
+        }
+      },
+    };
+  }
+
   function encode(job: EncodeJob): EncodeResult {
     const { s, check, cctx } = zstd;
     using f = Deno.openSync(job.file, { read: true });
@@ -336,7 +385,7 @@ function codecWorkerMain(): void {
     check(s.ZSTD_compressBegin_advanced(cctx, null, 0n, params, BigInt(job.length)), "zstd");
     const chunkHash = createHash("sha256");
     const blobHash = createHash("sha256");
-    let blob: Deno.FsFile | undefined;
+    const blob = appender(job.out);
     let size = 0;
     let previous = -1; // the buffer of the last piece compressed: the window, keep it intact
     const compress = (buf: number, n: number, last: boolean) => {
@@ -352,8 +401,7 @@ function codecWorkerMain(): void {
       if (written === 0) return;
       const bytes = out.subarray(0, written);
       blobHash.update(bytes);
-      blob ??= Deno.openSync(job.out, { write: true }); // made by the caller
-      writeAll(blob, bytes);
+      blob.append(bytes);
       size += written;
     };
     const free = (busy: number) => [0, 1, 2].find((b) => b !== previous && b !== busy)!;
@@ -394,7 +442,7 @@ function codecWorkerMain(): void {
         uncompressedDigest: `sha256:${chunkHash.digest("hex")}`,
       };
     } finally {
-      blob?.close();
+      blob[Symbol.dispose]();
     }
   }
 

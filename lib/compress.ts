@@ -1,31 +1,6 @@
 /**
- * Disk-image encodings: sarde's chunked zstd (the default) and sardinecake 0.4's gzip.
- *
- * **zstd.** A file is cut into fixed-size *uncompressed* chunks and every chunk becomes one
- * independent zstd frame. Fixed uncompressed boundaries keep the blob of an unchanged region
- * identical across exports (registry dedup), and independent frames let a pull fetch, decode and
- * verify chunks in parallel. The `zstd` CLI does the work (≈2× faster here than the in-process
- * `node:zlib` zstd, which is built without threads). Deno only reads the file once, hashing it
- * (whole file and per chunk) with SHA-NI and streaming it into `zstd`'s stdin; `zstd` writes the
- * blob itself. Reading once also means the bytes hashed are the bytes compressed, even if a
- * running VM (`export --force`) changes the file meanwhile. The price: per GiB of input, Deno
- * hashes ~2 GiB (file, chunk, blob), about as much CPU as zstd -3 itself, so on 2 cores the
- * encode runs at roughly half the bare `zstd -T0` speed (measured 350–370 vs 750–860 MB/s on a
- * mixed 1 GiB file, idle machine); the whole-file hash runs on a Worker to use the second core.
- *
- * Determinism: the bytes of a chunk's frame depend only on its content, its length, the level and
- * the zstd version. We always run zstd in its multithreaded *streaming* mode (`-T<n>`, input on
- * stdin, length pledged with `--stream-size`), whose output zstd guarantees not to depend on the
- * number of worker threads (facebook/zstd#2238, #2327; checked here with 1.5.4: `-T1`, `-T2`,
- * `-T0`, `-T8`, `-T16` give identical bytes). We never use `--single-thread`, and never let zstd
- * read the file by path: both produce *different* (equally valid) bytes, e.g. 64 MiB of text gave
- * another frame when zstd read it from a file than from stdin with the same pledged size.
- *
- * Holes: `qemu-img map -f raw` (SEEK_DATA/SEEK_HOLE) lists the regions that read as zeros. A
- * chunk that lies entirely in such a region is not read and not compressed: its blob is a copy of
- * a cached zero frame, produced by the very same zstd command, so a hole chunk and a chunk of
- * written zeros give the same blob. Holes inside data chunks are fed from a zero buffer instead
- * of being read.
+ * sardinecake 0.4's gzip disk encoding, and the helpers both encodings share (holes, temp files
+ * and child processes of a job, error mapping). sarde's own zstd encoding is in lib/zstd.ts.
  *
  * **gzip.** Exactly the layout sardinecake 0.4 writes (spec §1.5) so that 0.4 can import it: one
  * gzip stream per file with Python's header (FNAME, MTIME, XFL=0, OS=255), deflate level 6, the
@@ -34,8 +9,9 @@
  * byte-identical to Python's zlib (nor is Deno's `node:zlib`), which does not matter for 0.4: it
  * only needs a valid stream and reads the name and mtime from the header.
  *
- * Decoding writes sparsely: a 4 MiB-aligned block of zeros is skipped (left as a hole), as tart
- * does since its "284% faster pulls" change.
+ * Holes: `qemu-img map -f raw` (SEEK_DATA/SEEK_HOLE) lists the regions that read as zeros; they
+ * are fed from a zero buffer instead of being read. Decoding writes sparsely: a 4 MiB-aligned
+ * block of zeros is skipped (left as a hole), as tart does since its "284% faster pulls" change.
  *
  * @module
  */

@@ -31,7 +31,10 @@ export interface TransportOptions {
   idleTimeoutMs?: number;
 }
 
-/** A request body: bytes, or a function producing a fresh stream (so retries can resend it). */
+/**
+ * A request body: bytes, or a function producing a fresh stream (so retries can resend it). A
+ * stream's piece is sent completely before the next one is requested, so it may reuse a buffer.
+ */
 export type RequestBody =
   | Uint8Array
   | string
@@ -257,23 +260,24 @@ function send(req: HttpRequest, agent: http.Agent, idleTimeoutMs: number): Promi
   });
 }
 
+/**
+ * Sends `chunks`, each one handed over completely before the next is asked for: producers may
+ * reuse one buffer (lib/layout.ts readBlobRange does, which keeps an upload's memory flat).
+ */
 async function writeStream(
   cr: http.ClientRequest,
   chunks: AsyncIterable<Uint8Array>,
 ): Promise<void> {
   for await (const chunk of chunks) {
     if (cr.destroyed) return;
-    if (!cr.write(chunk)) {
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          cr.off("drain", done);
-          cr.off("close", done);
-          resolve();
-        };
-        cr.on("drain", done);
-        cr.on("close", done);
-      });
-    }
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        cr.off("close", done);
+        resolve();
+      };
+      cr.on("close", done);
+      cr.write(chunk, done);
+    });
   }
   cr.end();
 }

@@ -264,24 +264,50 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
   };
 }
 
-/** Streams a stored blob's bytes from `offset` for `length` bytes, in large reads. */
+/**
+ * Streams a stored blob's bytes from `offset` for `length` bytes, in 1 MiB reads into one reused
+ * buffer: consume each piece before asking for the next.
+ */
 export async function* readBlobRange(
   layout: Layout,
   digest: string,
   offset: number,
   length: number,
 ): AsyncIterable<Uint8Array> {
-  using file = await Deno.open(blobPath(layout, digest));
-  await file.seek(offset, Deno.SeekMode.Start);
-  let left = length;
-  while (left > 0) {
-    const buf = new Uint8Array(Math.min(IO_CHUNK, left));
-    const n = await file.read(buf);
-    if (n === null) throw fail("io", `blob ${digest} is shorter than expected`);
-    left -= n;
-    yield n === buf.length ? buf : buf.subarray(0, n);
+  const path = blobPath(layout, digest);
+  using file = await Deno.open(path);
+  // Not through the page cache where possible (see lib/direct_io.ts): a blob is sent once.
+  const direct = offset % DIRECT_ALIGN === 0 ? openDirect(path, "read") : undefined;
+  try {
+    await file.seek(offset, Deno.SeekMode.Start);
+    let pos = offset;
+    let left = length;
+    // One buffer for all pieces (the consumer is done with a piece when it asks for the next):
+    // fresh 1 MiB buffers per piece piled up as garbage, ~60 MB per upload before a GC.
+    const buf = alignedBuffer(Math.min(UPLOAD_PIECE, length + DIRECT_ALIGN));
+    while (left > 0) {
+      const want = Math.min(UPLOAD_PIECE, left);
+      let n: number | null;
+      if (direct) {
+        const aligned = want + (DIRECT_ALIGN - (want % DIRECT_ALIGN)) % DIRECT_ALIGN;
+        n = await direct.read(buf.subarray(0, Math.min(aligned, buf.length)), pos);
+        if (n === 0) n = null;
+        else n = Math.min(n, want);
+      } else {
+        n = await file.read(buf.subarray(0, want));
+      }
+      if (n === null) throw fail("io", `blob ${digest} is shorter than expected`);
+      left -= n;
+      pos += n;
+      yield buf.subarray(0, n);
+    }
+  } finally {
+    direct?.close();
   }
 }
+
+/** Size of the pieces {@link readBlobRange} yields. */
+const UPLOAD_PIECE = 1 << 20;
 
 /** Reads `index.json`. */
 export async function readIndex(layout: Layout): Promise<ImageIndex> {

@@ -306,6 +306,16 @@ Deno.test("zstd: a corrupt blob or a wrong digest is an integrity error and leav
     );
     await assertUntouched();
 
+    // A valid frame that asks for a 128 MiB window (a memory bomb for a decoder that trusts it).
+    const wide = join(dir, "wide.zst");
+    await sh(`zstd -dc '${c0.path}' | zstd -q -3 --zstd=wlog=27 -c > '${wide}'`);
+    assert.match(await sh(`zstd -lv '${wide}'`), /Window Size: 128 MiB/);
+    await assert.rejects(
+      decodeZstdChunk(wide, out, c0.offset, c0.length, c0.uncompressedDigest),
+      (e: unknown) => isKind("integrity")(e) && /memory|window/i.test((e as Error).message),
+    );
+    await assertUntouched();
+
     // A valid blob that does not match the expected digest or length.
     await assert.rejects(
       decodeZstdChunk(c1.path, out, c1.offset, c1.length, c0.uncompressedDigest),

@@ -13,6 +13,7 @@ log() { echo "setup: $*" >&2; }
 
 PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-utils qemu-system-x86 zstd pigz
+  libzstd1 # sarde compresses and decompresses with it (FFI); zstd(1) checks blobs in tests
   docker-registry apache2-utils skopeo
   openssh-client sshpass cpio kmod e2fsprogs curl openssl
   time # /usr/bin/time -f %M: peak RSS in deno task bench
