@@ -281,6 +281,9 @@ export async function exportVm(
   info(`exporting ${vm}: ${files.length} file(s), ${formatBytes(total)}, ${compression}`);
   const progress = startProgress("export", total);
   const diskLayers: Descriptor[] = [];
+  // zstd: one diff_id per chunk layer (its uncompressed digest), so the config — the image ID —
+  // pins every chunk; gzip: one per file, as sardinecake 0.4 writes them.
+  const diskDiffIds: { digest: string; createdBy: string }[] = [];
   const stored: ExportResult["files"] = [];
   const cleanups: string[] = [];
   const unregister = onInterrupt(() =>
@@ -309,6 +312,10 @@ export async function exportVm(
         });
         await Promise.all(adopted);
         for (const [i, c] of enc.chunks.entries()) {
+          diskDiffIds.push({
+            digest: c.uncompressedDigest,
+            createdBy: `sarde export (zstd) ${f.name} chunk ${i + 1}/${enc.chunks.length}`,
+          });
           diskLayers.push({
             mediaType: `${mime}+zstd`,
             digest: c.digest,
@@ -360,6 +367,7 @@ export async function exportVm(
           });
         }
         if (source !== f.path) await Deno.remove(source);
+        diskDiffIds.push({ digest: enc.fileDigest, createdBy: `sarde export (gzip) ${f.name}` });
         stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
       }
       debug(`stored ${f.path} as ${f.name}`);
@@ -399,12 +407,9 @@ export async function exportVm(
     history.push({ ...(created ? { created } : {}), created_by: "sarde export --vmconfig" });
   }
   layers.push(...diskLayers);
-  for (const s of stored) {
-    diffIds.push(s.digest);
-    history.push({
-      ...(created ? { created } : {}),
-      created_by: `sarde export (${compression}) ${s.name}`,
-    });
+  for (const d of diskDiffIds) {
+    diffIds.push(d.digest);
+    history.push({ ...(created ? { created } : {}), created_by: d.createdBy });
   }
   const config = {
     architecture: ociArchitecture(doc),

@@ -193,6 +193,43 @@ export function groupDiskLayers(manifest: Manifest, what: string): ImageFile[] {
   return files;
 }
 
+/**
+ * Checks that the image config's `rootfs.diff_ids` describe the manifest's layers, so that the
+ * image ID (the config digest, and the default VM name) pins what gets imported; without this, a
+ * manifest could pair a trusted config with other layers. The rule, layer by layer in manifest
+ * order: an uncompressed layer (XML, VM config) has its own digest as diff_id; a zstd chunk has
+ * its uncompressed digest (`org.sardinecake.chunk.digest`, which decoding verifies); a gzip file
+ * (its first piece) has the digest of the whole uncompressed file, as sardinecake 0.4 writes it,
+ * and its continuation pieces have none.
+ *
+ * @returns the diff_id of each gzip file, in order, to verify the decoded file against.
+ */
+export function checkDiffIds(manifest: Manifest, diffIds: unknown, what: string): string[] {
+  const ids = Array.isArray(diffIds) && diffIds.every((d) => typeof d === "string")
+    ? diffIds as string[]
+    : undefined;
+  if (!ids) throw fail("integrity", `${what}: the image config has no rootfs.diff_ids list`);
+  const gzipFiles: string[] = [];
+  let next = 0;
+  const mismatch = (i: number, why: string) =>
+    fail(
+      "integrity",
+      `${what}: layer ${i} does not match the image config (${why})`,
+      "the manifest and the config disagree; re-export the image with this sarde",
+    );
+  for (const [i, layer] of manifest.layers.entries()) {
+    if (isGzipLayer(layer) && gzipChunkIndex(layer.mediaType) > 0) continue;
+    const id = ids[next++];
+    if (id === undefined) throw mismatch(i, "more layers than diff_ids");
+    if (isGzipLayer(layer)) gzipFiles.push(id);
+    else if (isZstdLayer(layer)) {
+      if (layer.annotations?.[Annotation.chunkDigest] !== id) throw mismatch(i, `diff_id ${id}`);
+    } else if (layer.digest !== id) throw mismatch(i, `diff_id ${id}`);
+  }
+  if (next !== ids.length) throw mismatch(manifest.layers.length, "more diff_ids than layers");
+  return gzipFiles;
+}
+
 /** The layer holding the domain XML. */
 export function domainLayer(manifest: Manifest, what: string): Descriptor {
   const l = manifest.layers.find((d) => bareMediaType(d.mediaType) === MediaType.libvirtDomain);

@@ -21,8 +21,14 @@ import {
   prepareImportedDomain,
   serializeDomainXml,
 } from "./domain.ts";
-import { fail } from "./errors.ts";
-import { checkImageFileName, domainLayer, groupDiskLayers, type ImageFile } from "./format.ts";
+import { fail, SardeError } from "./errors.ts";
+import {
+  checkDiffIds,
+  checkImageFileName,
+  domainLayer,
+  groupDiskLayers,
+  type ImageFile,
+} from "./format.ts";
 import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./fsutil.ts";
 import { blobPath, type Layout, readBlob } from "./layout.ts";
 import { type ConnectOptions, defineXml, domainExists, domainUuid } from "./libvirt.ts";
@@ -182,9 +188,7 @@ async function extractFiles(
       const r = await decodeGzip(
         f.layers.map((l) => blobPath(layout, l.digest)),
         join(folder, f.name),
-        {
-          signal: options.signal,
-        },
+        { signal: options.signal, expectedDigest: f.digest },
       );
       progress.add(f.layers.reduce((m, l) => m + l.size, 0));
       if (r.header.mtime > 0) {
@@ -319,7 +323,19 @@ export async function importImage(
       "choose another name with -n NAME, or remove that folder (sarde prune) if nothing uses it",
     );
   } else {
+    await ready(manifest.config.digest);
+    let config: { rootfs?: { diff_ids?: unknown } } | undefined;
+    try {
+      config = JSON.parse(
+        new TextDecoder().decode(await readBlob(layout, manifest.config.digest, 4 << 20)),
+      );
+    } catch (err) {
+      if (err instanceof SardeError) throw err;
+      throw fail("integrity", `${what}: the image config is not valid JSON`);
+    }
+    const gzipDigests = checkDiffIds(manifest, config?.rootfs?.diff_ids, what);
     const files = groupDiskLayers(manifest, what);
+    files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);
     const names = new Set<string>();
     for (const f of files) {
       if (f.encoding === "gzip") {

@@ -12,8 +12,26 @@ import { defineTestVm, ensureLibvirtd, TEST_URI, undefineVms, virsh } from "./su
 const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
 
-/** Replaces the domain XML of a stored image (test helper to forge hostile images). */
-async function forgeXml(layout: string, edit: (xml: string) => string): Promise<void> {
+/**
+ * Rewrites the manifest of a stored image (test helper to forge hostile images): `edit` may
+ * change the manifest and the config; both are stored again and the index points at them.
+ */
+interface ForgedLayer {
+  mediaType: string;
+  digest: string;
+  size: number;
+  annotations?: Record<string, string>;
+}
+
+async function forgeImage(
+  layout: string,
+  edit: (
+    manifest: { config: { digest: string; size: number }; layers: ForgedLayer[] },
+    config: { rootfs: { diff_ids: string[] } },
+    blob: (digest: string) => string,
+    write: (text: string) => Promise<{ digest: string; size: number }>,
+  ) => Promise<void>,
+): Promise<void> {
   const blob = (d: string) => join(layout, "blobs", "sha256", d.slice(7));
   const write = async (text: string) => {
     const bytes = new TextEncoder().encode(text);
@@ -23,10 +41,20 @@ async function forgeXml(layout: string, edit: (xml: string) => string): Promise<
   };
   const index = JSON.parse(await Deno.readTextFile(join(layout, "index.json")));
   const manifest = JSON.parse(await Deno.readTextFile(blob(index.manifests[0].digest)));
-  const xml = await Deno.readTextFile(blob(manifest.layers[0].digest));
-  Object.assign(manifest.layers[0], await write(edit(xml)));
+  const config = JSON.parse(await Deno.readTextFile(blob(manifest.config.digest)));
+  await edit(manifest, config, blob, write);
+  Object.assign(manifest.config, await write(JSON.stringify(config)));
   Object.assign(index.manifests[0], await write(JSON.stringify(manifest)));
   await Deno.writeTextFile(join(layout, "index.json"), JSON.stringify(index));
+}
+
+/** Replaces the domain XML of a stored image, consistently (config diff_id included). */
+function forgeXml(layout: string, edit: (xml: string) => string): Promise<void> {
+  return forgeImage(layout, async (manifest, config, blob, write) => {
+    const xml = await Deno.readTextFile(blob(manifest.layers[0].digest));
+    Object.assign(manifest.layers[0], await write(edit(xml)));
+    config.rootfs.diff_ids[0] = manifest.layers[0].digest;
+  });
 }
 
 Deno.test({
@@ -328,6 +356,55 @@ Deno.test({
       );
     } finally {
       await undefineVms([`${vm.name}-evil`]);
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "import: a manifest whose layers do not match its config (the image ID) is refused",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    const work = await tempDir("diffids");
+    const vmdir = join("/var/tmp/sarde-test-vms", `imported-diffids-${Deno.pid}`);
+    try {
+      const ex = await sarde(
+        ["export", "-d", work, "--chunksize", "64KiB", vm.name, "local/d:v1"],
+        { env },
+      );
+      assert.equal(ex.code, 0, ex.stderr);
+      const layout = join(work, "local", "d");
+      // Swap two different chunks of one file (blobs and their digests): every chunk still
+      // decodes to its annotated digest, but the file is not the one the config describes.
+      const key = "org.sardinecake.chunk.digest";
+      await forgeImage(layout, (manifest) => {
+        const chunks = manifest.layers.filter((l) => l.annotations?.[key]);
+        const ann = (l: ForgedLayer, k: string) =>
+          l.annotations![k.startsWith("org.") ? k : `org.sardinecake.${k}`];
+        const a = chunks[0];
+        const b = chunks.find((l) =>
+          ann(l, "file.name") === ann(a, "file.name") &&
+          ann(l, "chunk.size") === ann(a, "chunk.size") && ann(l, key) !== ann(a, key)
+        );
+        assert.ok(b, "two different chunks of the same size");
+        [a.digest, b.digest] = [b.digest, a.digest];
+        [a.size, b.size] = [b.size, a.size];
+        [a.annotations![key], b.annotations![key]] = [b.annotations![key], a.annotations![key]];
+        return Promise.resolve();
+      });
+      const imp = await sarde(
+        ["import", "-d", work, "--vmdir", vmdir, "-n", `${vm.name}-forged`, "local/d:v1"],
+        { env },
+      );
+      assert.equal(imp.code, 6, imp.stderr);
+      assert.match(imp.stderr, /does not match the image config/);
+      assert.notEqual((await virsh("dominfo", `${vm.name}-forged`)).code, 0, "no VM defined");
+      const left = (await listFiles(vmdir)).filter((f) => !f.startsWith(".locks"));
+      assert.deepEqual(left, []);
+    } finally {
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }
   },
