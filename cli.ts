@@ -406,8 +406,9 @@ export function buildProgram(config: Config = {}): Command {
 
   program.command("list")
     .alias("ls")
-    .description("list the images in the local store, with the state of their imported VM")
+    .description("list the images in the local store, with the state of the VMs imported from them")
     .addOption(ocidirOption())
+    .addOption(vmdirOption())
     .addOption(connectOption())
     .addOption(new Option("--format <format>", "output format").choices(["text", "json"]))
     .action(async (o: CommonCli & { format?: string }) => {

@@ -19,6 +19,7 @@ import { fail } from "./lib/errors.ts";
 import { type ExportOptions, type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
 import {
   defaultVmdir,
+  importedVms,
   importImage,
   type ImportResult,
   importVm as importFromStore,
@@ -154,15 +155,27 @@ async function vmState(id: string, connect?: string): Promise<VmState> {
 }
 
 /**
- * Lists the images in the local store (`sarde list`), with the state of the VM imported under
- * each image ID (`running`, `stopped`, `missing`). Pass `stateOf: false` to skip libvirt.
+ * Lists the images in the local store (`sarde list`), with the state of the VMs imported from
+ * each image, under its ID or another name (`-n`) in `vmdir`: `running` if one runs, `stopped`
+ * if one is defined, else `missing`. Pass `stateOf: false` to skip libvirt.
  */
 export async function list(
-  options: StoreOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
+  options: StoreOptions & VmOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
 ): Promise<ImageEntry[]> {
-  const stateOf = options.stateOf === false
-    ? undefined
-    : options.stateOf ?? ((id: string) => vmState(id, options.connect));
+  let stateOf: StateLookup | undefined;
+  if (options.stateOf !== false) {
+    const imported = await importedVms(options.vmdir ?? defaultVmdir());
+    stateOf = options.stateOf ?? (async (id: string) => {
+      const states = await Promise.all(
+        [...new Set([id, ...imported.get(id) ?? []])].map((n) => vmState(n, options.connect)),
+      );
+      return states.includes("running")
+        ? "running"
+        : states.includes("stopped")
+        ? "stopped"
+        : "missing";
+    });
+  }
   return await listImages(options.ocidir ?? defaultOcidir(), stateOf);
 }
 

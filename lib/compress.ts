@@ -484,6 +484,8 @@ class SparseWriter {
   writtenEnd = -1;
   /** Start of the first range written. */
   writtenStart = -1;
+  /** Bytes actually written (zero blocks left as holes are not counted). */
+  allocated = 0;
 
   constructor(file: Deno.FsFile, offset: number) {
     this.#file = file;
@@ -518,6 +520,7 @@ class SparseWriter {
     await this.#pending; // the other buffer's write is done, so it can take the next block
     if (this.writtenStart < 0) this.writtenStart = pos;
     this.writtenEnd = pos + block.length;
+    this.allocated += block.length;
     this.#pending = (async () => {
       await this.#file.seek(pos, Deno.SeekMode.Start);
       await writeAll(this.#file, block);
@@ -539,7 +542,10 @@ class SparseWriter {
   }
 }
 
-/** Reads a child's stdout into `writer`, failing once more than `limit` bytes arrived. */
+/**
+ * Reads a child's stdout into `writer`, failing once more than `limit` bytes were written to
+ * disk (zero blocks left as holes do not count: a sparse disk may be larger than the space).
+ */
 async function drainInto(
   stdout: ReadableStream<Uint8Array>,
   writer: SparseWriter,
@@ -551,10 +557,14 @@ async function drainInto(
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      if (writer.size + value.length > limit) {
-        throw fail("integrity", `${what}: decompresses to more than the expected ${limit} bytes`);
-      }
       await writer.push(value);
+      if (writer.allocated > limit) {
+        throw fail(
+          "io",
+          `${what}: decompresses to more than the ${limit} bytes of free space`,
+          "free some space, or import into another --vmdir",
+        );
+      }
     }
   } finally {
     await reader.cancel().catch(() => {});
@@ -861,7 +871,15 @@ export async function encodeGzip(file: string, opts: GzipEncodeOptions): Promise
 export async function decodeGzip(
   pieces: string[],
   out: string,
-  opts: { signal?: AbortSignal; expectedDigest?: string } = {},
+  opts: {
+    signal?: AbortSignal;
+    expectedDigest?: string;
+    /**
+     * Most bytes the output may take on disk (a gzip image says nothing about its size, so an
+     * import passes the free space of its file system: a gzip bomb fails instead of filling it).
+     */
+    maxBytes?: number;
+  } = {},
 ): Promise<DecodedGzip> {
   const { signal, expectedDigest } = opts;
   if (pieces.length === 0) throw fail("usage", "no gzip pieces to decompress");
@@ -919,7 +937,12 @@ export async function decodeGzip(
     };
     const consume = async () => {
       try {
-        await drainInto(tool!.child.stdout, writer!, Number.MAX_SAFE_INTEGER, what);
+        await drainInto(
+          tool!.child.stdout,
+          writer!,
+          opts.maxBytes ?? Number.MAX_SAFE_INTEGER,
+          what,
+        );
       } catch (err) {
         kill(tool!.child); // or the producer blocks forever on a full pipe
         throw err;

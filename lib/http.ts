@@ -182,22 +182,7 @@ async function sendWithFetch(
       await stream.cancel().catch(() => {});
     }
   }
-  const bytes = async (limit = DEFAULT_BODY_LIMIT) => {
-    const parts: Uint8Array[] = [];
-    let total = 0;
-    for await (const piece of pieces()) {
-      total += piece.length;
-      if (total > limit) throw fail("registry", `response body larger than ${limit} bytes`);
-      parts.push(piece.slice());
-    }
-    const out = new Uint8Array(total);
-    let off = 0;
-    for (const p of parts) {
-      out.set(p, off);
-      off += p.length;
-    }
-    return out;
-  };
+  const bytes = (limit = DEFAULT_BODY_LIMIT) => collect(pieces(), limit);
   return {
     status: res.status,
     headers: res.headers,
@@ -295,25 +280,7 @@ function wrapResponse(res: http.IncomingMessage): HttpResponse {
     if (v === undefined) continue;
     for (const item of Array.isArray(v) ? v : [v]) headers.append(k, item);
   }
-  const bytes = async (limit = DEFAULT_BODY_LIMIT) => {
-    const parts: Uint8Array[] = [];
-    let total = 0;
-    for await (const chunk of res as AsyncIterable<Uint8Array>) {
-      total += chunk.length;
-      if (total > limit) {
-        res.destroy();
-        throw fail("registry", `response body larger than ${limit} bytes`);
-      }
-      parts.push(chunk);
-    }
-    const out = new Uint8Array(total);
-    let off = 0;
-    for (const p of parts) {
-      out.set(p, off);
-      off += p.length;
-    }
-    return out;
-  };
+  const bytes = (limit = DEFAULT_BODY_LIMIT) => collect(res, limit, () => res.destroy());
   return {
     status: res.statusCode ?? 0,
     headers,
@@ -326,6 +293,31 @@ function wrapResponse(res: http.IncomingMessage): HttpResponse {
       } catch { /* the connection is gone; nothing to free */ }
     },
   };
+}
+
+/** Reads a body into one array, refusing more than `limit` bytes (hostile servers). */
+async function collect(
+  chunks: AsyncIterable<Uint8Array>,
+  limit: number,
+  onTooLarge?: () => void,
+): Promise<Uint8Array> {
+  const parts: Uint8Array[] = [];
+  let total = 0;
+  for await (const chunk of chunks) {
+    total += chunk.length;
+    if (total > limit) {
+      onTooLarge?.();
+      throw fail("registry", `response body larger than ${limit} bytes`);
+    }
+    parts.push(chunk.slice()); // a copy: bulk bodies reuse their buffer for the next piece
+  }
+  const out = new Uint8Array(total);
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
 }
 
 /** The User-Agent sent with every request. */

@@ -83,6 +83,25 @@ interface Marker {
   reference: string;
 }
 
+/**
+ * The VM folders of `vmdir` by the image ID they were imported from (whatever their names: `-n`
+ * gives others than the image ID). Unreadable markers are skipped: this only informs `list`.
+ */
+export async function importedVms(vmdir: string): Promise<Map<string, string[]>> {
+  const byImage = new Map<string, string[]>();
+  try {
+    for await (const e of Deno.readDir(vmdir)) {
+      if (!e.isDirectory || e.name.startsWith(".")) continue;
+      const marker = await readMarker(join(vmdir, e.name)).catch(() => undefined);
+      if (!marker) continue;
+      byImage.set(marker.image, [...byImage.get(marker.image) ?? [], e.name]);
+    }
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
+  return byImage;
+}
+
 async function readMarker(folder: string): Promise<Marker | undefined> {
   let text: string;
   try {
@@ -188,7 +207,12 @@ async function extractFiles(
       const r = await decodeGzip(
         f.layers.map((l) => blobPath(layout, l.digest)),
         join(folder, f.name),
-        { signal: options.signal, expectedDigest: f.digest },
+        {
+          signal: options.signal,
+          expectedDigest: f.digest,
+          // Leave 1 GiB: a gzip bomb fails before the file system is full.
+          maxBytes: Math.max(0, ((await freeBytes(folder)) ?? Number.MAX_SAFE_INTEGER) - (1 << 30)),
+        },
       );
       progress.add(f.layers.reduce((m, l) => m + l.size, 0));
       if (r.header.mtime > 0) {

@@ -640,6 +640,24 @@ Deno.test("gzip: malformed headers and corrupt streams are integrity errors; no 
     await assert.rejects(decodeGzip([join(dir, "nope")], out), isKind("not-found"));
     const ok = await decodeGzip(paths, out, { expectedDigest: digestOf(data) });
     assert.equal(ok.size, data.length);
+
+    // A gzip bomb: 64 MiB of zeros then 8 MiB of text is 72 MiB on disk… minus the zero
+    // blocks, which stay holes. The cap counts what is written, so 8 MiB pass and 7 do not.
+    const bomb = join(dir, "bomb.img");
+    await makeFile(bomb, 72 * MiB, [[64 * MiB, textBytes(8 * MiB)]]);
+    const bombEnc = await encodeGzip(bomb, {
+      storedName: "b",
+      mtime: 0,
+      chunkSize: 0,
+      outDir: dir,
+    });
+    const bombPieces = bombEnc.pieces.map((p) => p.path);
+    assert.equal((await decodeGzip(bombPieces, out, { maxBytes: 8 * MiB })).size, 72 * MiB);
+    await assert.rejects(
+      decodeGzip(bombPieces, out, { maxBytes: 7 * MiB }),
+      (e: unknown) => isKind("io")(e) && /free space/.test((e as Error).message),
+    );
+    await assert.rejects(Deno.stat(out), Deno.errors.NotFound, "no partial output");
   });
 });
 

@@ -317,24 +317,17 @@ Deno.test({
         chunkSize: 0,
         outDir: work,
       });
-      const layout = join(store, "local", "evil");
-      const blob = (d: string) => join(layout, "blobs", "sha256", d.slice(7));
-      await Deno.rename(enc.pieces[0].path, blob(enc.pieces[0].digest));
-      const index = JSON.parse(await Deno.readTextFile(join(layout, "index.json")));
-      const manifest = JSON.parse(await Deno.readTextFile(blob(index.manifests[0].digest)));
-      const disk = manifest.layers.findIndex((l: { mediaType: string }) =>
-        l.mediaType.endsWith("+gzip")
-      );
-      manifest.layers[disk] = {
-        ...manifest.layers[disk],
-        digest: enc.pieces[0].digest,
-        size: enc.pieces[0].size,
-      };
-      const bytes = new TextEncoder().encode(JSON.stringify(manifest));
-      const digest = digestOf(bytes);
-      await Deno.writeFile(blob(digest), bytes);
-      index.manifests[0] = { ...index.manifests[0], digest, size: bytes.length };
-      await Deno.writeTextFile(join(layout, "index.json"), JSON.stringify(index));
+      // A consistent forgery: the config's diff_id for the file is the new file's digest.
+      await forgeImage(join(store, "local", "evil"), async (manifest, config, blob) => {
+        await Deno.rename(enc.pieces[0].path, blob(enc.pieces[0].digest));
+        const disk = manifest.layers.findIndex((l) => l.mediaType.endsWith("+gzip"));
+        manifest.layers[disk] = {
+          ...manifest.layers[disk],
+          digest: enc.pieces[0].digest,
+          size: enc.pieces[0].size,
+        };
+        config.rootfs.diff_ids[config.rootfs.diff_ids.length - 1] = enc.fileDigest;
+      });
 
       const r = await sarde([
         "import",

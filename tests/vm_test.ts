@@ -218,6 +218,13 @@ Deno.test({
         assert.ok(files.includes(f), files.join(" "));
       }
       await sameContent(vm.chain!.top.path, join(folder, "disk-2.qcow2"), "qcow2");
+      // `list` finds the VM imported under another name than the image ID.
+      const ls = await sarde(["list", "-d", work, "--vmdir", vmdir, "--format", "json"], { env });
+      assert.equal(ls.code, 0, ls.stderr);
+      assert.deepEqual(
+        JSON.parse(ls.stdout).map((e: { name: string; state: string }) => [e.name, e.state]),
+        [["local/same", "stopped"]],
+      );
     } finally {
       await undefineVms([name]);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
