@@ -265,8 +265,8 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
 }
 
 /**
- * Streams a stored blob's bytes from `offset` for `length` bytes, in 1 MiB reads into one reused
- * buffer: consume each piece before asking for the next.
+ * Streams a stored blob's bytes from `offset` for `length` bytes, in 2 MiB reads into two reused
+ * buffers (the next piece is read ahead): consume each piece before asking for the next.
  */
 export async function* readBlobRange(
   layout: Layout,
@@ -280,25 +280,35 @@ export async function* readBlobRange(
   const direct = offset % DIRECT_ALIGN === 0 ? openDirect(path, "read") : undefined;
   try {
     await file.seek(offset, Deno.SeekMode.Start);
-    let pos = offset;
-    let left = length;
-    // One buffer for all pieces (the consumer is done with a piece when it asks for the next):
-    // fresh 1 MiB buffers per piece piled up as garbage, ~60 MB per upload before a GC.
-    const buf = alignedBuffer(Math.min(UPLOAD_PIECE, length + DIRECT_ALIGN));
-    while (left > 0) {
-      const want = Math.min(UPLOAD_PIECE, left);
+    // Two buffers for all pieces: the next piece is read while the consumer sends this one,
+    // and a piece's buffer is reused once the consumer asks for the piece after it. (Fresh
+    // buffers per piece piled up as garbage, ~60 MB per upload before a GC.)
+    const size = Math.min(UPLOAD_PIECE, length + DIRECT_ALIGN);
+    const bufs = [alignedBuffer(size), alignedBuffer(size)];
+    const readAt = async (buf: Uint8Array, pos: number, want: number): Promise<number> => {
       let n: number | null;
       if (direct) {
         const aligned = want + (DIRECT_ALIGN - (want % DIRECT_ALIGN)) % DIRECT_ALIGN;
         n = await direct.read(buf.subarray(0, Math.min(aligned, buf.length)), pos);
-        if (n === 0) n = null;
-        else n = Math.min(n, want);
+        n = n === 0 ? null : Math.min(n, want);
       } else {
         n = await file.read(buf.subarray(0, want));
       }
       if (n === null) throw fail("io", `blob ${digest} is shorter than expected`);
+      return n;
+    };
+    let pos = offset;
+    let left = length;
+    let next = 0;
+    let pending = left > 0 ? readAt(bufs[0], pos, Math.min(UPLOAD_PIECE, left)) : undefined;
+    while (pending) {
+      const n = await pending;
+      const buf = bufs[next];
       left -= n;
       pos += n;
+      next ^= 1;
+      pending = left > 0 ? readAt(bufs[next], pos, Math.min(UPLOAD_PIECE, left)) : undefined;
+      pending?.catch(() => {}); // surfaced when awaited
       yield buf.subarray(0, n);
     }
   } finally {
@@ -307,7 +317,7 @@ export async function* readBlobRange(
 }
 
 /** Size of the pieces {@link readBlobRange} yields. */
-const UPLOAD_PIECE = 1 << 20;
+const UPLOAD_PIECE = 2 << 20;
 
 /** Reads `index.json`. */
 export async function readIndex(layout: Layout): Promise<ImageIndex> {
