@@ -13,6 +13,7 @@
  * @module
  */
 
+import { freePort } from "./net.ts";
 import { join } from "node:path";
 import { cloneVm } from "./clone.ts";
 import {
@@ -194,13 +195,6 @@ function choosePolicy(s: JobSettings, env: Env): PullPolicy {
     );
   }
   return wanted as PullPolicy;
-}
-
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
 }
 
 /** Replaces the clone's network with QEMU user-mode networking that forwards a local port to SSH. */

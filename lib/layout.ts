@@ -11,7 +11,7 @@
 
 import { join } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
-import { assertDigest, createDigester, digestHex, digestOf, IO_CHUNK } from "./digest.ts";
+import { assertDigest, createDigester, digestHex, digestOf } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
 import { alignedBuffer, DIRECT_ALIGN, openDirect } from "./direct_io.ts";
 import { exists, type FileLock, lockFile, syncDir, writeFileAtomic } from "./fsutil.ts";
@@ -158,7 +158,7 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
     "sha256",
     `.partial-${digestHex(expected.digest)}-${Deno.pid}-${rand}`,
   );
-  let file = await Deno.open(tmp, { write: true, createNew: true });
+  const file = await Deno.open(tmp, { write: true, createNew: true });
   // Blobs bypass the page cache where possible (see lib/direct_io.ts): they are read once
   // soon (by an import) or much later, and filling the cache was most of a fetch's CPU time.
   let direct = openDirect(tmp, "write");

@@ -25,6 +25,8 @@
  * @module
  */
 
+import { freePort } from "../../lib/net.ts";
+
 /** Paths of a built tiny guest (see `tests/support/guest/build.sh`). */
 export interface GuestFiles {
   /** The build directory (`/var/tmp/sarde-tiny-guest` unless `SARDE_GUEST_DIR` is set). */
@@ -190,13 +192,7 @@ ${network}</domain>
 `;
 }
 
-/** Returns a port that was free on 127.0.0.1 a moment ago (bind port 0, close). */
-export function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
+export { freePort };
 
 /** Where and how to reach a guest over SSH (always `root@127.0.0.1`). */
 export interface SshTarget {

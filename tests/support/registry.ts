@@ -17,6 +17,7 @@
  *
  * @module
  */
+import { freePort } from "../../lib/net.ts";
 import { startTokenServer, type TokenServer } from "./token_server.ts";
 import { type RunningProxy, startLimitedProxy } from "./proxy.ts";
 
@@ -83,13 +84,7 @@ const BIND_ATTEMPTS = 5;
 // fixed, so upload state would survive a restart of the same registry
 const HTTP_SECRET = "sarde-test-registry-http-secret";
 
-/** Returns a port that was free on 127.0.0.1 a moment ago (bind port 0, close). */
-export function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
+export { freePort };
 
 /** Runs a command to completion; throws with its stderr on failure. */
 async function run(cmd: string, args: string[], cwd?: string): Promise<void> {
