@@ -162,10 +162,10 @@ async function vmState(id: string, connect?: string): Promise<VmState> {
 export async function list(
   options: StoreOptions & VmOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
 ): Promise<ImageEntry[]> {
-  let stateOf: StateLookup | undefined;
-  if (options.stateOf !== false) {
+  let stateOf: StateLookup | undefined = options.stateOf || undefined;
+  if (options.stateOf === undefined) {
     const imported = await importedVms(options.vmdir ?? defaultVmdir());
-    stateOf = options.stateOf ?? (async (id: string) => {
+    stateOf = async (id: string) => {
       const states = await Promise.all(
         [...new Set([id, ...imported.get(id) ?? []])].map((n) => vmState(n, options.connect)),
       );
@@ -174,7 +174,7 @@ export async function list(
         : states.includes("stopped")
         ? "stopped"
         : "missing";
-    });
+    };
   }
   return await listImages(options.ocidir ?? defaultOcidir(), stateOf);
 }
@@ -217,18 +217,27 @@ export async function exportVm(
     );
   }
   const target = parseReference(reference);
-  const session = startPushSession(target, {
-    ...await transferOptions(target.registry, { ...options.push, ocidir }),
-  });
+  // A failed upload stops the export at once, and its error is the one reported.
+  const stop = new AbortController();
+  let uploadFailure: { error: unknown } | undefined;
+  const session = startPushSession(
+    target,
+    await transferOptions(target.registry, { ...options.push, ocidir }),
+    (error) => {
+      uploadFailure = { error };
+      stop.abort();
+    },
+  );
   try {
     const r = await exportToStore(vm, reference, {
       ...exportOptions,
+      signal: options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal,
       onBlob: (layout, blob) => session.add(layout, blob),
     });
     return { ...r, pushed: await session.finish(parseReference(r.reference)) };
   } catch (err) {
     session.abort();
-    throw err;
+    throw uploadFailure?.error ?? err;
   }
 }
 
@@ -272,7 +281,10 @@ export async function pull(
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
   let importing: Promise<ImportResult> | undefined;
-  const fetching = fetchImage(source, {
+  // Whichever side fails first has the error worth reporting: the other one then fails only
+  // because it was stopped ("interrupted") or lost its blobs.
+  let first: { error: unknown } | undefined;
+  const fetching: Promise<TransferResult> = fetchImage(source, {
     ...await transferOptions(source.registry, { ...options, signal }),
     target,
     onManifest(image) {
@@ -280,19 +292,28 @@ export async function pull(
         ...importOptions(options),
         progress: false,
         signal,
+        // The VM is defined only once the image is complete in the store (manifest, tag).
+        beforeCommit: () => fetching.then(() => {}),
       });
-      // A failed import stops the download too (its error is the one reported).
-      importing.catch(() => stop.abort());
+      importing.catch((error) => {
+        first ??= { error };
+        stop.abort(); // stops the download too
+      });
     },
   });
+  fetching.catch((error) => first ??= { error });
   try {
     await fetching;
   } catch (err) {
     stop.abort();
     await importing?.catch(() => {});
-    throw err;
+    throw first?.error ?? err;
   }
-  return await importing!;
+  try {
+    return await importing!;
+  } catch (err) {
+    throw first?.error ?? err;
+  }
 }
 
 /** Options of {@link clone}. */

@@ -472,6 +472,7 @@ function codecWorkerMain(): void {
       hash.update(block);
       if (filled > 0 && !isZero(block)) {
         if (writtenStart < 0) writtenStart = pos;
+        writtenEnd = pos + filled; // before writing: a failed write may have written part of it
         if (!writeDirect(direct, block, pos)) {
           if (direct >= 0 && pos % 4096 === 0 && filled % 4096 === 0) {
             libc!.close(direct); // refused (e.g. EINVAL on this file system): stop trying
@@ -480,7 +481,6 @@ function codecWorkerMain(): void {
           out.seekSync(pos, Deno.SeekMode.Start);
           writeAll(out, block);
         }
-        writtenEnd = pos + filled;
       }
       pos += filled;
       filled = 0;

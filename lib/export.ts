@@ -29,6 +29,7 @@ import {
   detectFileMime,
   validateVmConfig,
   type VmConfig,
+  type ZstdFileEntry,
 } from "./format.ts";
 import {
   addToIndex,
@@ -284,6 +285,7 @@ export async function exportVm(
   // zstd: one diff_id per chunk layer (its uncompressed digest), so the config — the image ID —
   // pins every chunk; gzip: one per file, as sardinecake 0.4 writes them.
   const diskDiffIds: { digest: string; createdBy: string }[] = [];
+  const zstdFiles: ZstdFileEntry[] = [];
   const stored: ExportResult["files"] = [];
   const cleanups: string[] = [];
   const unregister = onInterrupt(() =>
@@ -339,6 +341,15 @@ export async function exportVm(
           });
         }
         stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
+        zstdFiles.push({
+          name: f.name,
+          size: enc.fileSize,
+          digest: enc.fileDigest,
+          chunks: enc.chunks.length,
+          ...(f.backing
+            ? { backing: f.backing.name, backingFormat: f.backingFormat ?? "qcow2" }
+            : {}),
+        });
       } else {
         // gzip images carry no rebase instructions for sardinecake 0.4, so the header itself must
         // name the backing file by its name in the image: rebase a temporary copy when it does not.
@@ -415,6 +426,9 @@ export async function exportVm(
     architecture: ociArchitecture(doc),
     os: ociOs(doc),
     ...(created ? { created } : {}),
+    ...(zstdFiles.length
+      ? { config: { Labels: { [Annotation.files]: JSON.stringify(zstdFiles) } } }
+      : {}),
     rootfs: { type: "layers", diff_ids: diffIds },
     history,
   };

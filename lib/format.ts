@@ -34,7 +34,33 @@ export const Annotation = {
   backingFormat: "org.sardinecake.file.backing-format",
   /** Manifest annotation: the total uncompressed size of all files (free-space checks). */
   uncompressedSize: "org.sardinecake.uncompressed-size",
+  /**
+   * Image config label: the zstd files (JSON list of {@link ZstdFileEntry}), so that the config
+   * — the image ID — pins how the chunks make up files, not only the chunks' contents.
+   */
+  files: "org.sardinecake.files",
 } as const;
+
+/** One zstd file as the image config lists it (label {@link Annotation.files}). */
+export interface ZstdFileEntry {
+  name: string;
+  size: number;
+  digest: string;
+  chunks: number;
+  backing?: string;
+  backingFormat?: string;
+}
+
+/** The {@link ZstdFileEntry} of a file grouped from a manifest. */
+export function zstdFileEntry(f: ImageFile): ZstdFileEntry {
+  return {
+    name: f.name,
+    size: f.size!,
+    digest: f.digest!,
+    chunks: f.layers.length,
+    ...(f.backingFile ? { backing: f.backingFile, backingFormat: f.backingFormat } : {}),
+  };
+}
 
 /** Disk encodings `sarde export --compression` offers. */
 export type Compression = "zstd" | "gzip";
@@ -217,6 +243,7 @@ export function checkDiffIds(manifest: Manifest, diffIds: unknown, what: string)
       `${what}: layer ${i} does not match the image config (${why})`,
       "the manifest and the config disagree; re-export the image with this sarde",
     );
+  const lastChunk = new Map<string, number>();
   for (const [i, layer] of manifest.layers.entries()) {
     if (isGzipLayer(layer) && gzipChunkIndex(layer.mediaType) > 0) continue;
     const id = ids[next++];
@@ -224,10 +251,38 @@ export function checkDiffIds(manifest: Manifest, diffIds: unknown, what: string)
     if (isGzipLayer(layer)) gzipFiles.push(id);
     else if (isZstdLayer(layer)) {
       if (layer.annotations?.[Annotation.chunkDigest] !== id) throw mismatch(i, `diff_id ${id}`);
+      // Chunks in manifest order (the diff_ids' order) are the file's chunks in order.
+      const name = layer.annotations?.[Annotation.fileName] ?? "";
+      const index = Number(layer.annotations?.[Annotation.chunkIndex]);
+      if (index !== (lastChunk.get(name) ?? -1) + 1) throw mismatch(i, "chunk out of order");
+      lastChunk.set(name, index);
     } else if (layer.digest !== id) throw mismatch(i, `diff_id ${id}`);
   }
   if (next !== ids.length) throw mismatch(manifest.layers.length, "more diff_ids than layers");
   return gzipFiles;
+}
+
+/**
+ * Checks the zstd files grouped from the manifest against the image config's file list (label
+ * {@link Annotation.files}): names, sizes, digests, chunk counts and backing files must be the
+ * ones the config — the image ID — names.
+ */
+export function checkZstdFiles(files: ImageFile[], label: unknown, what: string): void {
+  const zstd = files.filter((f) => f.encoding === "zstd").map(zstdFileEntry);
+  if (zstd.length === 0) return;
+  let listed: unknown;
+  try {
+    listed = typeof label === "string" ? JSON.parse(label) : undefined;
+  } catch { /* reported below */ }
+  if (JSON.stringify(listed) !== JSON.stringify(zstd)) {
+    throw fail(
+      "integrity",
+      `${what}: the disk files of the manifest are not the ones the image config lists`,
+      listed === undefined
+        ? "the image was made by an older sarde; re-export it"
+        : "the manifest and the config disagree; re-export the image with this sarde",
+    );
+  }
 }
 
 /** The layer holding the domain XML. */

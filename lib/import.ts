@@ -23,8 +23,10 @@ import {
 } from "./domain.ts";
 import { fail, SardeError } from "./errors.ts";
 import {
+  Annotation,
   checkDiffIds,
   checkImageFileName,
+  checkZstdFiles,
   domainLayer,
   groupDiskLayers,
   type ImageFile,
@@ -64,6 +66,12 @@ export interface ImportOptions extends ConnectOptions {
   concurrency?: number;
   /** Draw a progress bar on a terminal (default true; a pull shows the fetch's instead). */
   progress?: boolean;
+  /**
+   * Awaited after the files are extracted and verified, before the import is committed (VM
+   * folder in place, VM defined); a rejection undoes the import. `pull` waits here for its
+   * fetch to store the manifest and tag.
+   */
+  beforeCommit?: () => Promise<void>;
   signal?: AbortSignal;
 }
 
@@ -97,7 +105,11 @@ export async function importedVms(vmdir: string): Promise<Map<string, string[]>>
       byImage.set(marker.image, [...byImage.get(marker.image) ?? [], e.name]);
     }
   } catch (err) {
-    if (!(err instanceof Deno.errors.NotFound)) throw err;
+    debug(
+      `cannot read ${vmdir} (${
+        (err as Error).message
+      }); VMs imported under other names are not shown`,
+    );
   }
   return byImage;
 }
@@ -210,8 +222,9 @@ async function extractFiles(
         {
           signal: options.signal,
           expectedDigest: f.digest,
-          // Leave 1 GiB: a gzip bomb fails before the file system is full.
-          maxBytes: Math.max(0, ((await freeBytes(folder)) ?? Number.MAX_SAFE_INTEGER) - (1 << 30)),
+          // A gzip bomb fails before the file system is full (a tenth of the space, at most
+          // 1 GiB, stays free).
+          maxBytes: gzipCap(await freeBytes(folder)),
         },
       );
       progress.add(f.layers.reduce((m, l) => m + l.size, 0));
@@ -230,6 +243,12 @@ async function extractFiles(
     const backing = f.backingFile.includes(":") ? `./${f.backingFile}` : f.backingFile;
     await rebaseUnsafe(join(folder, f.name), backing, f.backingFormat ?? "qcow2");
   }
+}
+
+/** How much a gzip file may take on disk, given the free space (see decodeGzip's maxBytes). */
+function gzipCap(free: number | undefined): number {
+  if (free === undefined) return Number.MAX_SAFE_INTEGER;
+  return free - Math.min(1 << 30, Math.floor(free / 10));
 }
 
 /**
@@ -348,7 +367,9 @@ export async function importImage(
     );
   } else {
     await ready(manifest.config.digest);
-    let config: { rootfs?: { diff_ids?: unknown } } | undefined;
+    let config:
+      | { rootfs?: { diff_ids?: unknown }; config?: { Labels?: Record<string, unknown> } }
+      | undefined;
     try {
       config = JSON.parse(
         new TextDecoder().decode(await readBlob(layout, manifest.config.digest, 4 << 20)),
@@ -359,6 +380,7 @@ export async function importImage(
     }
     const gzipDigests = checkDiffIds(manifest, config?.rootfs?.diff_ids, what);
     const files = groupDiskLayers(manifest, what);
+    checkZstdFiles(files, config?.config?.Labels?.[Annotation.files], what);
     files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);
     const names = new Set<string>();
     for (const f of files) {
@@ -389,6 +411,7 @@ export async function importImage(
     try {
       info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
       await extractFiles(layout, files, tmp, ready, options);
+      await options.beforeCommit?.();
       const m: Marker = { image: imageId, manifest: descriptor.digest, reference: what };
       await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
       await Deno.rename(tmp, vmFolder);
@@ -400,6 +423,7 @@ export async function importImage(
       unregister();
     }
   }
+  await options.beforeCommit?.();
   await defineXml(serializeDomainXml(doc), options);
   return { name, uuid: await domainUuid(name, options), vmFolder, imageId, alreadyImported: false };
 }

@@ -277,7 +277,7 @@ export async function* readBlobRange(
   const path = blobPath(layout, digest);
   using file = await Deno.open(path);
   // Not through the page cache where possible (see lib/direct_io.ts): a blob is sent once.
-  const direct = offset % DIRECT_ALIGN === 0 ? openDirect(path, "read") : undefined;
+  let direct = offset % DIRECT_ALIGN === 0 ? openDirect(path, "read") : undefined;
   try {
     await file.seek(offset, Deno.SeekMode.Start);
     // Two buffers for all pieces: the next piece is read while the consumer sends this one,
@@ -286,12 +286,20 @@ export async function* readBlobRange(
     const size = Math.min(UPLOAD_PIECE, length + DIRECT_ALIGN);
     const bufs = [alignedBuffer(size), alignedBuffer(size)];
     const readAt = async (buf: Uint8Array, pos: number, want: number): Promise<number> => {
-      let n: number | null;
+      let n: number | null = null;
       if (direct) {
         const aligned = want + (DIRECT_ALIGN - (want % DIRECT_ALIGN)) % DIRECT_ALIGN;
-        n = await direct.read(buf.subarray(0, Math.min(aligned, buf.length)), pos);
-        n = n === 0 ? null : Math.min(n, want);
-      } else {
+        try {
+          n = await direct.read(buf.subarray(0, Math.min(aligned, buf.length)), pos);
+          n = n === 0 ? null : Math.min(n, want);
+        } catch (err) {
+          debug(`O_DIRECT read of ${path} refused (${(err as Error).message}); reading normally`);
+          direct.close();
+          direct = undefined;
+        }
+      }
+      if (!direct) {
+        await file.seek(pos, Deno.SeekMode.Start);
         n = await file.read(buf.subarray(0, want));
       }
       if (n === null) throw fail("io", `blob ${digest} is shorter than expected`);

@@ -339,10 +339,14 @@ export interface PushSession {
   abort(): void;
 }
 
-/** Starts a {@link PushSession} to `target`. */
+/**
+ * Starts a {@link PushSession} to `target`. `onFailure` hears of the first failed upload at once
+ * (so the caller can stop making blobs nobody will send); {@link PushSession.finish} throws it.
+ */
 export function startPushSession(
   target: Reference,
   options: TransferOptions,
+  onFailure?: (error: unknown) => void,
 ): PushSession {
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
@@ -375,7 +379,9 @@ export function startPushSession(
         uploaded.set(blob.digest, blob.size);
         debug(`uploaded ${blob.digest} during the export`);
       })().catch((error) => {
-        failure ??= { error };
+        if (failure) return;
+        failure = { error };
+        onFailure?.(error);
       }).finally(() => {
         running--;
         pump();

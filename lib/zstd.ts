@@ -107,20 +107,20 @@ function fromWorker(err: unknown, signal: AbortSignal | undefined, what: string)
   return asSardeError(err, signal, what);
 }
 
-/** Rejects once `signal` aborts (never, without one). */
-function aborted(signal: AbortSignal | undefined): Promise<never> {
-  return new Promise((_, reject) => {
-    if (!signal) return;
-    if (signal.aborted) reject(interrupted(signal.reason));
-    signal.addEventListener("abort", () => reject(interrupted(signal.reason)), { once: true });
+/** `work`, or an `interrupted` error as soon as `signal` aborts (without waiting for `work`). */
+async function unlessAborted<T>(work: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return await work;
+  let onAbort = () => {};
+  const abort = new Promise<never>((_, reject) => {
+    onAbort = () => reject(interrupted(signal.reason));
+    if (signal.aborted) onAbort();
+    else signal.addEventListener("abort", onAbort, { once: true });
   });
-}
-
-/** The holes of `zeros` inside [start, end). */
-function holesIn(zeros: Range[], start: number, end: number): Range[] {
-  return zeros
-    .filter((z) => z.end > start && z.start < end)
-    .map((z) => ({ start: Math.max(z.start, start), end: Math.min(z.end, end) }));
+  try {
+    return await Promise.race([work, abort]);
+  } finally {
+    signal.removeEventListener("abort", onAbort);
+  }
 }
 
 /**
@@ -177,9 +177,8 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       (await Deno.open(path, { write: true, createNew: true })).close();
       return path;
     };
-    const encode = async (offset: number, length: number, detectZeros: boolean) => {
+    const encode = async (offset: number, length: number, holes: Range[]) => {
       const out = await newTemp();
-      const holes = holesIn(zeros, offset, offset + length);
       const r: EncodeResult = await pool.run({
         kind: "encode",
         file,
@@ -188,7 +187,7 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
         holes,
         out,
         level,
-        detectZeros,
+        detectZeros: true,
       });
       return { out, r };
     };
@@ -232,17 +231,35 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       return { ...z, path, offset };
     };
 
-    for (let i = 0; i < count; i++) {
+    // At most a few chunks are planned ahead of the workers: a 100 GB disk in small chunks
+    // would otherwise make all its temp files and jobs at once.
+    const ahead = concurrency * 2 + 2;
+    let active = 0;
+    let failed = false;
+    const slotFree: (() => void)[] = [];
+    let zi = 0; // first zero range that may overlap the next chunk (chunks come in order)
+    for (let i = 0; i < count && !failed; i++) {
+      checkAborted(signal);
+      while (active >= ahead) await new Promise<void>((resolve) => slotFree.push(resolve));
+      if (failed) break;
       const offset = i * chunkSize;
       const length = Math.min(chunkSize, fileSize - offset);
-      const allHole = length > 0 && holesIn(zeros, offset, offset + length)
-            .reduce((n, h) => n + h.end - h.start, 0) === length;
+      while (zi < zeros.length && zeros[zi].end <= offset) zi++;
+      const holes: Range[] = [];
+      for (let j = zi; j < zeros.length && zeros[j].start < offset + length; j++) {
+        holes.push({
+          start: Math.max(zeros[j].start, offset),
+          end: Math.min(zeros[j].end, offset + length),
+        });
+      }
+      const allHole = length > 0 && holes.reduce((n, h) => n + h.end - h.start, 0) === length;
+      active++;
       const chunk = (async (): Promise<ChunkBlob> => {
         let c: ChunkBlob;
         if (allHole) {
           c = await copyOfZeroBlob(offset, length);
         } else {
-          const { out, r } = await encode(offset, length, true);
+          const { out, r } = await encode(offset, length, holes);
           if (r.zero) {
             c = await copyOfZeroBlob(offset, length);
           } else {
@@ -261,10 +278,13 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
         onChunk?.(c);
         return c;
       })();
-      chunk.catch(() => {});
+      chunk.catch(() => failed = true).finally(() => {
+        active--;
+        slotFree.shift()?.();
+      });
       chunks.push(chunk);
     }
-    const done = await Promise.race([Promise.all(chunks), aborted(signal)]);
+    const done = await unlessAborted(Promise.all(chunks), signal);
     const fileDigest = whole ? (await whole).digest : done[0].uncompressedDigest;
     await job.finish(done.map((c) => c.path));
     return { fileSize, fileDigest, chunks: done };
@@ -364,10 +384,10 @@ export async function decodeZstdChunk(
   const own = opts.pool ? undefined : createCodecPool(1);
   const pool = opts.pool ?? own!;
   try {
-    const r = await Promise.race([
+    const r = await unlessAborted(
       pool.run({ kind: "decode", blob: blobPath, out, offset, length }),
-      aborted(signal),
-    ]);
+      signal,
+    );
     const problem = r.size !== length
       ? `decompressed to ${r.size} bytes, expected ${length}`
       : r.digest !== uncompressedDigest

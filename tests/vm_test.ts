@@ -456,6 +456,26 @@ Deno.test({
       const left = /pushing \S+: (\d+) of (\d+) blobs to upload/.exec(ex.stderr);
       assert.ok(left, ex.stderr);
       assert.ok(Number(left[1]) <= 3 && Number(left[2]) - Number(left[1]) >= 4, left[0]);
+      // A registry that refuses the upload stops the export with its error, not "interrupted".
+      const refusing = await startFaultyProxy(reg, { kind: "status", status: 403, times: 10_000 });
+      try {
+        const bad = await sarde([
+          "export",
+          "--push",
+          "-d",
+          join(work, "refused"),
+          "--chunksize",
+          "256KiB",
+          vm.name,
+          `${refusing.host}/stream/vm:v1`,
+        ], { env: { ...env, ...FAST_RETRY } });
+        assert.notEqual(bad.code, 0);
+        assert.doesNotMatch(bad.stderr, /interrupted/, bad.stderr);
+        assert.match(bad.stderr, /access denied/, bad.stderr);
+      } finally {
+        await refusing.stop();
+      }
+
       // The registry serves exactly the local manifest (read by skopeo, independently).
       const index = JSON.parse(
         await Deno.readTextFile(join(work, "src", reg.host, "stream", "vm", "index.json")),
