@@ -18,6 +18,7 @@
 import http from "node:http";
 import https from "node:https";
 import { fail, SardeError } from "./errors.ts";
+import { VERSION } from "./version.ts";
 
 /** How to reach a registry: scheme and certificate checks. */
 export interface TransportOptions {
@@ -321,7 +322,7 @@ async function collect(
 }
 
 /** The User-Agent sent with every request. */
-export const USER_AGENT = "sarde/0.1";
+export const USER_AGENT = `sarde/${VERSION}`;
 
 /** Whether an error came from a connection problem (worth a retry) rather than from sarde. */
 export function isNetworkError(err: unknown): boolean {

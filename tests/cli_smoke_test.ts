@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { makeImage, run, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
+import { defineTestVm, ensureLibvirtd, TEST_URI, undefineVms } from "./support/vms.ts";
 
 Deno.test("cli: --help and --version go to stdout and exit 0", async () => {
   const help = await sarde(["--help"]);
@@ -99,4 +100,44 @@ Deno.test("cli: INI files give defaults; sections do not leak; the command line 
   assert.equal(broken.code, 2);
   assert.match(broken.stderr, /sarde\.ini:2/);
   await Deno.remove(work, { recursive: true });
+});
+
+Deno.test({
+  name: "cli: a VM goes out with export --push and comes back with pull (codec workers, FFI)",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    // Also run on the bundle in CI (SARDE_BUNDLE=1): the workers start from a blob URL and
+    // load libzstd and libc there too.
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await using reg = await startRegistry("plain");
+    const work = await tempDir("cli-vm");
+    const vmdir = join("/var/tmp/sarde-test-vms", `cli-vm-${Deno.pid}`);
+    const ref = `${reg.host}/cli/vm:v1`;
+    const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
+    let name = "";
+    try {
+      const ex = await sarde(
+        ["export", "--push", "-d", join(work, "src"), "--chunksize", "1MiB", vm.name, ref],
+        { env },
+      );
+      assert.equal(ex.code, 0, ex.stderr);
+      assert.match(ex.stdout, /^[0-9a-f]{64}\n$/, "the image ID on stdout");
+      const p = await sarde(["pull", "-d", join(work, "dst"), "--vmdir", vmdir, ref], { env });
+      assert.equal(p.code, 0, p.stderr);
+      name = p.stdout.trim();
+      assert.equal(name, `sha256:${ex.stdout.trim()}`);
+      for (const d of vm.disks) {
+        const copy = join(vmdir, name, d.disk.path.split("/").at(-1)!);
+        const f = d.disk.format;
+        const cmp = await run("qemu-img", ["compare", "-f", f, "-F", f, d.disk.path, copy]);
+        assert.equal(cmp.code, 0, `${d.disk.path}: ${cmp.stdout}${cmp.stderr}`);
+      }
+    } finally {
+      await undefineVms([name]);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
 });
