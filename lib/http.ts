@@ -116,6 +116,8 @@ export function createHttpClient(options: TransportOptions = {}): HttpClient {
 }
 
 const BULK_PIECE = 1 << 20;
+/** Reused read buffers of bulk downloads (V8 frees ArrayBuffer memory only on a full GC). */
+const bulkSpare: Uint8Array[] = [];
 
 /** A body-less request through `fetch`, the body read in reused 1 MiB pieces (BYOB). */
 async function sendWithFetch(
@@ -156,7 +158,7 @@ async function sendWithFetch(
   async function* pieces(): AsyncGenerator<Uint8Array> {
     if (!stream) return;
     const reader = stream.getReader({ mode: "byob" });
-    let buf = new Uint8Array(BULK_PIECE);
+    let buf = bulkSpare.pop() ?? new Uint8Array(BULK_PIECE);
     try {
       for (;;) {
         let filled = 0;
@@ -181,6 +183,8 @@ async function sendWithFetch(
       clearTimeout(timer);
       reader.releaseLock();
       await stream.cancel().catch(() => {});
+      // Each read moves the memory to a new ArrayBuffer; a read cut short may have taken it.
+      if (buf.byteLength === BULK_PIECE && bulkSpare.length < 8) bulkSpare.push(buf);
     }
   }
   const bytes = (limit = DEFAULT_BODY_LIMIT) => collect(pieces(), limit);

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { assertDigest, createDigester, digestHex, digestOf } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
-import { alignedBuffer, DIRECT_ALIGN, openDirect } from "./direct_io.ts";
+import { borrowBuffer, DIRECT_ALIGN, openDirect, releaseBuffer } from "./direct_io.ts";
 import { exists, type FileLock, lockFile, syncDir, writeFileAtomic } from "./fsutil.ts";
 import { debug } from "./log.ts";
 import {
@@ -183,11 +183,17 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
     done = true;
     unregister();
     closeAll();
+    giveBack();
     await Deno.remove(tmp).catch(() => {});
   };
   // Network reads come in 16–64 KiB pieces; gathering them into 1 MiB before hashing and writing
   // saves most of the per-chunk await and syscall cost (SHA-NI also prefers large inputs).
-  const buffer = alignedBuffer(1 << 20);
+  const buffer = borrowBuffer(1 << 20);
+  let returned = false;
+  const giveBack = () => {
+    if (!returned) releaseBuffer(buffer);
+    returned = true;
+  };
   let filled = 0;
   const writeAt = async (data: Uint8Array, position: number) => {
     const whole = direct ? data.length - (data.length % DIRECT_ALIGN) : 0;
@@ -259,6 +265,7 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
       }
       done = true;
       unregister();
+      giveBack();
     },
     abort,
   };
@@ -278,13 +285,15 @@ export async function* readBlobRange(
   using file = await Deno.open(path);
   // Not through the page cache where possible (see lib/direct_io.ts): a blob is sent once.
   let direct = offset % DIRECT_ALIGN === 0 ? openDirect(path, "read") : undefined;
+  const borrowed: Uint8Array[] = [];
+  let pending: Promise<number> | undefined;
   try {
     await file.seek(offset, Deno.SeekMode.Start);
     // Two buffers for all pieces: the next piece is read while the consumer sends this one,
     // and a piece's buffer is reused once the consumer asks for the piece after it. (Fresh
     // buffers per piece piled up as garbage, ~60 MB per upload before a GC.)
-    const size = Math.min(UPLOAD_PIECE, length + DIRECT_ALIGN);
-    const bufs = [alignedBuffer(size), alignedBuffer(size)];
+    const bufs = [borrowBuffer(UPLOAD_PIECE), borrowBuffer(UPLOAD_PIECE)];
+    borrowed.push(...bufs);
     const readAt = async (buf: Uint8Array, pos: number, want: number): Promise<number> => {
       let n: number | null = null;
       if (direct) {
@@ -308,7 +317,7 @@ export async function* readBlobRange(
     let pos = offset;
     let left = length;
     let next = 0;
-    let pending = left > 0 ? readAt(bufs[0], pos, Math.min(UPLOAD_PIECE, left)) : undefined;
+    pending = left > 0 ? readAt(bufs[0], pos, Math.min(UPLOAD_PIECE, left)) : undefined;
     while (pending) {
       const n = await pending;
       const buf = bufs[next];
@@ -320,7 +329,9 @@ export async function* readBlobRange(
       yield buf.subarray(0, n);
     }
   } finally {
+    await pending?.catch(() => {}); // a read-ahead still filling a buffer (consumer stopped)
     direct?.close();
+    borrowed.forEach(releaseBuffer);
   }
 }
 
