@@ -147,8 +147,16 @@ export interface BlobWriter {
   abort(): Promise<void>;
 }
 
-/** Starts writing the blob `expected` into the layout through a verified temp file. */
-export async function createBlobWriter(layout: Layout, expected: Descriptor): Promise<BlobWriter> {
+/**
+ * Starts writing the blob `expected` into the layout through a verified temp file, with O_DIRECT
+ * unless `direct: false` (for blobs read back soon by one sequential reader, which the page
+ * cache serves better).
+ */
+export async function createBlobWriter(
+  layout: Layout,
+  expected: Descriptor,
+  options: { direct?: boolean } = {},
+): Promise<BlobWriter> {
   assertDigest(expected.digest);
   const final = blobPath(layout, expected.digest);
   const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
@@ -161,7 +169,7 @@ export async function createBlobWriter(layout: Layout, expected: Descriptor): Pr
   const file = await Deno.open(tmp, { write: true, createNew: true });
   // Blobs bypass the page cache where possible (see lib/direct_io.ts): they are read once
   // soon (by an import) or much later, and filling the cache was most of a fetch's CPU time.
-  let direct = openDirect(tmp, "write");
+  let direct = options.direct === false ? undefined : openDirect(tmp, "write");
   let digester = createDigester();
   let written = 0;
   let done = false;
