@@ -262,6 +262,11 @@ export function checkDiffIds(manifest: Manifest, diffIds: unknown, what: string)
   return gzipFiles;
 }
 
+/** Whether the manifest has zstd disk layers (sarde's own encoding). */
+export function hasZstdLayers(manifest: Manifest): boolean {
+  return manifest.layers.some(isZstdLayer);
+}
+
 /**
  * Checks the zstd files grouped from the manifest against the image config's file list (label
  * {@link Annotation.files}): names, sizes, digests, chunk counts and backing files must be the

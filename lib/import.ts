@@ -29,6 +29,7 @@ import {
   checkZstdFiles,
   domainLayer,
   groupDiskLayers,
+  hasZstdLayers,
   type ImageFile,
 } from "./format.ts";
 import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./fsutil.ts";
@@ -378,9 +379,17 @@ export async function importImage(
       if (err instanceof SardeError) throw err;
       throw fail("integrity", `${what}: the image config is not valid JSON`);
     }
+    const filesLabel = config?.config?.Labels?.[Annotation.files];
+    if (filesLabel === undefined && hasZstdLayers(manifest)) {
+      throw fail(
+        "integrity",
+        `${what} was made by sarde 0.2 or older: its config does not list its disk files`,
+        "re-export the VM with this sarde (images are verified against their config since 0.3)",
+      );
+    }
     const gzipDigests = checkDiffIds(manifest, config?.rootfs?.diff_ids, what);
     const files = groupDiskLayers(manifest, what);
-    checkZstdFiles(files, config?.config?.Labels?.[Annotation.files], what);
+    checkZstdFiles(files, filesLabel, what);
     files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);
     const names = new Set<string>();
     for (const f of files) {

@@ -393,6 +393,18 @@ Deno.test({
       );
       assert.equal(imp.code, 6, imp.stderr);
       assert.match(imp.stderr, /does not match the image config/);
+
+      // A config without the file list (sarde 0.2) is refused with a hint to re-export.
+      await forgeImage(layout, (_manifest, config) => {
+        delete (config as { config?: unknown }).config;
+        return Promise.resolve();
+      });
+      const old = await sarde(
+        ["import", "-d", work, "--vmdir", vmdir, "-n", `${vm.name}-old`, "local/d:v1"],
+        { env },
+      );
+      assert.equal(old.code, 6, old.stderr);
+      assert.match(old.stderr, /made by sarde 0\.2 or older[^]*re-export/);
       assert.notEqual((await virsh("dominfo", `${vm.name}-forged`)).code, 0, "no VM defined");
       const left = (await listFiles(vmdir)).filter((f) => !f.startsWith(".locks"));
       assert.deepEqual(left, []);
