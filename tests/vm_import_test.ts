@@ -409,6 +409,7 @@ Deno.test({
       const left = (await listFiles(vmdir)).filter((f) => !f.startsWith(".locks"));
       assert.deepEqual(left, []);
     } finally {
+      await undefineVms([`${vm.name}-forged`, `${vm.name}-old`]); // only if the test failed
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }

@@ -539,6 +539,7 @@ Deno.test({
         assert.deepEqual(left, [], `nothing left in the VM folder: ${left}`);
       } finally {
         await proxy.stop();
+        await undefineVms([`${vm.name}-bad`]); // only if the test failed
         await Deno.remove(badDir, { recursive: true }).catch(() => {});
       }
     } finally {
