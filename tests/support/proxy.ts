@@ -323,6 +323,10 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
           if (!isBlobGet(req) || (res.status !== 200 && res.status !== 206) || remaining <= 0) {
             return body;
           }
+          // A body known to be too short is never a candidate: with parallel downloads, small
+          // blobs reserving the cuts would otherwise let the big one through uncut.
+          const length = Number(res.headers.get("content-length") ?? NaN);
+          if (length <= fault.afterBytes) return body;
           remaining--; // reserved; given back if the body was too short to cut
           return cutAfter(body, fault.afterBytes, (cut) => {
             if (!cut) remaining++;
