@@ -272,6 +272,30 @@ function codecWorkerMain(): void {
     }
     return true;
   }
+  /**
+   * Writes blocks at given positions of `path`: whole aligned blocks with O_DIRECT while the file
+   * system takes it, everything else through `file` (opened here if not given).
+   */
+  function blockWriter(path: string, file?: Deno.FsFile) {
+    let fd = openDirect(path);
+    let normal = file;
+    return {
+      write(block: Uint8Array, pos: number): void {
+        if (writeDirect(fd, block, pos)) return;
+        if (fd >= 0 && pos % 4096 === 0 && block.length % 4096 === 0) {
+          libc!.close(fd); // refused (e.g. EINVAL on this file system): stop trying
+          fd = -1;
+        }
+        normal ??= Deno.openSync(path, { write: true });
+        normal.seekSync(pos, Deno.SeekMode.Start);
+        writeAll(normal, block);
+      },
+      [Symbol.dispose](): void {
+        if (fd >= 0) libc!.close(fd);
+        if (!file) normal?.close();
+      },
+    };
+  }
 
   // Encoding uses libzstd's buffer-less API (ZSTD_compressContinue): it compresses straight from
   // our buffers, 25-35 % less CPU than ZSTD_compressStream2, which copies every byte into its
@@ -325,24 +349,14 @@ function codecWorkerMain(): void {
    * O_DIRECT in whole aligned blocks where possible; the tail goes through a normal handle.
    */
   function appender(path: string) {
-    let fd = openDirect(path);
-    let file: Deno.FsFile | undefined;
+    const writer = blockWriter(path);
     let pos = 0;
     let staged = 0;
     const buf = stage ??= aligned(IO);
     const flush = (all: boolean) => {
       const whole = all ? staged : staged - (staged % 4096);
       if (whole === 0) return;
-      const block = buf.subarray(0, whole);
-      if (!writeDirect(fd, block, pos)) {
-        if (fd >= 0 && pos % 4096 === 0 && whole % 4096 === 0) {
-          libc!.close(fd); // refused: stop trying
-          fd = -1;
-        }
-        file ??= Deno.openSync(path, { write: true });
-        file.seekSync(pos, Deno.SeekMode.Start);
-        writeAll(file, block);
-      }
+      writer.write(buf.subarray(0, whole), pos);
       pos += whole;
       buf.copyWithin(0, whole, staged);
       staged -= whole;
@@ -361,8 +375,7 @@ function codecWorkerMain(): void {
         try {
           flush(true);
         } finally {
-          if (fd >= 0) libc!.close(fd);
-          file?.close();
+          writer[Symbol.dispose]();
         }
       },
     };
@@ -466,21 +479,14 @@ function codecWorkerMain(): void {
     let produced = 0;
     let writtenStart = -1;
     let writtenEnd = -1;
-    let direct = openDirect(job.out);
+    using writer = blockWriter(job.out, out);
     const flush = () => {
       const block = outBuf.subarray(0, filled);
       hash.update(block);
       if (filled > 0 && !isZero(block)) {
         if (writtenStart < 0) writtenStart = pos;
         writtenEnd = pos + filled; // before writing: a failed write may have written part of it
-        if (!writeDirect(direct, block, pos)) {
-          if (direct >= 0 && pos % 4096 === 0 && filled % 4096 === 0) {
-            libc!.close(direct); // refused (e.g. EINVAL on this file system): stop trying
-            direct = -1;
-          }
-          out.seekSync(pos, Deno.SeekMode.Start);
-          writeAll(out, block);
-        }
+        writer.write(block, pos);
       }
       pos += filled;
       filled = 0;
@@ -529,8 +535,6 @@ function codecWorkerMain(): void {
     } catch (err) {
       const f = ioFailure(err, `cannot decode ${job.blob}`);
       throw new Failure(f.message, f.kind, { start: writtenStart, end: writtenEnd });
-    } finally {
-      if (direct >= 0) libc!.close(direct);
     }
   }
 

@@ -276,7 +276,8 @@ export interface Range {
   end: number;
 }
 
-interface Segment extends Range {
+/** A part of a file, and whether it reads as zeros. */
+export interface Segment extends Range {
   /** The range reads as zeros (a hole): feed zeros, do not read. */
   zero: boolean;
 }
@@ -333,7 +334,7 @@ export async function zeroRanges(
 }
 
 /** Splits [start, end) into data and zero segments (`zeros` is sorted and merged). */
-function segmentsOf(zeros: Range[], start: number, end: number): Segment[] {
+export function segmentsOf(zeros: Range[], start: number, end: number): Segment[] {
   let lo = 0;
   let hi = zeros.length;
   while (lo < hi) { // first zero range ending after `start`

@@ -28,6 +28,7 @@ import {
   Job,
   type Range,
   regularFileSize,
+  segmentsOf,
   zeroRanges,
 } from "./compress.ts";
 import {
@@ -177,18 +178,10 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       (await Deno.open(path, { write: true, createNew: true })).close();
       return path;
     };
-    const encode = async (offset: number, length: number, holes: Range[]) => {
+    const encode = async (offset: number, length: number, holes: Range[], detectZeros = true) => {
       const out = await newTemp();
-      const r: EncodeResult = await pool.run({
-        kind: "encode",
-        file,
-        offset,
-        length,
-        holes,
-        out,
-        level,
-        detectZeros: true,
-      });
+      const r: EncodeResult = await pool
+        .run({ kind: "encode", file, offset, length, holes, out, level, detectZeros });
       return { out, r };
     };
     // The frame of zeros per chunk length (at most two: chunkSize and the tail), encoded once
@@ -198,17 +191,7 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       let blob = zeroBlobs.get(length);
       if (!blob) {
         blob = (async () => {
-          const out = await newTemp();
-          const r = await pool.run({
-            kind: "encode",
-            file,
-            offset: 0,
-            length,
-            holes: [{ start: 0, end: length }],
-            out,
-            level,
-            detectZeros: false,
-          });
+          const { out, r } = await encode(0, length, [{ start: 0, end: length }], false);
           if (r.zero) throw new Error("a zero frame was not encoded");
           return {
             path: out,
@@ -237,22 +220,15 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
     let active = 0;
     let failed = false;
     const slotFree: (() => void)[] = [];
-    let zi = 0; // first zero range that may overlap the next chunk (chunks come in order)
     for (let i = 0; i < count && !failed; i++) {
       checkAborted(signal);
       while (active >= ahead) await new Promise<void>((resolve) => slotFree.push(resolve));
       if (failed) break;
       const offset = i * chunkSize;
       const length = Math.min(chunkSize, fileSize - offset);
-      while (zi < zeros.length && zeros[zi].end <= offset) zi++;
-      const holes: Range[] = [];
-      for (let j = zi; j < zeros.length && zeros[j].start < offset + length; j++) {
-        holes.push({
-          start: Math.max(zeros[j].start, offset),
-          end: Math.min(zeros[j].end, offset + length),
-        });
-      }
-      const allHole = length > 0 && holes.reduce((n, h) => n + h.end - h.start, 0) === length;
+      const segments = segmentsOf(zeros, offset, offset + length);
+      const holes: Range[] = segments.filter((seg) => seg.zero);
+      const allHole = length > 0 && segments.length === 1 && segments[0].zero;
       active++;
       const chunk = (async (): Promise<ChunkBlob> => {
         let c: ChunkBlob;

@@ -41,19 +41,11 @@ const decoder = new TextDecoder();
 
 /** Runs a program (argv, no shell) and returns its stdout; throws with its stderr on failure. */
 export async function sh(cmd: string, args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: { LC_ALL: "C" },
-  }).output();
-  if (!out.success) {
-    throw new Error(
-      `${cmd} ${args.join(" ")} failed (exit ${out.code}): ${decoder.decode(out.stderr).trim()}`,
-    );
+  const out = await shTry(cmd, args);
+  if (out.code !== 0) {
+    throw new Error(`${cmd} ${args.join(" ")} failed (exit ${out.code}): ${out.stderr.trim()}`);
   }
-  return decoder.decode(out.stdout);
+  return out.stdout;
 }
 
 /** Like {@link sh} but returns the exit code and output instead of throwing. */
