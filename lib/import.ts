@@ -21,7 +21,7 @@ import {
   prepareImportedDomain,
   serializeDomainXml,
 } from "./domain.ts";
-import { fail, SardeError } from "./errors.ts";
+import { fail } from "./errors.ts";
 import {
   Annotation,
   checkDiffIds,
@@ -36,7 +36,7 @@ import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./
 import { blobPath, type Layout, readBlob } from "./layout.ts";
 import { type ConnectOptions, defineXml, domainExists, domainUuid } from "./libvirt.ts";
 import { debug, info } from "./log.ts";
-import { MediaType } from "./oci.ts";
+import { MediaType, parseJsonObject } from "./oci.ts";
 import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
@@ -199,14 +199,14 @@ async function extractFiles(
       await forEachConcurrent(chunks, concurrency, async ({ file, index }) => {
         const layer = file.layers[index];
         const a = layer.annotations!;
-        const length = Number(a["org.sardinecake.chunk.size"]);
+        const length = Number(a[Annotation.chunkSize]);
         await ready(layer.digest);
         await decodeZstdChunk(
           blobPath(layout, layer.digest),
           join(folder, file.name),
-          Number(a["org.sardinecake.chunk.offset"]),
+          Number(a[Annotation.chunkOffset]),
           length,
-          a["org.sardinecake.chunk.digest"],
+          a[Annotation.chunkDigest],
           { signal: options.signal, pool },
         );
         progress.add(length);
@@ -368,18 +368,11 @@ export async function importImage(
     );
   } else {
     await ready(manifest.config.digest);
-    let config:
-      | { rootfs?: { diff_ids?: unknown }; config?: { Labels?: Record<string, unknown> } }
-      | undefined;
-    try {
-      config = JSON.parse(
-        new TextDecoder().decode(await readBlob(layout, manifest.config.digest, 4 << 20)),
-      );
-    } catch (err) {
-      if (err instanceof SardeError) throw err;
-      throw fail("integrity", `${what}: the image config is not valid JSON`);
-    }
-    const filesLabel = config?.config?.Labels?.[Annotation.files];
+    const config = parseJsonObject(
+      await readBlob(layout, manifest.config.digest, 4 << 20),
+      `the image config of ${what}`,
+    ) as { rootfs?: { diff_ids?: unknown }; config?: { Labels?: Record<string, unknown> } };
+    const filesLabel = config.config?.Labels?.[Annotation.files];
     if (filesLabel === undefined && hasZstdLayers(manifest)) {
       throw fail(
         "integrity",
@@ -387,7 +380,7 @@ export async function importImage(
         "re-export the VM with this sarde (images are verified against their config since 0.3)",
       );
     }
-    const gzipDigests = checkDiffIds(manifest, config?.rootfs?.diff_ids, what);
+    const gzipDigests = checkDiffIds(manifest, config.rootfs?.diff_ids, what);
     const files = groupDiskLayers(manifest, what);
     checkZstdFiles(files, filesLabel, what);
     files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);

@@ -92,7 +92,8 @@ export function checkDescriptor(value: unknown, where: string): Descriptor {
   return d as unknown as Descriptor;
 }
 
-function parseJsonObject(bytes: Uint8Array, what: string): Record<string, unknown> {
+/** Parses `bytes` as a JSON object, or throws an `integrity` error naming `what`. */
+export function parseJsonObject(bytes: Uint8Array, what: string): Record<string, unknown> {
   let value: unknown;
   try {
     value = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));

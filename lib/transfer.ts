@@ -101,15 +101,10 @@ export interface FetchOptions extends TransferOptions {
 }
 
 /** A promise with its resolve/reject, observed so that an unawaited rejection is harmless. */
-function deferred(): { promise: Promise<void>; resolve(): void; reject(e: unknown): void } {
-  let resolve!: () => void;
-  let reject!: (e: unknown) => void;
-  const promise = new Promise<void>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  promise.catch(() => {});
-  return { promise, resolve, reject };
+function deferred(): PromiseWithResolvers<void> {
+  const d = Promise.withResolvers<void>();
+  d.promise.catch(() => {});
+  return d;
 }
 
 /**
