@@ -270,7 +270,6 @@ export async function pushImage(
   const client = await clientFor(target.registry, options);
   try {
     const missing: Descriptor[] = [];
-    const early = blobs.filter((b) => options.uploaded?.has(b.digest));
     await forEachConcurrent(blobs, 8, async (b) => {
       if (options.uploaded?.has(b.digest)) return;
       if (!await client.hasBlob(target.repository, b.digest)) missing.push(b);
@@ -309,16 +308,16 @@ export async function pushImage(
       throw fail("usage", `local image has digest ${descriptor.digest}, not ${target.digest}`);
     }
     await client.putManifest(target.repository, selector, bytes, mediaType);
-    const sentEarly = early.reduce((n, b) => n + (options.uploaded?.get(b.digest) ?? 0), 0);
-    const sentEarlyCount = early.filter((b) => (options.uploaded?.get(b.digest) ?? 0) > 0).length;
+    // Sizes of the blobs a push session sent before this (0: the registry had them already).
+    const sentEarly = blobs.map((b) => options.uploaded?.get(b.digest) ?? 0).filter((n) => n > 0);
     return {
       digest: descriptor.digest,
       imageId: manifest.config.digest,
       layoutDir: layout.dir,
-      blobBytes: sent + sentEarly,
-      blobsTransferred: missing.length - mounted + sentEarlyCount,
+      blobBytes: sent + sentEarly.reduce((a, b) => a + b, 0),
+      blobsTransferred: missing.length - mounted + sentEarly.length,
       blobsMounted: mounted,
-      blobsSkipped: blobs.length - missing.length - sentEarlyCount,
+      blobsSkipped: blobs.length - missing.length - sentEarly.length,
     };
   } finally {
     client.close();
