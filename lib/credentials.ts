@@ -12,7 +12,7 @@
 import { dirname, join } from "node:path";
 import { fail } from "./errors.ts";
 import { debug, warn } from "./log.ts";
-import { writeFileAtomic } from "./fsutil.ts";
+import { followSymlinks, writeFileAtomic } from "./fsutil.ts";
 
 /** What a registry login needs: a user and password, or an OAuth2 refresh ("identity") token. */
 export interface Credentials {
@@ -216,8 +216,9 @@ export async function saveCredentials(
     : { auth: btoa(`${creds.username}:${creds.password ?? ""}`) };
   auths[registry] = entry;
   file.auths = auths;
-  await Deno.mkdir(dirname(path), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(path, JSON.stringify(file, null, "\t") + "\n", { mode: 0o600 });
+  const real = await followSymlinks(path);
+  await Deno.mkdir(dirname(real), { recursive: true, mode: 0o700 });
+  await writeFileAtomic(real, JSON.stringify(file, null, "\t") + "\n", { mode: 0o600 });
   return path;
 }
 
@@ -240,7 +241,8 @@ export async function removeCredentials(
     }
   }
   if (removed) {
-    await writeFileAtomic(path, JSON.stringify(file, null, "\t") + "\n", { mode: 0o600 });
+    const real = await followSymlinks(path);
+    await writeFileAtomic(real, JSON.stringify(file, null, "\t") + "\n", { mode: 0o600 });
   }
   return removed;
 }

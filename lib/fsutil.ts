@@ -4,7 +4,7 @@
  * @module
  */
 
-import { basename, dirname, join } from "node:path";
+import { basename, dirname, isAbsolute, join } from "node:path";
 import { fail } from "./errors.ts";
 
 /** A temp-file name beside `path`, hidden and unique, so a rename into place is atomic. */
@@ -21,6 +21,25 @@ export async function syncDir(dir: string): Promise<void> {
   } catch {
     // Some filesystems refuse fsync on directories; the rename is still atomic.
   }
+}
+
+/**
+ * The file a path finally names, following symbolic links (also dangling ones, which
+ * `Deno.realPath` refuses), so that an atomic replace updates the link's target and keeps the
+ * link: users point `auth.json` at a shared or managed file and expect it to stay a link.
+ */
+export async function followSymlinks(path: string): Promise<string> {
+  let current = path;
+  for (let hops = 0; hops < 40; hops++) {
+    let target: string;
+    try {
+      target = await Deno.readLink(current);
+    } catch {
+      return current; // not a link (or not there): this is the file
+    }
+    current = isAbsolute(target) ? target : join(dirname(current), target);
+  }
+  throw fail("io", `cannot write ${path}: too many levels of symbolic links`);
 }
 
 /** Writes `data` to `path` atomically: readers see the old or the new file, never a torn one. */

@@ -98,3 +98,39 @@ Deno.test("credentials: a broken auth file is a clear error", async () => {
   await assert.rejects(findCredentials("x.example.org", authfile), /not valid JSON/);
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("credentials: a symlinked auth file stays a link; login and logout write its target", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sarde-cred-" });
+  await Deno.mkdir(join(dir, "shared"));
+  const target = join(dir, "shared", "auth.json");
+  await Deno.writeTextFile(
+    target,
+    JSON.stringify({ auths: { "other:5000": { auth: btoa("o:p") } } }),
+  );
+  const link = join(dir, "auth.json");
+  await Deno.symlink("shared/auth.json", link); // relative, as users often write them
+  const dangling = join(dir, "new.json"); // a link whose target does not exist yet
+  await Deno.symlink(join(dir, "shared", "new.json"), dangling);
+  await withEnv({ HOME: dir, SARDE_REGISTRY_USERNAME: undefined }, async () => {
+    await saveCredentials("127.0.0.1:5000", { username: "sarde", password: "pw" }, link);
+    assert.ok((await Deno.lstat(link)).isSymlink, "the link was replaced by a file");
+    assert.equal(await Deno.readLink(link), "shared/auth.json");
+    const saved = JSON.parse(await Deno.readTextFile(target));
+    assert.deepEqual(Object.keys(saved.auths).sort(), ["127.0.0.1:5000", "other:5000"]);
+    assert.equal((await Deno.stat(target)).mode! & 0o777, 0o600);
+
+    assert.equal(await removeCredentials("other:5000", link), true);
+    assert.ok((await Deno.lstat(link)).isSymlink);
+    assert.deepEqual(Object.keys(JSON.parse(await Deno.readTextFile(target)).auths), [
+      "127.0.0.1:5000",
+    ]);
+
+    await saveCredentials("127.0.0.1:5000", { username: "sarde", password: "pw" }, dangling);
+    assert.ok((await Deno.lstat(dangling)).isSymlink);
+    assert.deepEqual(await findCredentials("127.0.0.1:5000", join(dir, "shared", "new.json")), {
+      username: "sarde",
+      password: "pw",
+    });
+  });
+  await Deno.remove(dir, { recursive: true });
+});
