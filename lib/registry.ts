@@ -118,6 +118,11 @@ interface CallOptions {
   bulk?: boolean;
 }
 
+/** `repo:tag` or `repo@sha256:…`, as users write references, for messages. */
+function manifestName(repository: string, selector: string): string {
+  return `${repository}${selector.includes(":") ? "@" : ":"}${selector}`;
+}
+
 /** Opens a client for `registry` (`host[:port]`). Nothing is sent until the first call. */
 export function createRegistryClient(
   registry: string,
@@ -322,7 +327,7 @@ export function createRegistryClient(
     },
 
     async getManifest(repository, selector) {
-      const what = `manifest ${repository}:${selector}`;
+      const what = `manifest ${manifestName(repository, selector)}`;
       const res = await call({
         method: "GET",
         url: await api(`${repository}/manifests/${selector}`),
@@ -352,7 +357,7 @@ export function createRegistryClient(
         headers: { accept: MANIFEST_ACCEPT.join(", ") },
         scopes: pull(repository),
         accept: [200, 404],
-      }, `manifest ${repository}:${selector}`);
+      }, `manifest ${manifestName(repository, selector)}`);
       await res.discard();
       if (res.status === 404) return undefined;
       const digest = res.headers.get("docker-content-digest") ?? "";
@@ -371,7 +376,7 @@ export function createRegistryClient(
         body: bytes,
         scopes: push(repository),
         accept: [201, 200, 202],
-      }, `manifest upload ${repository}:${selector}`);
+      }, `manifest upload ${manifestName(repository, selector)}`);
       await res.discard();
       return digestOf(bytes);
     },

@@ -367,6 +367,10 @@ Deno.test("bad input: malformed reference, missing tag, refused connection", asy
   assert.equal(missing.code, 3, missing.stderr);
   assert.match(missing.stderr, /not found/);
   assert.equal(missing.stderr.trim().split("\n").length <= 2, true, "one line (plus hint)");
+  const zero = `sha256:${"0".repeat(64)}`;
+  const missingDigest = await sarde(["fetch", "-d", work, `${reg.host}/nothing/here@${zero}`]);
+  assert.equal(missingDigest.code, 3, missingDigest.stderr);
+  assert.match(missingDigest.stderr, new RegExp(`nothing/here@${zero}`), "named as written");
 
   const refused = await sarde(["fetch", "-d", work, "127.0.0.1:1/nothing/here:v9"], {
     env: FAST_RETRY,
