@@ -24,6 +24,7 @@ import { fail } from "./errors.ts";
 import { exists, lockFile, touch, writeFileAtomic } from "./fsutil.ts";
 import { IMPORT_MARKER, type ImportOptions, importVm } from "./import.ts";
 import {
+  checkVmName,
   createTransient,
   defineXml,
   domainExists,
@@ -60,15 +61,6 @@ export interface CloneResult {
   base: string;
 }
 
-function checkCloneName(name: string): string {
-  if (
-    !name || name.includes("/") || name.includes("\0") || name.startsWith(".") || name.length > 200
-  ) {
-    throw fail("usage", `invalid VM name '${name}'`, "names may not contain '/' or start with '.'");
-  }
-  return name;
-}
-
 /**
  * Clones `source` — a defined VM, or a local image (imported first under its image ID) — into a
  * new VM `target`. Disks become overlays in `<clonedir>/<target>/`; cdroms and kernels are shared
@@ -79,19 +71,20 @@ export async function cloneVm(
   target: string,
   options: CloneOptions,
 ): Promise<CloneResult> {
-  checkCloneName(target);
-  let base = source;
-  if (!await domainExists(source, options)) {
-    base = (await importVm(source, options)).name;
-  } else {
-    await touch(join(options.vmdir, base, IMPORT_MARKER));
-  }
+  checkVmName(target);
+  // Refused before the base is imported: that can take minutes and many GB for nothing.
   if (await domainExists(target, options)) {
     throw fail(
       "usage",
       `a VM named '${target}' already exists`,
       "choose another name, or remove it first",
     );
+  }
+  let base = source;
+  if (!await domainExists(source, options)) {
+    base = (await importVm(source, options)).name;
+  } else {
+    await touch(join(options.vmdir, base, IMPORT_MARKER));
   }
   const folder = join(options.clonedir ?? options.vmdir, target);
   // The same per-name lock as import: a clone and an import of one name never race.

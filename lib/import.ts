@@ -34,7 +34,13 @@ import {
 } from "./format.ts";
 import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./fsutil.ts";
 import { blobPath, type Layout, readBlob } from "./layout.ts";
-import { type ConnectOptions, defineXml, domainExists, domainUuid } from "./libvirt.ts";
+import {
+  checkVmName,
+  type ConnectOptions,
+  defineXml,
+  domainExists,
+  domainUuid,
+} from "./libvirt.ts";
 import { debug, info } from "./log.ts";
 import { MediaType, parseJsonObject } from "./oci.ts";
 import { forEachConcurrent } from "./pool.ts";
@@ -132,15 +138,6 @@ async function readMarker(folder: string): Promise<Marker | undefined> {
     `${join(folder, IMPORT_MARKER)} is damaged`,
     `remove ${folder} if no VM uses it`,
   );
-}
-
-function checkVmName(name: string): string {
-  if (
-    !name || name.includes("/") || name.includes("\0") || name.startsWith(".") || name.length > 200
-  ) {
-    throw fail("usage", `invalid VM name '${name}'`, "names may not contain '/' or start with '.'");
-  }
-  return name;
 }
 
 /** Removes temp folders of earlier imports of `name` whose process is gone. */

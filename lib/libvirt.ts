@@ -67,6 +67,31 @@ export type DomainState =
 const VIRSH = "virsh";
 const CONNECT_HINT = "is libvirtd running? (tools/libvirtd.sh start)";
 
+/** Longest VM name: it also names a folder, and `.NAME.partial-PID-RANDOM` must fit in 255 bytes. */
+export const MAX_VM_NAME_BYTES = 200;
+
+/**
+ * Checks a VM name chosen by the user (`-n`, a clone target) before anything is done with it; the
+ * name becomes a libvirt domain name and a folder name. Returns it unchanged.
+ */
+export function checkVmName(name: string): string {
+  const bad = (why: string, hint?: string) =>
+    fail("usage", `invalid VM name '${name}': ${why}`, hint);
+  if (!name) throw bad("it is empty");
+  const bytes = new TextEncoder().encode(name).length;
+  if (bytes > MAX_VM_NAME_BYTES) {
+    throw fail(
+      "usage",
+      `invalid VM name '${name.slice(0, 40)}…': ${bytes} bytes long, at most ${MAX_VM_NAME_BYTES}`,
+    );
+  }
+  // deno-lint-ignore no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(name)) throw bad("it contains control characters");
+  if (name.includes("/")) throw bad("it contains '/'", "a VM name is one folder name");
+  if (name.startsWith(".")) throw bad("it starts with '.'", "such names are sarde's temp folders");
+  return name;
+}
+
 /**
  * Resolves the connection to use: the given URI, else `LIBVIRT_DEFAULT_URI`, else none (libvirt's
  * default).

@@ -265,10 +265,33 @@ Deno.test({
       const again = await sarde(["clone", "--vmdir", vmdir, imageId, target], { env });
       assert.equal(again.code, 2);
       assert.match(again.stderr, /already exists/);
+      // An image cloned onto an existing name is refused before the base is imported.
+      const vmdir2 = `${vmdir}-2`;
+      const taken = await sarde(["clone", "-d", work, "--vmdir", vmdir2, "local/c:v1", vm.name], {
+        env,
+      });
+      assert.equal(taken.code, 2, taken.stderr);
+      assert.match(taken.stderr, /already exists/);
+      assert.deepEqual(await listFiles(vmdir2).catch(() => []), [], "nothing was imported");
+      // Too long a name is named as such (it used to get the hint about '/').
+      for (
+        const args of [["clone", "local/c:v1", "x".repeat(300)], [
+          "import",
+          "-n",
+          "y".repeat(300),
+          "local/c:v1",
+        ]]
+      ) {
+        const long = await sarde([...args, "-d", work, "--vmdir", vmdir2], { env });
+        assert.equal(long.code, 2, long.stderr);
+        assert.match(long.stderr, /300 bytes long, at most 200/);
+        assert.doesNotMatch(long.stderr, /'\/'/);
+      }
       console.log(`clone took ${(performance.now() - t0).toFixed(0)} ms (including the import)`);
     } finally {
       await undefineVms(names);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(`${vmdir}-2`, { recursive: true }).catch(() => {});
       await Deno.remove(work, { recursive: true });
     }
   },
