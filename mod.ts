@@ -20,12 +20,12 @@ import { type ExportOptions, type ExportResult, exportVm as exportToStore } from
 import {
   defaultVmdir,
   importedVms,
-  importImage,
   type ImportResult,
   importVm as importFromStore,
 } from "./lib/import.ts";
 import { domainState } from "./lib/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/prune.ts";
+import { pullImage } from "./lib/pull.ts";
 import {
   getVmConfig,
   type ImageEntry,
@@ -34,7 +34,7 @@ import {
   type VmState,
 } from "./lib/images.ts";
 import { login as loginRegistry, logout as logoutRegistry } from "./lib/login.ts";
-import { formatLocalName, parseReference, type Reference } from "./lib/reference.ts";
+import { parseReference, type Reference } from "./lib/reference.ts";
 import type { RetryPolicy } from "./lib/retry.ts";
 import { defaultOcidir } from "./lib/store.ts";
 import { type TlsSettings, transportFor } from "./lib/tls.ts";
@@ -274,46 +274,15 @@ export async function pull(
   reference: string,
   options: ImportVmOptions & RegistryAccessOptions & { source?: string } = {},
 ): Promise<ImportResult> {
-  // The import runs behind the download: each chunk is decoded as soon as its blob is stored,
-  // so a pull takes about as long as the slower of the two instead of their sum.
   const target = parseReference(reference);
   const source = options.source ? parseReference(options.source) : target;
-  const stop = new AbortController();
-  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
-  let importing: Promise<ImportResult> | undefined;
-  // Whichever side fails first has the error worth reporting: the other one then fails only
-  // because it was stopped ("interrupted") or lost its blobs.
-  let first: { error: unknown } | undefined;
-  const fetching: Promise<TransferResult> = fetchImage(source, {
-    ...await transferOptions(source.registry, { ...options, signal }),
-    target,
-    onManifest(image) {
-      importing = importImage(image, formatLocalName(target), {
-        ...importOptions(options),
-        progress: false,
-        signal,
-        // The VM is defined only once the image is complete in the store (manifest, tag).
-        beforeCommit: () => fetching.then(() => {}),
-      });
-      importing.catch((error) => {
-        first ??= { error };
-        stop.abort(); // stops the download too
-      });
-    },
+  const { signal: _, ...fetch } = await transferOptions(source.registry, options);
+  return await pullImage(target, {
+    fetch,
+    import: importOptions(options),
+    source,
+    signal: options.signal,
   });
-  fetching.catch((error) => first ??= { error });
-  try {
-    await fetching;
-  } catch (err) {
-    stop.abort();
-    await importing?.catch(() => {});
-    throw first?.error ?? err;
-  }
-  try {
-    return await importing!;
-  } catch (err) {
-    throw first?.error ?? err;
-  }
 }
 
 /** Options of {@link clone}. */
