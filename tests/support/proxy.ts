@@ -1,7 +1,9 @@
 /**
  * In-process HTTP reverse proxies on 127.0.0.1 for registry tests: a body-size limiter (like a
- * reverse proxy with `client_max_body_size`) and a fault injector (corrupted or cut blob downloads,
- * error statuses).
+ * reverse proxy with `client_max_body_size`), a fault injector (corrupted, cut or stalled blob
+ * downloads, error statuses, HTML pages instead of registry answers) and a plain forwarder on a
+ * chosen port; plus servers that are no registry at all: one answering `200` with HTML to
+ * everything, and a black hole that accepts connections and never answers.
  *
  * The forwarder passes method, path, query, headers and bodies through (streamed), uses
  * `redirect: "manual"`, and rewrites `Location` headers that point at the upstream to the proxy.
@@ -28,6 +30,8 @@ export interface RunningProxy {
   port: number;
   /** Number of requests the proxy has seen so far. */
   hits(): number;
+  /** Number of faults injected so far ({@link startFaultyProxy}; 0 for other proxies). */
+  faults(): number;
   /** Stops the proxy (waits for open connections to finish). Idempotent. */
   stop(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -47,10 +51,27 @@ export type Fault =
    */
   | { kind: "cut-blob"; afterBytes: number; times: number }
   /** Answer the first `times` requests (of any kind) with `status` (and `Retry-After`). */
-  | { kind: "status"; status: number; times: number; retryAfter?: number };
+  | { kind: "status"; status: number; times: number; retryAfter?: number }
+  /**
+   * Stop sending (without closing the connection) after `afterBytes` body bytes of a blob GET
+   * response, for the first `times` responses longer than that. `Range` requests are forwarded.
+   */
+  | { kind: "stall-blob"; afterBytes: number; times: number }
+  /**
+   * Answer blob `HEAD`s or manifest `PUT`s with `200` and an HTML page, as a web server would;
+   * everything else is forwarded.
+   */
+  | { kind: "html"; requests: "blob-head" | "manifest-put" }
+  /**
+   * Hold every blob GET response longer than `afterBytes` after that many body bytes until
+   * `until` resolves, then send the rest: a download surely in flight while a test acts.
+   */
+  | { kind: "pause-blob"; afterBytes: number; until: Promise<void> };
 
 /** Hooks of the generic forwarder. */
 interface ProxyHooks {
+  /** Port on 127.0.0.1 to listen on (default: any free one). */
+  port?: number;
   /** Answer a request directly instead of forwarding it (return undefined to forward). */
   intercept?(req: Request): Response | undefined;
   /** Replace the request body stream (e.g. to count bytes). */
@@ -88,14 +109,30 @@ export function isBlobGet(req: Request): boolean {
   return req.method === "GET" && BLOB_PATH.test(new URL(req.url).pathname);
 }
 
+/** A page a web server (not a registry) answers with. */
+function htmlPage(): Response {
+  return new Response("<!DOCTYPE html><html><body><h1>Welcome</h1></body></html>\n", {
+    status: 200,
+    headers: { "content-type": "text/html; charset=utf-8" },
+  });
+}
+
 function copyHeaders(from: Headers): Headers {
   const h = new Headers();
   for (const [k, v] of from) if (!HOP_BY_HOP.has(k.toLowerCase())) h.append(k, v);
   return h;
 }
 
-/** Starts a reverse proxy for `target` with the given hooks. */
-async function startProxy(target: ProxyTarget, hooks: ProxyHooks = {}): Promise<RunningProxy> {
+/**
+ * Starts a reverse proxy for `target` with the given hooks; `faults()` counts the faults that
+ * `countFault` (handed to the hooks' maker) was called for.
+ */
+async function startProxy(
+  target: ProxyTarget,
+  makeHooks: (countFault: () => void) => ProxyHooks = () => ({}),
+): Promise<RunningProxy> {
+  let faults = 0;
+  const hooks = makeHooks(() => faults++);
   const upstream = new URL(target.url);
   const client = target.caFile
     ? Deno.createHttpClient({ caCerts: [await Deno.readTextFile(target.caFile)] })
@@ -162,7 +199,7 @@ async function startProxy(target: ProxyTarget, hooks: ProxyHooks = {}): Promise<
   const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
     hostname: "127.0.0.1",
-    port: 0,
+    port: hooks.port ?? 0,
     onListen: (addr) => resolve(addr as Deno.NetAddr),
     onError: (err) => new Response(`proxy error: ${err}\n`, { status: 500 }),
   }, handle);
@@ -175,6 +212,85 @@ async function startProxy(target: ProxyTarget, hooks: ProxyHooks = {}): Promise<
     url: self,
     port: addr.port,
     hits: () => hits,
+    faults: () => faults,
+    stop,
+    [Symbol.asyncDispose]: stop,
+  };
+}
+
+/** Starts a proxy that forwards everything to `target`, listening on `port` of 127.0.0.1. */
+export function startForwarder(target: ProxyTarget, port: number): Promise<RunningProxy> {
+  return startProxy(target, () => ({ port }));
+}
+
+/** Starts a web server on 127.0.0.1 that answers every request with `200` and an HTML page. */
+export async function startHtmlServer(): Promise<RunningProxy> {
+  let hits = 0;
+  const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
+  const server = Deno.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    onListen: (addr) => resolve(addr as Deno.NetAddr),
+  }, async (req) => {
+    hits++;
+    await req.body?.cancel().catch(() => {});
+    return htmlPage();
+  });
+  const { port } = await listening;
+  let stopped: Promise<void> | undefined;
+  const stop = (): Promise<void> => stopped ??= server.shutdown();
+  return {
+    host: `127.0.0.1:${port}`,
+    url: `http://127.0.0.1:${port}`,
+    port,
+    hits: () => hits,
+    faults: () => 0,
+    stop,
+    [Symbol.asyncDispose]: stop,
+  };
+}
+
+/** A TCP server that accepts connections and never reads or answers (see {@link startBlackHole}). */
+export interface BlackHole {
+  /** `127.0.0.1:PORT` — what goes in an image reference. */
+  host: string;
+  port: number;
+  /** Connections accepted so far. */
+  connections(): number;
+  /** Closes the listener and every held connection. Idempotent. */
+  stop(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** Starts a {@link BlackHole} on 127.0.0.1: a registry that accepts TCP and never answers. */
+export function startBlackHole(): BlackHole {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held = new Set<Deno.Conn>();
+  let accepted = 0;
+  const loop = (async () => {
+    try {
+      for await (const conn of listener) {
+        accepted++;
+        held.add(conn);
+      }
+    } catch { /* listener closed */ }
+  })();
+  const { port } = listener.addr as Deno.NetAddr;
+  let stopped: Promise<void> | undefined;
+  const stop = (): Promise<void> =>
+    stopped ??= (async () => {
+      listener.close();
+      await loop;
+      for (const c of held) {
+        try {
+          c.close();
+        } catch { /* already closed */ }
+      }
+    })();
+  return {
+    host: `127.0.0.1:${port}`,
+    port,
+    connections: () => accepted,
     stop,
     [Symbol.asyncDispose]: stop,
   };
@@ -201,7 +317,7 @@ export function startLimitedProxy(
   maxBodyBytes: number,
 ): Promise<RunningProxy> {
   const exceeded = new WeakSet<Request>();
-  return startProxy(target, {
+  return startProxy(target, () => ({
     intercept(req) {
       const len = Number(req.headers.get("content-length") ?? NaN);
       return Number.isFinite(len) && len > maxBodyBytes ? tooLarge(maxBodyBytes) : undefined;
@@ -225,7 +341,7 @@ export function startLimitedProxy(
       );
     },
     onError: (req) => (exceeded.has(req) ? tooLarge(maxBodyBytes) : undefined),
-  });
+  }));
 }
 
 /** A stream that flips bits in every chunk (same length), so digests no longer match. */
@@ -243,14 +359,18 @@ function corrupt(body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
 
 /**
  * A stream that passes `limit` bytes and then errors (which makes the server drop the
- * connection). `onEnd(cut)` is called once: true when it cut, false when the body was shorter.
+ * connection) or, with `stall`, sends nothing more and keeps the connection open until the client
+ * gives up. `onEnd(cut)` is called once: true when it cut or stalled, false when the body was
+ * shorter.
  */
 function cutAfter(
   body: ReadableStream<Uint8Array>,
   limit: number,
   onEnd: (cut: boolean) => void,
+  stall = false,
 ): ReadableStream<Uint8Array> {
   const reader = body.getReader();
+  const cancelled = Promise.withResolvers<void>();
   let sent = 0;
   let cutNext = false;
   let ended = false;
@@ -264,6 +384,7 @@ function cutAfter(
     // give the server a moment to flush what was sent before the connection drops
     await new Promise((r) => setTimeout(r, 50));
     await reader.cancel().catch(() => {});
+    if (stall) return await cancelled.promise; // the client hangs up
     ctl.error(new Error("faulty proxy: connection cut"));
   };
   return new ReadableStream<Uint8Array>({
@@ -291,34 +412,94 @@ function cutAfter(
     },
     cancel(reason) {
       end(false);
+      cancelled.resolve();
       return reader.cancel(reason);
     },
   });
 }
 
 /**
+ * A stream that passes `limit` bytes, calls `onPause`, and sends the rest once `until` resolves.
+ */
+function pauseAfter(
+  body: ReadableStream<Uint8Array>,
+  limit: number,
+  until: Promise<void>,
+  onPause: () => void,
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let sent = 0;
+  let held: Uint8Array | undefined;
+  const release = async (ctl: ReadableStreamDefaultController<Uint8Array>) => {
+    onPause();
+    await until;
+    ctl.enqueue(held!);
+    held = undefined;
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(ctl) {
+      if (held) return await release(ctl);
+      const { done, value } = await reader.read();
+      if (done) {
+        ctl.close();
+        return;
+      }
+      const room = limit - sent;
+      sent += value.byteLength;
+      if (room < 0 || value.byteLength <= room) {
+        ctl.enqueue(value);
+        return;
+      }
+      held = value.subarray(room);
+      if (room === 0) return await release(ctl);
+      ctl.enqueue(value.subarray(0, room)); // the rest on the next pull, after the pause
+    },
+    cancel: (reason) => reader.cancel(reason),
+  });
+}
+
+/** Whether a request is the kind an `html` fault answers. */
+function htmlTarget(req: Request, requests: "blob-head" | "manifest-put"): boolean {
+  const path = new URL(req.url).pathname;
+  return requests === "blob-head"
+    ? req.method === "HEAD" && BLOB_PATH.test(path)
+    : req.method === "PUT" && /^\/v2\/.+\/manifests\/[^/]+$/.test(path);
+}
+
+/**
  * Starts a fault-injecting proxy in front of `target` (a {@link ProxyTarget}, e.g. a
- * `TestRegistry`). `hits()` counts every request the proxy saw, including faulted ones.
+ * `TestRegistry`). `hits()` counts every request the proxy saw, including faulted ones;
+ * `faults()` the faults injected.
  *
  * - `corrupt-blob`: every blob GET body (200/206) gets bytes flipped, same length.
  * - `cut-blob`: the first `times` blob GET responses longer than `afterBytes` are cut after
  *   `afterBytes` body bytes (the connection is dropped); `Range: bytes=N-` is forwarded.
+ * - `stall-blob`: as `cut-blob`, but the connection stays open and silent instead.
  * - `status`: the first `times` requests are answered with `status` (and `Retry-After:
  *   retryAfter` when given); later requests are forwarded.
+ * - `html`: blob HEADs or manifest PUTs get `200` with an HTML page.
+ * - `pause-blob`: blob GET responses longer than `afterBytes` stop there until `until` resolves
+ *   (`faults()` counts the responses held).
  */
 export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<RunningProxy> {
   switch (fault.kind) {
     case "corrupt-blob":
-      return startProxy(target, {
-        responseBody: (req, res, body) =>
-          isBlobGet(req) && (res.status === 200 || res.status === 206) &&
-            (!fault.digests || fault.digests.some((d) => req.url.endsWith(`/blobs/${d}`)))
-            ? corrupt(body)
-            : body,
-      });
-    case "cut-blob": {
+      return startProxy(target, (counted) => ({
+        responseBody(req, res, body) {
+          if (
+            !isBlobGet(req) || (res.status !== 200 && res.status !== 206) ||
+            (fault.digests && !fault.digests.some((d) => req.url.endsWith(`/blobs/${d}`)))
+          ) {
+            return body;
+          }
+          counted();
+          return corrupt(body);
+        },
+      }));
+    case "cut-blob":
+    case "stall-blob": {
       let remaining = fault.times;
-      return startProxy(target, {
+      return startProxy(target, (counted) => ({
         responseBody(req, res, body) {
           if (!isBlobGet(req) || (res.status !== 200 && res.status !== 206) || remaining <= 0) {
             return body;
@@ -329,17 +510,19 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
           if (length <= fault.afterBytes) return body;
           remaining--; // reserved; given back if the body was too short to cut
           return cutAfter(body, fault.afterBytes, (cut) => {
-            if (!cut) remaining++;
-          });
+            if (cut) counted();
+            else remaining++;
+          }, fault.kind === "stall-blob");
         },
-      });
+      }));
     }
     case "status": {
       let answered = 0;
-      return startProxy(target, {
+      return startProxy(target, (counted) => ({
         intercept() {
           if (answered >= fault.times) return undefined;
           answered++;
+          counted();
           const headers = new Headers({ "content-type": "application/json" });
           if (fault.retryAfter !== undefined) headers.set("retry-after", String(fault.retryAfter));
           const body = NULL_BODY_STATUS.has(fault.status) ? null : JSON.stringify({
@@ -347,7 +530,23 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
           });
           return new Response(body, { status: fault.status, headers });
         },
-      });
+      }));
     }
+    case "pause-blob":
+      return startProxy(target, (counted) => ({
+        responseBody(req, res, body) {
+          const length = Number(res.headers.get("content-length") ?? NaN);
+          if (!isBlobGet(req) || res.status !== 200 || !(length > fault.afterBytes)) return body;
+          return pauseAfter(body, fault.afterBytes, fault.until, counted);
+        },
+      }));
+    case "html":
+      return startProxy(target, (counted) => ({
+        intercept(req) {
+          if (!htmlTarget(req, fault.requests)) return undefined;
+          counted();
+          return htmlPage();
+        },
+      }));
   }
 }

@@ -21,16 +21,26 @@ import { freePort } from "../../lib/net.ts";
 import { startTokenServer, type TokenServer } from "./token_server.ts";
 import { type RunningProxy, startLimitedProxy } from "./proxy.ts";
 
-export { type Fault, type ProxyTarget, type RunningProxy, startFaultyProxy } from "./proxy.ts";
+export {
+  type BlackHole,
+  type Fault,
+  type ProxyTarget,
+  type RunningProxy,
+  startBlackHole,
+  startFaultyProxy,
+  startForwarder,
+  startHtmlServer,
+} from "./proxy.ts";
 export type { TokenRequestRecord, TokenServer } from "./token_server.ts";
 
 /**
  * - `plain`: http, no auth.
  * - `htpasswd-tls`: https (certificate signed by a fresh test CA) + htpasswd basic auth.
  * - `token`: http + bearer-token auth via an in-process token server.
+ * - `token-tls`: https + bearer-token auth whose token server (the realm) is plain http.
  * - `limited`: plain registry behind a proxy that answers 413 to bodies over `maxBodyBytes`.
  */
-export type RegistryMode = "plain" | "htpasswd-tls" | "token" | "limited";
+export type RegistryMode = "plain" | "htpasswd-tls" | "token" | "token-tls" | "limited";
 
 /** A running test registry. */
 export interface TestRegistry {
@@ -51,7 +61,7 @@ export interface TestRegistry {
   dataDir: string;
   /** The registry's stdout+stderr. */
   logFile: string;
-  /** `token` mode: the token server (realm, issued-token log). */
+  /** `token` modes: the token server (realm, issued-token log). */
   tokenServer?: TokenServer;
   /** `limited` mode: the registry itself, bypassing the size-limiting proxy. */
   upstreamUrl?: string;
@@ -64,9 +74,9 @@ export interface TestRegistry {
 export interface StartRegistryOptions {
   /** `limited` mode: largest accepted request body. Default 8 MiB. */
   maxBodyBytes?: number;
-  /** `token` mode: lifetime of issued tokens (`exp`, `expires_in`). Default 300. */
+  /** `token` modes: lifetime of issued tokens (`exp`, `expires_in`). Default 300. */
   tokenTtlSeconds?: number;
-  /** `token` mode: whether anonymous clients may pull. Default true. */
+  /** `token` modes: whether anonymous clients may pull. Default true. */
   anonymousPull?: boolean;
 }
 
@@ -282,6 +292,8 @@ async function spawnRegistry(
  *   (`caFile`, `certDir`), htpasswd (bcrypt) user `sarde` / `sarde-pw`.
  * - `token`: `http://`, `auth.token` against an in-process token server (`tokenServer`), service
  *   `sarde-registry`, issuer `sarde-token-issuer`; user `sarde` / `sarde-pw`, anonymous pull.
+ * - `token-tls`: as `token`, but the registry is `https://` (as `htpasswd-tls`) while its token
+ *   realm stays plain `http://`.
  * - `limited`: a plain registry behind a proxy (`host`/`url`) that answers 413 to request bodies
  *   larger than `maxBodyBytes` (default 8 MiB); `upstreamUrl` is the registry itself.
  */
@@ -326,9 +338,9 @@ export async function startRegistry(
     let auth: string | undefined;
     let caFile: string | undefined;
     let certDir: string | undefined;
-    const scheme = mode === "htpasswd-tls" ? "https" : "http";
+    const scheme = mode === "htpasswd-tls" || mode === "token-tls" ? "https" : "http";
 
-    if (mode === "htpasswd-tls") {
+    if (scheme === "https") {
       await makeTlsFiles(dir);
       caFile = `${dir}/ca.crt`;
       certDir = `${dir}/certs.d`;
@@ -336,9 +348,11 @@ export async function startRegistry(
       await Deno.copyFile(caFile, `${certDir}/ca.crt`);
       client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(caFile)] });
       tls = `  tls:\n    certificate: ${dir}/server.crt\n    key: ${dir}/server.key`;
+    }
+    if (mode === "htpasswd-tls") {
       await run("htpasswd", ["-Bbc", `${dir}/htpasswd`, TEST_USERNAME, TEST_PASSWORD]);
       auth = `auth:\n  htpasswd:\n    realm: sarde-registry\n    path: ${dir}/htpasswd`;
-    } else if (mode === "token") {
+    } else if (mode === "token" || mode === "token-tls") {
       await run("openssl", [
         "req",
         "-x509",
@@ -390,7 +404,7 @@ export async function startRegistry(
 
     let stopped: Promise<void> | undefined;
     const stop = (): Promise<void> => (stopped ??= cleanup());
-    const auths = mode === "htpasswd-tls" || mode === "token";
+    const auths = mode !== "plain" && mode !== "limited";
     return {
       mode,
       host,

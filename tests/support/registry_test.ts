@@ -1,11 +1,21 @@
 /**
  * Checks the registry fixtures themselves: every mode answers `/v2/` as expected, the token
- * server's grants work, the limited proxy answers 413, the faulty proxies inject their faults, and
- * skopeo (an independent client) can push to and inspect the htpasswd-tls and limited registries.
+ * server's grants work, the limited proxy answers 413, the faulty proxies inject their faults, the
+ * servers that are no registry behave as promised, and skopeo (an independent client) can push to
+ * and inspect the htpasswd-tls and limited registries.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { startFaultyProxy, startRegistry, type TestRegistry, TOKEN_SERVICE } from "./registry.ts";
+import {
+  freePort,
+  startBlackHole,
+  startFaultyProxy,
+  startForwarder,
+  startHtmlServer,
+  startRegistry,
+  type TestRegistry,
+  TOKEN_SERVICE,
+} from "./registry.ts";
 
 const dec = new TextDecoder();
 
@@ -567,4 +577,84 @@ Deno.test("faulty proxy: status, corrupt-blob and cut-blob faults", async (t) =>
     const r = await fetch(`${p.url}/v2/t/f/blobs/${digest}`);
     await assert.rejects(r.arrayBuffer());
   });
+});
+
+Deno.test("faulty proxy: stall-blob and html faults, forwarder on a chosen port", async (t) => {
+  await using reg = await startRegistry("plain");
+  const big = crypto.getRandomValues(new Uint8Array(65536));
+  const digest = await pushBlob(reg, "t/s", big);
+
+  await t.step("stall-blob sends afterBytes, then nothing, and keeps the connection", async () => {
+    await using p = await startFaultyProxy(reg, { kind: "stall-blob", afterBytes: 1000, times: 1 });
+    const url = `${p.url}/v2/t/s/blobs/${digest}`;
+    const r = await fetch(url);
+    assert.equal(r.status, 200);
+    const reader = r.body!.getReader();
+    let received = 0;
+    while (received < 1000) received += (await reader.read()).value!.length;
+    assert.equal(received, 1000);
+    const silent = await Promise.race([
+      reader.read().then(() => "data"),
+      new Promise((resolve) => setTimeout(() => resolve("silent"), 500)),
+    ]);
+    assert.equal(silent, "silent", "no more data and no end");
+    await reader.cancel();
+    assert.equal(p.faults(), 1);
+    const rest = await fetch(url, { headers: { range: "bytes=1000-" } });
+    assert.equal(rest.status, 206);
+    assert.equal((await rest.arrayBuffer()).byteLength, big.length - 1000);
+  });
+
+  await t.step("html answers blob HEADs (only) with a page", async () => {
+    await using p = await startFaultyProxy(reg, { kind: "html", requests: "blob-head" });
+    const head = await fetch(`${p.url}/v2/t/s/blobs/sha256:${"0".repeat(64)}`, { method: "HEAD" });
+    assert.equal(head.status, 200);
+    assert.match(head.headers.get("content-type") ?? "", /text\/html/);
+    assert.equal(head.headers.get("docker-content-digest"), null);
+    const v2 = await req(`${p.url}/v2/`);
+    assert.equal(v2.headers.get("docker-distribution-api-version"), "registry/2.0");
+    assert.equal(p.faults(), 1);
+  });
+
+  await t.step("forwarder listens on the port it is given", async () => {
+    const port = freePort();
+    await using p = await startForwarder(reg, port);
+    assert.equal(p.port, port);
+    assert.equal((await req(`http://127.0.0.1:${port}/v2/`)).status, 200);
+  });
+});
+
+Deno.test("no registry: an HTML server answers 200 to all; a black hole never answers", async () => {
+  await using web = await startHtmlServer();
+  for (const method of ["GET", "HEAD", "PUT"]) {
+    const r = await req(`${web.url}/v2/x/manifests/v1`, { method });
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get("content-type") ?? "", /text\/html/);
+  }
+  assert.equal(web.hits(), 3);
+
+  await using hole = startBlackHole();
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: hole.port });
+  await conn.write(new TextEncoder().encode("GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"));
+  const answer = await Promise.race([
+    conn.read(new Uint8Array(16)).then(() => "answered"),
+    new Promise((resolve) => setTimeout(() => resolve("silent"), 500)),
+  ]);
+  assert.equal(answer, "silent");
+  assert.equal(hole.connections(), 1);
+  conn.close();
+});
+
+Deno.test("token-tls registry: https registry whose token realm is plain http", async () => {
+  await using reg = await startRegistry("token-tls");
+  assert.match(reg.url, /^https:/);
+  assert.match(reg.tokenServer!.realm, /^http:/);
+  const client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(reg.caFile!)] });
+  try {
+    const anon = await req(`${reg.url}/v2/`, { client });
+    assert.equal(anon.status, 401);
+    assert.ok(anon.headers.get("www-authenticate")?.includes(`realm="${reg.tokenServer!.realm}"`));
+  } finally {
+    client.close();
+  }
 });
