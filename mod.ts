@@ -64,17 +64,29 @@ export interface StoreOptions {
 }
 
 /** How to talk to registries. */
-export interface RegistryAccessOptions extends TlsSettings {
+export interface RegistryAccessOptions extends TlsSettings, DeadlineOptions {
   /** Credentials file (default: `${XDG_RUNTIME_DIR}/containers/auth.json`, as skopeo). */
   authfile?: string;
   /** Blobs transferred in parallel (default 4). */
   concurrency?: number;
   /** Largest PATCH body for uploads; 0 streams each blob in one request (default). */
   chunkSize?: number;
-  /** Retry policy for connection errors, 5xx and 429. */
-  retry?: RetryPolicy;
   /** Cancels the operation. */
   signal?: AbortSignal;
+}
+
+/** How long to wait for registries that do not answer or keep failing. */
+export interface DeadlineOptions {
+  /**
+   * Wait at most this long (ms) for an answer, and for each piece of a download, before the
+   * request counts as failed and is retried or resumed (default 30 s).
+   */
+  responseTimeoutMs?: number;
+  /**
+   * Retries of connection errors, timeouts, 5xx and 429; unset fields keep their defaults
+   * (5 attempts, none started after `maxElapsedMs` = 2 min), e.g. `{ maxElapsedMs: 30_000 }`.
+   */
+  retry?: Partial<RetryPolicy>;
 }
 
 async function transferOptions(registry: string, options: RegistryAccessOptions & StoreOptions) {
@@ -84,6 +96,7 @@ async function transferOptions(registry: string, options: RegistryAccessOptions 
     authfile: options.authfile,
     concurrency: options.concurrency,
     chunkSize: options.chunkSize,
+    responseTimeoutMs: options.responseTimeoutMs,
     retry: options.retry,
     signal: options.signal,
   };
@@ -116,7 +129,7 @@ export async function push(
 export async function login(
   registry: string,
   credentials: Credentials,
-  options: TlsSettings & { authfile?: string; signal?: AbortSignal } = {},
+  options: TlsSettings & DeadlineOptions & { authfile?: string; signal?: AbortSignal } = {},
 ): Promise<string> {
   const transport = await transportFor(
     registry.replace(/^[a-z]+:\/\//i, "").replace(/\/.*$/, ""),
@@ -125,6 +138,8 @@ export async function login(
   return await loginRegistry(registry, credentials, {
     ...transport,
     authfile: options.authfile,
+    responseTimeoutMs: options.responseTimeoutMs,
+    retry: options.retry,
     signal: options.signal,
   });
 }

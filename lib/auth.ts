@@ -5,7 +5,7 @@
  * @module
  */
 
-import { fail } from "./errors.ts";
+import { fail, SardeError } from "./errors.ts";
 import type { Credentials } from "./credentials.ts";
 import type { HttpClient } from "./http.ts";
 import { debug } from "./log.ts";
@@ -76,11 +76,15 @@ export interface Authenticator {
   readonly hasCredentials: boolean;
 }
 
-/** Creates an {@link Authenticator} for one registry. */
+/**
+ * Creates an {@link Authenticator} for one registry. `plainRegistry` tells whether the registry
+ * itself is reached over plain http: only then may credentials go to a plain-http token realm.
+ */
 export function createAuthenticator(
   http: HttpClient,
   registry: string,
   credentials: Credentials | undefined,
+  plainRegistry: () => boolean,
 ): Authenticator {
   let scheme: "basic" | "bearer" | undefined;
   const tokens = new Map<string, CachedToken>();
@@ -102,6 +106,19 @@ export function createAuthenticator(
       url = new URL(realm);
     } catch {
       throw fail("auth", `${registry} sent an invalid token realm '${realm}'`);
+    }
+    if (url.protocol !== "https:" && url.protocol !== "http:") {
+      throw fail("auth", `${registry} sent an invalid token realm '${realm}'`);
+    }
+    // The realm is whatever the registry's challenge says: a registry reached over https must
+    // not make sarde send passwords or tokens in clear text, to its own host or another.
+    if (credentials && url.protocol === "http:" && !plainRegistry()) {
+      throw new SardeError(
+        "auth",
+        `${registry} wants the credentials sent to ${url.origin} over plain http; ` +
+          `refused, as the registry itself uses https`,
+        { hint: "the registry's token realm must be an https URL; ask its administrator" },
+      );
     }
     const service = challenge.params.service;
     let response;

@@ -28,9 +28,16 @@ export interface TransportOptions {
   tlsVerify?: boolean;
   /** Extra trusted CA certificates (PEM text). */
   caCerts?: string[];
-  /** Abort a request when the socket is idle this long (ms). Default 120 s. */
-  idleTimeoutMs?: number;
+  /**
+   * How long (ms) to wait for a response's headers, and for each piece of its body: a registry
+   * that accepts connections and never answers, or a download that stalls, fails after this
+   * (and is retried or resumed) instead of hanging. Default {@link DEFAULT_RESPONSE_TIMEOUT_MS}.
+   */
+  responseTimeoutMs?: number;
 }
+
+/** Default of {@link TransportOptions.responseTimeoutMs}: 30 s. */
+export const DEFAULT_RESPONSE_TIMEOUT_MS = 30_000;
 
 /**
  * A request body: bytes, or a function producing a fresh stream (so retries can resend it). A
@@ -83,7 +90,7 @@ export interface HttpClient {
 
 /** Creates an {@link HttpClient} for the given TLS settings. */
 export function createHttpClient(options: TransportOptions = {}): HttpClient {
-  const idleTimeoutMs = options.idleTimeoutMs ?? 120_000;
+  const timeoutMs = options.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS;
   const httpAgent = new http.Agent({ keepAlive: true, maxSockets: 16 });
   const httpsAgent = new https.Agent({
     keepAlive: true,
@@ -99,12 +106,12 @@ export function createHttpClient(options: TransportOptions = {}): HttpClient {
         if (options.caCerts?.length) {
           fetchClient ??= Deno.createHttpClient({ caCerts: options.caCerts });
         }
-        return sendWithFetch(request, fetchClient, idleTimeoutMs);
+        return sendWithFetch(request, fetchClient, timeoutMs);
       }
       return send(
         request,
         request.url.protocol === "https:" ? httpsAgent : httpAgent,
-        idleTimeoutMs,
+        timeoutMs,
       );
     },
     close() {
@@ -123,21 +130,20 @@ const bulkSpare: Uint8Array[] = [];
 async function sendWithFetch(
   req: HttpRequest,
   client: Deno.HttpClient | undefined,
-  idleTimeoutMs: number,
+  timeoutMs: number,
 ): Promise<HttpResponse> {
-  // An idle timer, as node's socket timeout: aborts when no data came for idleTimeoutMs.
+  // An idle timer, as node's socket timeout: aborts when nothing came for timeoutMs.
   const idle = new AbortController();
-  let timer = setTimeout(() => idle.abort(), idleTimeoutMs);
+  let answered = false;
+  let timer = setTimeout(() => idle.abort(), timeoutMs);
   const touch = () => {
     clearTimeout(timer);
-    timer = setTimeout(() => idle.abort(), idleTimeoutMs);
+    timer = setTimeout(() => idle.abort(), timeoutMs);
   };
   const signal = req.signal ? AbortSignal.any([req.signal, idle.signal]) : idle.signal;
   const failure = (err: unknown) => {
     if (req.signal?.aborted) return networkError(new AbortError(), req.url);
-    if (idle.signal.aborted) {
-      return networkError(new Error(`no data for ${idleTimeoutMs / 1000} s`), req.url);
-    }
+    if (idle.signal.aborted) return networkError(new TimeoutError(timeoutMs, answered), req.url);
     return networkError(err, req.url);
   };
   let res: Response;
@@ -153,6 +159,7 @@ async function sendWithFetch(
     clearTimeout(timer);
     throw failure(err);
   }
+  answered = true;
   touch();
   const stream = res.body;
   async function* pieces(): AsyncGenerator<Uint8Array> {
@@ -201,7 +208,7 @@ async function sendWithFetch(
   };
 }
 
-function send(req: HttpRequest, agent: http.Agent, idleTimeoutMs: number): Promise<HttpResponse> {
+function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<HttpResponse> {
   const isHttps = req.url.protocol === "https:";
   const mod = isHttps ? https : http;
   const headers: Record<string, string> = { "user-agent": USER_AGENT, ...req.headers };
@@ -229,12 +236,10 @@ function send(req: HttpRequest, agent: http.Agent, idleTimeoutMs: number): Promi
         return;
       }
       settled = true;
-      resolve(wrapResponse(res));
+      resolve(wrapResponse(res, req.url));
     });
-    cr.setTimeout(
-      idleTimeoutMs,
-      () => cr.destroy(new Error(`no data for ${idleTimeoutMs / 1000} s`)),
-    );
+    // The socket's idle timer: while waiting for the answer, then for each piece of the body.
+    cr.setTimeout(timeoutMs, () => cr.destroy(new TimeoutError(timeoutMs, settled)));
     cr.on("error", onError);
     if (req.signal) {
       if (req.signal.aborted) cr.destroy(new Error("aborted"));
@@ -279,17 +284,38 @@ class AbortError extends Error {
   }
 }
 
-function wrapResponse(res: http.IncomingMessage): HttpResponse {
+/** The response timeout passed: before the answer came, or while its body was read. */
+class TimeoutError extends Error {
+  constructor(ms: number, answered: boolean) {
+    const s = `${ms / 1000} s`;
+    super(
+      answered
+        ? `stalled: no data for ${s} (response timeout)`
+        : `no answer within ${s} (response timeout)`,
+    );
+    this.name = "TimeoutError";
+  }
+}
+
+function wrapResponse(res: http.IncomingMessage, url: URL): HttpResponse {
   const headers = new Headers();
   for (const [k, v] of Object.entries(res.headers)) {
     if (v === undefined) continue;
     for (const item of Array.isArray(v) ? v : [v]) headers.append(k, item);
   }
-  const bytes = (limit = DEFAULT_BODY_LIMIT) => collect(res, limit, () => res.destroy());
+  // A failure while reading (the timeout destroys the request) is a network error like any other.
+  async function* pieces(): AsyncGenerator<Uint8Array> {
+    try {
+      yield* res as AsyncIterable<Uint8Array>;
+    } catch (err) {
+      throw networkError(err, url);
+    }
+  }
+  const bytes = (limit = DEFAULT_BODY_LIMIT) => collect(pieces(), limit, () => res.destroy());
   return {
     status: res.statusCode ?? 0,
     headers,
-    body: res as AsyncIterable<Uint8Array>,
+    body: pieces(),
     bytes,
     text: async () => new TextDecoder().decode(await bytes(1 << 20)),
     discard: async () => {
@@ -328,9 +354,20 @@ async function collect(
 /** The User-Agent sent with every request. */
 export const USER_AGENT = `sarde/${VERSION}`;
 
-/** Whether an error came from a connection problem (worth a retry) rather than from sarde. */
+/**
+ * Network errors another attempt cannot fix: the server does not speak TLS, or its certificate
+ * is not trusted.
+ */
+const lasting = new WeakMap<SardeError, "no-tls" | "untrusted">();
+
+/** Whether an error came from a connection problem worth a retry rather than from sarde. */
 export function isNetworkError(err: unknown): boolean {
-  return err instanceof SardeError && err.kind === "network";
+  return err instanceof SardeError && err.kind === "network" && !lasting.has(err);
+}
+
+/** Whether the server answered a TLS handshake with something else (plain http, most likely). */
+export function isNoTlsError(err: unknown): boolean {
+  return err instanceof SardeError && lasting.get(err) === "no-tls";
 }
 
 /** Turns a socket-level error into a one-line {@link SardeError} saying what to check. */
@@ -353,21 +390,32 @@ export function networkError(err: unknown, url: URL): SardeError {
       cause: err,
     });
   }
+  if (err instanceof TimeoutError) {
+    return new SardeError("network", `connection to ${host} failed: ${msg}`, {
+      hint: "the registry accepted the connection but does not answer; " +
+        "raise --response-timeout if it is only slow",
+      cause: err,
+    });
+  }
   if (/certificate|self[- ]signed|UnknownIssuer|CERT_|unable to verify/i.test(code + " " + msg)) {
-    return new SardeError("network", `TLS certificate of ${host} is not trusted (${msg})`, {
+    const e = new SardeError("network", `TLS certificate of ${host} is not trusted (${msg})`, {
       hint: "pass --cert-dir DIR (with ca.crt) or --ca-file FILE, or --tls-verify=false",
       cause: err,
     });
+    lasting.set(e, "untrusted");
+    return e;
   }
   if (
     /wrong version number|EPROTO|InvalidContentType|corrupt message|packet length/i.test(
       code + " " + msg,
     )
   ) {
-    return new SardeError("network", `${host} does not speak TLS (${msg})`, {
+    const e = new SardeError("network", `${host} does not speak TLS (${msg})`, {
       hint: "use --insecure for a plain-http registry",
       cause: err,
     });
+    lasting.set(e, "no-tls");
+    return e;
   }
   return new SardeError("network", `connection to ${host} failed: ${msg}`, { cause: err });
 }

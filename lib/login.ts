@@ -9,11 +9,14 @@ import { fail } from "./errors.ts";
 import type { TransportOptions } from "./http.ts";
 import { parseRegistryHost } from "./reference.ts";
 import { createRegistryClient } from "./registry.ts";
+import type { RetryPolicy } from "./retry.ts";
 
 /** Options for {@link login}. */
 export interface LoginOptions extends TransportOptions {
   /** Where to store the credentials (default: the skopeo/podman auth file). */
   authfile?: string;
+  /** Retries of the check; unset fields keep their defaults. */
+  retry?: Partial<RetryPolicy>;
   signal?: AbortSignal;
 }
 

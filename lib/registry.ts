@@ -13,6 +13,7 @@ import {
   createHttpClient,
   type HttpResponse,
   isNetworkError,
+  isNoTlsError,
   type RequestBody,
   type TransportOptions,
 } from "./http.ts";
@@ -20,12 +21,14 @@ import { debug, warn } from "./log.ts";
 import { type Descriptor, MANIFEST_ACCEPT } from "./oci.ts";
 import { isLoopbackRegistry, registryEndpointHost } from "./reference.ts";
 import {
-  backoffDelay,
   defaultRetryPolicy,
+  gaveUp,
   isRetryableStatus,
   retryAfterDelay,
+  type RetryBudget,
   type RetryPolicy,
   sleep,
+  startRetries,
 } from "./retry.ts";
 import { digestOf } from "./digest.ts";
 
@@ -33,8 +36,8 @@ import { digestOf } from "./digest.ts";
 export interface RegistryOptions extends TransportOptions {
   /** Credentials to use; `undefined` means anonymous. */
   credentials?: Credentials;
-  /** Retry policy for connection errors, 5xx and 429. */
-  retry?: RetryPolicy;
+  /** Retry policy for connection errors, 5xx and 429; unset fields keep their defaults. */
+  retry?: Partial<RetryPolicy>;
   /**
    * Largest request body to send in one PATCH. 0 (default) streams each blob in one request;
    * set it for registries or proxies that cap request bodies (GHCR: 4 MiB).
@@ -67,7 +70,10 @@ export type ProgressFn = (bytes: number) => void;
 export interface RegistryClient {
   /** The registry host (`host[:port]`). */
   readonly registry: string;
-  /** `GET /v2/`: checks that the registry answers and, with credentials, that they are accepted. */
+  /**
+   * `GET /v2/`: checks that the registry answers like an OCI registry and, with credentials,
+   * that they are accepted.
+   */
   ping(): Promise<void>;
   /** Fetches a manifest by tag or digest; verifies the digest when asked by digest. */
   getManifest(repository: string, selector: string): Promise<FetchedManifest>;
@@ -80,8 +86,11 @@ export interface RegistryClient {
     bytes: Uint8Array,
     mediaType: string,
   ): Promise<string>;
-  /** Whether the repository has the blob. */
-  hasBlob(repository: string, digest: string): Promise<boolean>;
+  /**
+   * Whether the repository has the blob; an answer whose size or digest does not match the blob
+   * is an error (a server that says yes to everything must not make a push skip its blobs).
+   */
+  hasBlob(repository: string, blob: Descriptor): Promise<boolean>;
   /** Tries a cross-repository mount from `from`; true when the blob is now in `repository`. */
   mountBlob(repository: string, digest: string, from: string): Promise<boolean>;
   /** Downloads a blob into `sink`, resuming with `Range` after a cut connection. */
@@ -116,6 +125,22 @@ interface CallOptions {
   retry?: boolean;
   /** A large download: `bulk` of lib/http.ts. */
   bulk?: boolean;
+  /** The API check itself: `url` is absolute, no authentication. */
+  probe?: boolean;
+}
+
+/** The error for a server that answers, but not the way an OCI registry must. */
+function notARegistry(registry: string, detail: string): SardeError {
+  return new SardeError(
+    "registry",
+    `${registry} does not behave like an OCI registry: ${detail}`,
+    { hint: "check the registry address and port: is a web server or proxy answering instead?" },
+  );
+}
+
+/** Whether two digests use one algorithm (only then can they be compared). */
+function sameAlgorithm(a: string, b: string): boolean {
+  return a.split(":")[0] === b.split(":")[0];
 }
 
 /** `repo:tag` or `repo@sha256:…`, as users write references, for messages. */
@@ -129,31 +154,77 @@ export function createRegistryClient(
   options: RegistryOptions = {},
 ): RegistryClient {
   const http = createHttpClient(options);
-  const policy = options.retry ?? defaultRetryPolicy();
-  const auth = createAuthenticator(http, registry, options.credentials);
+  const policy = defaultRetryPolicy(options.retry);
   const endpoint = registryEndpointHost(registry);
   let base: URL | undefined;
+  let finding: Promise<URL> | undefined;
+  // Credentials go to a plain-http token server only if they go to the registry that way too.
+  const auth = createAuthenticator(
+    http,
+    registry,
+    options.credentials,
+    () => base?.protocol === "http:",
+  );
 
-  async function baseUrl(): Promise<URL> {
-    if (base) return base;
-    if (options.plainHttp) return (base = new URL(`http://${endpoint}/`));
-    const https = new URL(`https://${endpoint}/`);
-    if (!isLoopbackRegistry(registry)) return (base = https);
-    // Loopback registries are often plain http (as docker assumes); try TLS first, fall back.
-    try {
-      const r = await http.send({
-        method: "GET",
-        url: new URL("/v2/", https),
-        signal: options.signal,
-      });
-      await r.discard();
-      return (base = https);
-    } catch (err) {
-      if (err instanceof SardeError && /does not speak TLS/.test(err.message)) {
-        debug(`${registry} does not speak TLS; using plain http`);
-        return (base = new URL(`http://${endpoint}/`));
-      }
+  /** The API root, found and checked once by the first request (the others wait for it). */
+  function baseUrl(): Promise<URL> {
+    finding ??= findApi().catch((err) => {
+      finding = undefined;
       throw err;
+    });
+    return finding;
+  }
+
+  /**
+   * `GET /v2/` (with retries): over https, or plain http with `--insecure`; loopback registries
+   * are often plain http (as docker assumes), so for them https falls back to http. The answer
+   * must come from an OCI registry, or every later "yes, I have that blob" would be believed.
+   */
+  async function findApi(): Promise<URL> {
+    const plain = new URL(`http://${endpoint}/`);
+    let url = options.plainHttp ? plain : new URL(`https://${endpoint}/`);
+    const check = (root: URL) =>
+      call({
+        method: "GET",
+        url: new URL("/v2/", root),
+        scopes: [],
+        follow: true,
+        accept: [200, 401, 403],
+        probe: true,
+      }, "registry check");
+    let res: HttpResponse;
+    try {
+      res = await check(url);
+    } catch (err) {
+      if (url === plain || !isLoopbackRegistry(registry) || !isNoTlsError(err)) throw err;
+      debug(`${registry} does not speak TLS; using plain http`);
+      url = plain;
+      res = await check(url);
+    }
+    await checkApiAnswer(res);
+    return (base = url);
+  }
+
+  /**
+   * A `200` to `GET /v2/` must come from a registry: the `Docker-Distribution-API-Version`
+   * header (optional in the OCI spec, sent by distribution, Zot, Harbor, GHCR, GitLab…) or at
+   * least a JSON body. `401`/`403` are left to authentication.
+   */
+  async function checkApiAnswer(res: HttpResponse): Promise<void> {
+    if (
+      res.status !== 200 ||
+      /^registry\/2\./.test(res.headers.get("docker-distribution-api-version") ?? "")
+    ) {
+      return await res.discard();
+    }
+    try {
+      JSON.parse(await res.text());
+    } catch {
+      const type = res.headers.get("content-type")?.split(";")[0] || "no content type";
+      throw notARegistry(
+        registry,
+        `GET /v2/ answered 200 with ${type}, not JSON, and no Docker-Distribution-API-Version`,
+      );
     }
   }
 
@@ -192,12 +263,13 @@ export function createRegistryClient(
 
   async function call(o: CallOptions, what: string): Promise<HttpResponse> {
     let url = o.url;
-    let attempt = 1;
+    const retries = startRetries(policy);
     let authTries = 0;
     let redirects = 0;
+    const origin = o.probe ? undefined : (await baseUrl()).origin;
     for (;;) {
       const headers: Record<string, string> = { ...o.headers };
-      const sameOrigin = url.origin === (await baseUrl()).origin;
+      const sameOrigin = url.origin === origin;
       const authorization = sameOrigin ? auth.header(o.scopes) : undefined;
       if (authorization) headers.authorization = authorization;
       let res: HttpResponse;
@@ -211,14 +283,12 @@ export function createRegistryClient(
           bulk: o.bulk,
         });
       } catch (err) {
-        if (o.retry !== false && isNetworkError(err) && attempt < policy.attempts) {
-          const ms = backoffDelay(policy, attempt);
-          warn(`${what}: ${(err as Error).message}; retrying in ${(ms / 1000).toFixed(1)} s`);
-          await sleep(ms, options.signal);
-          attempt++;
-          continue;
-        }
-        throw err;
+        if (o.retry === false || !isNetworkError(err)) throw err;
+        const ms = retries.next();
+        if (ms === undefined) throw retries.exhausted(err);
+        warn(`${what}: ${(err as Error).message}; retrying in ${(ms / 1000).toFixed(1)} s`);
+        await sleep(ms, options.signal);
+        continue;
       }
       if (res.status === 401 && sameOrigin && authTries < 2) {
         await res.discard();
@@ -248,15 +318,14 @@ export function createRegistryClient(
         debug(`${what}: redirected to ${url.origin}`);
         continue;
       }
-      if (o.retry !== false && isRetryableStatus(res.status) && attempt < policy.attempts) {
-        const ms = retryAfterDelay(policy, res.headers.get("retry-after")) ??
-          backoffDelay(policy, attempt);
+      if (o.retry !== false && isRetryableStatus(res.status) && !o.accept.includes(res.status)) {
+        const ms = retries.next(retryAfterDelay(policy, res.headers.get("retry-after")));
+        if (ms === undefined) throw retries.exhausted(await errorFor(res, what));
         await res.discard();
         warn(
           `${what}: ${registry} answered ${res.status}; retrying in ${(ms / 1000).toFixed(1)} s`,
         );
         await sleep(ms, options.signal);
-        attempt++;
         continue;
       }
       if (o.accept.includes(res.status)) return res;
@@ -314,6 +383,10 @@ export function createRegistryClient(
       what,
     );
     await done.discard();
+    const stored = done.headers.get("docker-content-digest");
+    if (stored && sameAlgorithm(stored, descriptor.digest) && stored !== descriptor.digest) {
+      throw notARegistry(registry, `${what} was stored as ${stored}`);
+    }
   }
 
   return {
@@ -323,7 +396,7 @@ export function createRegistryClient(
         { method: "GET", url: await api(""), scopes: [], accept: [200] },
         "registry check",
       );
-      await res.discard();
+      await checkApiAnswer(res);
     },
 
     async getManifest(repository, selector) {
@@ -369,6 +442,7 @@ export function createRegistryClient(
     },
 
     async putManifest(repository, selector, bytes, mediaType) {
+      const what = `manifest upload ${manifestName(repository, selector)}`;
       const res = await call({
         method: "PUT",
         url: await api(`${repository}/manifests/${selector}`),
@@ -376,33 +450,67 @@ export function createRegistryClient(
         body: bytes,
         scopes: push(repository),
         accept: [201, 200, 202],
-      }, `manifest upload ${manifestName(repository, selector)}`);
+      }, what);
       await res.discard();
-      return digestOf(bytes);
+      const digest = digestOf(bytes);
+      // The spec wants 201 and, when the header is sent, the digest of what was sent: proof that
+      // the registry took the manifest. 200/202 only count with that proof.
+      const stored = res.headers.get("docker-content-digest");
+      const comparable = stored !== null && sameAlgorithm(stored, digest);
+      if (comparable && stored !== digest) {
+        throw notARegistry(registry, `${what} answered digest ${stored}, not ${digest}`);
+      }
+      if (res.status !== 201 && !comparable) {
+        throw notARegistry(registry, `${what} answered ${res.status} instead of 201 Created`);
+      }
+      return digest;
     },
 
-    async hasBlob(repository, digest) {
+    async hasBlob(repository, blob) {
+      const what = `blob ${blob.digest.slice(0, 19)}`;
       const res = await call({
         method: "HEAD",
-        url: await api(`${repository}/blobs/${digest}`),
+        url: await api(`${repository}/blobs/${blob.digest}`),
         scopes: push(repository),
         follow: true,
         accept: [200, 404],
-      }, `blob ${digest.slice(0, 19)}`);
+      }, what);
       await res.discard();
-      return res.status === 200;
+      if (res.status !== 200) return false;
+      // Docker-Content-Digest may be missing (older registries, storage redirects); the size
+      // must then be there, as the spec requires.
+      const digest = res.headers.get("docker-content-digest");
+      const length = res.headers.get("content-length");
+      if (digest !== null && sameAlgorithm(digest, blob.digest) && digest !== blob.digest) {
+        throw notARegistry(registry, `HEAD of ${what} answered Docker-Content-Digest ${digest}`);
+      }
+      if (length === null ? digest === null : Number(length) !== blob.size) {
+        throw notARegistry(
+          registry,
+          `HEAD of ${what} answered Content-Length ${length ?? "(none)"} for ${blob.size} bytes`,
+        );
+      }
+      return true;
     },
 
     async mountBlob(repository, digest, from) {
       const url = await api(`${repository}/blobs/uploads/`);
       url.searchParams.set("mount", digest);
       url.searchParams.set("from", from);
-      const res = await call({
-        method: "POST",
-        url,
-        scopes: [...push(repository), repositoryScope(from, ["pull"])],
-        accept: [201, 202],
-      }, `mount of ${digest.slice(0, 19)}`);
+      let res: HttpResponse;
+      try {
+        res = await call({
+          method: "POST",
+          url,
+          scopes: [...push(repository), repositoryScope(from, ["pull"])],
+          accept: [201, 202],
+        }, `mount of ${digest.slice(0, 19)}`);
+      } catch (err) {
+        // No right to read `from`: an upload does without it.
+        if (!(err instanceof SardeError) || err.kind !== "auth") throw err;
+        debug(`cannot mount from ${from}: ${err.message}`);
+        return false;
+      }
       await res.discard();
       if (res.status === 202) {
         // Mount refused; the registry opened an upload session instead. Cancel it politely.
@@ -423,7 +531,10 @@ export function createRegistryClient(
     async downloadBlob(repository, descriptor, sink, progress) {
       const what = `blob ${descriptor.digest.slice(0, 19)}`;
       let offset = 0;
-      for (let attempt = 1;; attempt++) {
+      // Counted from the first cut; a download that got further since the last one counts anew.
+      let retries: RetryBudget | undefined;
+      let cutAt = -1;
+      for (;;) {
         const res = await call({
           method: "GET",
           url: await api(`${repository}/blobs/${descriptor.digest}`),
@@ -458,16 +569,17 @@ export function createRegistryClient(
           );
         } catch (err) {
           const cut = isNetworkError(err) || (err instanceof Error && !(err instanceof SardeError));
-          if (!cut || attempt >= policy.attempts) {
-            if (cut) {
-              throw new SardeError(
-                "network",
-                `${what}: download failed: ${(err as Error).message}`,
-              );
-            }
-            throw err;
+          if (!cut) throw err;
+          if (!retries || offset > cutAt) retries = startRetries(policy);
+          cutAt = offset;
+          const ms = retries.next();
+          if (ms === undefined) {
+            throw retries.exhausted(
+              new SardeError("network", `${what}: download failed: ${(err as Error).message}`, {
+                hint: err instanceof SardeError ? err.hint : undefined,
+              }),
+            );
           }
-          const ms = backoffDelay(policy, attempt);
           warn(
             `${what}: interrupted at ${offset} of ${descriptor.size} bytes; resuming in ${
               (ms / 1000).toFixed(1)
@@ -479,7 +591,8 @@ export function createRegistryClient(
     },
 
     async uploadBlob(repository, descriptor, source, progress) {
-      for (let attempt = 1;; attempt++) {
+      let retries: RetryBudget | undefined; // from the first failure: an upload may take long
+      for (;;) {
         let sent = 0;
         const track: ProgressFn = (n) => {
           sent += n;
@@ -492,8 +605,10 @@ export function createRegistryClient(
           const retryable = isNetworkError(err) ||
             (err instanceof SardeError && err.kind === "registry" &&
               /HTTP 5\d\d|HTTP 429/.test(err.message));
-          if (!retryable || attempt >= policy.attempts) throw err;
-          const ms = backoffDelay(policy, attempt);
+          if (!retryable || gaveUp(err)) throw err;
+          retries ??= startRetries(policy);
+          const ms = retries.next();
+          if (ms === undefined) throw retries.exhausted(err);
           warn(`${(err as Error).message}; restarting the upload in ${(ms / 1000).toFixed(1)} s`);
           await sleep(ms, options.signal);
         }

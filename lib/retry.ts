@@ -1,8 +1,11 @@
 /**
- * Bounded retries with exponential backoff, for connection errors, 5xx and 429.
+ * Bounded retries with exponential backoff, for connection errors, 5xx and 429: at most
+ * `attempts` tries, and none started once `maxElapsedMs` have passed since the first.
  *
  * @module
  */
+
+import { SardeError } from "./errors.ts";
 
 /** How often and how patiently to retry. */
 export interface RetryPolicy {
@@ -12,15 +15,81 @@ export interface RetryPolicy {
   baseDelayMs: number;
   /** Upper bound for one delay, also for `Retry-After` (default 30 s). */
   maxDelayMs: number;
+  /**
+   * No new attempt starts this long (ms) after the first one (default 2 min): a registry that
+   * keeps failing or never answers ends in an error instead of hours of waiting.
+   */
+  maxElapsedMs: number;
 }
 
-/** Defaults; `SARDE_RETRY_BASE_MS` shortens the delays (tests). */
-export function defaultRetryPolicy(): RetryPolicy {
+/**
+ * The defaults, overridden by `overrides`; `SARDE_RETRY_BASE_MS` shortens the delays (tests).
+ */
+export function defaultRetryPolicy(overrides: Partial<RetryPolicy> = {}): RetryPolicy {
   const base = Number(Deno.env.get("SARDE_RETRY_BASE_MS") ?? "");
+  const defined = Object.fromEntries(
+    Object.entries(overrides).filter(([, v]) => v !== undefined),
+  ) as Partial<RetryPolicy>;
   return {
     attempts: 5,
     baseDelayMs: Number.isFinite(base) && base > 0 ? base : 500,
     maxDelayMs: 30_000,
+    maxElapsedMs: 120_000,
+    ...defined,
+  };
+}
+
+/** The retries of one operation: how many attempts were made, and since when. */
+export interface RetryBudget {
+  /** Attempts made so far (1 during the first). */
+  readonly attempt: number;
+  /**
+   * The delay before the next attempt (`suggestedMs`, e.g. from `Retry-After`, or the backoff),
+   * counting that attempt; `undefined` when the policy allows no more.
+   */
+  next(suggestedMs?: number): number | undefined;
+  /**
+   * `err` (a retryable failure {@link RetryBudget.next} refused to retry) with how long it was
+   * tried added to its message, so that the final error says why sarde stopped.
+   */
+  exhausted(err: unknown): unknown;
+}
+
+/** Errors made by {@link RetryBudget.exhausted}: retrying them again would restart the count. */
+const given = new WeakSet<SardeError>();
+
+/** Whether `err` is a failure that was retried as long as the policy allows. */
+export function gaveUp(err: unknown): boolean {
+  return err instanceof SardeError && given.has(err);
+}
+
+/** Starts counting the attempts of one operation now (the first attempt is under way). */
+export function startRetries(policy: RetryPolicy): RetryBudget {
+  const start = Date.now();
+  let attempt = 1;
+  return {
+    get attempt() {
+      return attempt;
+    },
+    next(suggestedMs) {
+      if (attempt >= policy.attempts) return undefined;
+      const ms = suggestedMs ?? backoffDelay(policy, attempt);
+      if (Date.now() + ms - start > policy.maxElapsedMs) return undefined;
+      attempt++;
+      return ms;
+    },
+    exhausted(err) {
+      if (!(err instanceof SardeError)) return err;
+      const seconds = ((Date.now() - start) / 1000).toFixed(1);
+      const attempts = attempt === 1 ? "1 attempt" : `${attempt} attempts`;
+      const final = new SardeError(
+        err.kind,
+        `${err.message} (gave up after ${attempts} in ${seconds} s)`,
+        { hint: err.hint, cause: err },
+      );
+      given.add(final);
+      return final;
+    },
   };
 }
 

@@ -263,16 +263,20 @@ export async function pushImage(
       );
     }
   }
+  // Repositories of the target registry that likely hold the blobs: where the image was fetched
+  // from, and the one its local name points at (where it was pushed before, most likely).
   const origin = await readOrigin(layout);
-  const mountFrom = origin?.registry === target.registry && origin.repository !== target.repository
-    ? origin.repository
-    : undefined;
+  const mountFrom = [
+    ...new Set(
+      [origin, local].filter((r) => r?.registry === target.registry).map((r) => r!.repository),
+    ),
+  ].filter((repository) => repository !== target.repository);
   const client = await clientFor(target.registry, options);
   try {
     const missing: Descriptor[] = [];
     await forEachConcurrent(blobs, 8, async (b) => {
       if (options.uploaded?.has(b.digest)) return;
-      if (!await client.hasBlob(target.repository, b.digest)) missing.push(b);
+      if (!await client.hasBlob(target.repository, b)) missing.push(b);
     });
     const total = missing.reduce((n, b) => n + b.size, 0);
     info(
@@ -285,11 +289,13 @@ export async function pushImage(
     let mounted = 0;
     try {
       await forEachConcurrent(missing, options.concurrency ?? 4, async (b) => {
-        if (mountFrom && await client.mountBlob(target.repository, b.digest, mountFrom)) {
-          debug(`mounted ${b.digest} from ${mountFrom}`);
-          mounted++;
-          progress.add(b.size);
-          return;
+        for (const from of mountFrom) {
+          if (await client.mountBlob(target.repository, b.digest, from)) {
+            debug(`mounted ${b.digest} from ${from}`);
+            mounted++;
+            progress.add(b.size);
+            return;
+          }
         }
         await client.uploadBlob(
           target.repository,
@@ -366,7 +372,7 @@ export function startPushSession(
       running++;
       (async () => {
         const client = await clientP;
-        if (await client.hasBlob(target.repository, blob.digest)) {
+        if (await client.hasBlob(target.repository, blob)) {
           uploaded.set(blob.digest, 0);
           return;
         }

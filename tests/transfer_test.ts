@@ -6,8 +6,15 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { digestFile } from "../lib/digest.ts";
 import * as api from "../mod.ts";
-import { listFiles, makeImage, run, sarde, tempDir } from "./support/images.ts";
-import { startFaultyProxy, startRegistry } from "./support/registry.ts";
+import { listFiles, makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
+import {
+  freePort,
+  startBlackHole,
+  startFaultyProxy,
+  startForwarder,
+  startHtmlServer,
+  startRegistry,
+} from "./support/registry.ts";
 
 const FAST_RETRY = { SARDE_RETRY_BASE_MS: "20" };
 
@@ -635,5 +642,212 @@ Deno.test("redirects: blob downloads follow them without sending Authorization t
     await storage.shutdown();
     client.close();
   }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("fake registry: a web server answering 200 with HTML to everything gets no push and no login", async () => {
+  await using web = await startHtmlServer();
+  const work = await tempDir("html");
+  const authfile = join(work, "auth.json");
+  const ref = `${web.host}/sardines/img:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+
+  const p = await sarde(["push", "-d", join(work, "s"), "--authfile", authfile, ref]);
+  assert.equal(p.code, 5, p.stderr);
+  assert.match(p.stderr, /does not behave like an OCI registry/);
+  assert.doesNotMatch(p.stdout, /sha256:/, "no digest printed: nothing was pushed");
+
+  const l = await sarde(
+    ["login", "--authfile", authfile, "-u", "sarde", "--password-stdin", web.host],
+    { stdin: "secret\n" },
+  );
+  assert.equal(l.code, 5, l.stderr);
+  assert.match(l.stderr, /does not behave like an OCI registry/);
+  assert.doesNotMatch(l.stderr, /Login succeeded/);
+  assert.equal((await listFiles(work)).includes("auth.json"), false, "no credentials stored");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("fake registry: a blob HEAD or a manifest PUT answered with an HTML page fails the push", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("html-proxy");
+  const img = await makeImage(join(work, "s"), "local/img:v1", [{ size: 1 << 20 }]);
+  for (const requests of ["blob-head", "manifest-put"] as const) {
+    await using proxy = await startFaultyProxy(reg, { kind: "html", requests });
+    const target = `${proxy.host}/html/${requests}:v1`;
+    const p = await sarde(["push", "-d", join(work, "s"), "local/img:v1", "-t", target]);
+    assert.equal(p.code, 5, p.stderr);
+    assert.match(p.stderr, /does not behave like an OCI registry/);
+    assert.match(p.stderr, requests === "blob-head" ? /HEAD of blob/ : /instead of 201 Created/);
+    assert.ok(proxy.faults() > 0, "the fake answers were given");
+    const inspect = await run("skopeo", [
+      "inspect",
+      "--raw",
+      "--tls-verify=false",
+      `docker://${reg.host}/html/${requests}:v1`,
+    ]);
+    if (requests === "blob-head") assert.notEqual(inspect.code, 0, "no manifest was pushed");
+  }
+  // The real registry behind it is fine with the same push.
+  const ok = await sarde(["push", "-d", join(work, "s"), "local/img:v1", "-t", `${reg.host}/x:v1`]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(ok.stdout.trim(), img.manifestDigest);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("deadlines: a registry that accepts connections and never answers fails within the limits", async () => {
+  await using hole = startBlackHole();
+  const work = await tempDir("blackhole");
+  for (const insecure of [false, true]) {
+    const t0 = Date.now();
+    await assert.rejects(
+      api.fetch(`${hole.host}/never/answers:v1`, {
+        ocidir: work,
+        insecure,
+        responseTimeoutMs: 300,
+        retry: { maxElapsedMs: 2000 },
+        // Before deadlines existed this took 4 to 10 minutes; stop waiting long before that.
+        signal: AbortSignal.timeout(60_000),
+      }),
+      (e: unknown) => {
+        assert.ok(e instanceof api.SardeError, String(e));
+        assert.equal(e.exitCode, 5, e.message);
+        assert.match(e.message, /no answer within 0\.3 s \(response timeout\)/);
+        assert.match(e.message, /gave up after \d+ attempts? in \d+\.\d s/);
+        return true;
+      },
+    );
+    assert.ok(Date.now() - t0 < 30_000, `gave up in ${Date.now() - t0} ms`);
+  }
+  assert.ok(hole.connections() >= 2, "it was tried more than once");
+  assert.deepEqual(await listFiles(work), [], "nothing stored");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("deadlines: a download that stalls mid-blob is resumed after the response timeout", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("stall");
+  const ref = `${reg.host}/fault/stall:v1`;
+  const img = await makeImage(join(work, "s"), ref, [{ size: 8 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), ref])).code, 0);
+  await using proxy = await startFaultyProxy(reg, {
+    kind: "stall-blob",
+    afterBytes: 3 << 20,
+    times: 1,
+  });
+  const store = join(work, "f");
+  const t0 = Date.now();
+  const r = await api.fetch(`${proxy.host}/fault/stall:v1`, {
+    ocidir: store,
+    responseTimeoutMs: 1000,
+    signal: AbortSignal.timeout(60_000), // the old fixed idle timeout was 120 s
+  });
+  assert.ok(Date.now() - t0 < 60_000);
+  assert.equal(r.digest, img.manifestDigest);
+  assert.equal(proxy.faults(), 1, "the download stalled once");
+  const big = img.layers[1];
+  const path = join(store, proxy.host, "fault", "stall", "blobs", "sha256", big.digest.slice(7));
+  assert.deepEqual(await digestFile(path), { digest: big.digest, size: big.size });
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("retries: a refused connection to a loopback registry is retried (no --insecure)", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("refused-retry");
+  const img = await makeImage(join(work, "s"), `${reg.host}/late/img:v1`, [{ size: 1 << 20 }]);
+  assert.equal((await sarde(["push", "-d", join(work, "s"), `${reg.host}/late/img:v1`])).code, 0);
+  // Nothing listens on `port` until the fetch said it will retry; then a forwarder starts there.
+  const port = freePort();
+  const child = new Deno.Command(SARDE, {
+    args: ["fetch", "-d", join(work, "f"), `127.0.0.1:${port}/late/img:v1`],
+    env: { SARDE_RETRY_BASE_MS: "1000" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new Response(child.stdout).text();
+  let stderr = "";
+  let forwarder: Awaited<ReturnType<typeof startForwarder>> | undefined;
+  try {
+    for await (const piece of child.stderr.pipeThrough(new TextDecoderStream())) {
+      stderr += piece;
+      if (!forwarder && /refused; retrying/.test(stderr)) {
+        forwarder = await startForwarder(reg, port);
+      }
+    }
+    const status = await child.status;
+    assert.ok(forwarder, `the refused connection was retried: ${stderr}`);
+    assert.equal(status.code, 0, stderr);
+    assert.equal((await stdout).trim(), img.manifestDigest);
+  } finally {
+    await forwarder?.stop();
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("push -t another repository of the same registry mounts the blobs instead of uploading them", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("mount");
+  const ocidir = join(work, "s");
+  const ref = `${reg.host}/src/img:v1`;
+  const img = await makeImage(ocidir, ref, [{ size: 2 << 20 }, { size: 1 << 20 }]);
+  const first = await api.push(ref, { ocidir });
+  assert.equal(first.blobsTransferred, img.layers.length + 1);
+
+  const again = await api.push(ref, { ocidir, target: `${reg.host}/other/img:v2` });
+  assert.equal(again.digest, img.manifestDigest);
+  assert.equal(again.blobsMounted, img.layers.length + 1, "config and layers mounted");
+  assert.equal(again.blobsTransferred, 0);
+  assert.equal(again.blobBytes, 0, "nothing uploaded");
+  const raw = await run("skopeo", [
+    "inspect",
+    "--raw",
+    "--tls-verify=false",
+    `docker://${reg.host}/other/img:v2`,
+  ], { check: true });
+  assert.equal(JSON.parse(raw.stdout).config.digest, img.configDigest);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("token auth: a plain-http token realm of an https registry gets no credentials", async () => {
+  await using reg = await startRegistry("token-tls");
+  const work = await tempDir("http-realm");
+  const authfile = join(work, "auth.json");
+  const tls = ["--cert-dir", reg.certDir!];
+  const login = await sarde(
+    ["login", "--authfile", authfile, ...tls, "-u", reg.username!, "--password-stdin", reg.host],
+    { stdin: reg.password! },
+  );
+  assert.equal(login.code, 4, login.stderr);
+  assert.match(login.stderr, /over plain http; refused, as the registry itself uses https/);
+  assert.equal((await listFiles(work)).includes("auth.json"), false, "nothing stored");
+
+  // Stored credentials (from elsewhere) are not sent there either.
+  await Deno.writeTextFile(
+    authfile,
+    JSON.stringify({ auths: { [reg.host]: { auth: btoa(`${reg.username}:${reg.password}`) } } }),
+  );
+  const ref = `${reg.host}/realm/img:v1`;
+  await makeImage(join(work, "s"), ref, [{ size: 1 << 20 }]);
+  const push = await sarde(["push", "-d", join(work, "s"), "--authfile", authfile, ...tls, ref]);
+  assert.equal(push.code, 4, push.stderr);
+  assert.match(push.stderr, /plain http/);
+  assert.deepEqual(
+    reg.tokenServer!.requests().filter((r) => r.grant !== "anonymous"),
+    [],
+    "no Authorization header or credential reached the realm",
+  );
+
+  // Anonymous tokens carry no secret: an anonymous pull still gets that far (not found).
+  const anon = await sarde([
+    "fetch",
+    "-d",
+    join(work, "f"),
+    "--authfile",
+    join(work, "none.json"),
+    ...tls,
+    `${reg.host}/realm/missing:v1`,
+  ]);
+  assert.equal(anon.code, 3, anon.stderr);
   await Deno.remove(work, { recursive: true });
 });
