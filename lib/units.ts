@@ -52,11 +52,45 @@ export function parseBoolean(text: string | boolean, what = "value"): boolean {
   throw fail("usage", `invalid ${what} '${text}' (expected true or false)`);
 }
 
-/** Parses a positive integer option. */
-export function parsePositiveInt(text: string, what = "number"): number {
+/** Parses a whole number from `min` to `max` (an option's or an INI key's value, named by `what`). */
+export function parseIntInRange(
+  text: string,
+  what: string,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
   const n = Number(text);
-  if (!/^\s*\d+\s*$/.test(text) || !Number.isSafeInteger(n) || n < 1) {
-    throw fail("usage", `invalid ${what} '${text}' (expected a whole number ≥ 1)`);
+  if (!/^\s*\d+\s*$/.test(text) || !Number.isSafeInteger(n) || n < min || n > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `≥ ${min}` : `from ${min} to ${max}`;
+    throw fail("usage", `invalid ${what} '${text}' (expected a whole number ${range})`);
   }
   return n;
+}
+
+/** Parses a positive integer option. */
+export function parsePositiveInt(text: string, what = "number"): number {
+  return parseIntInRange(text, what, 1);
+}
+
+/** `n` bytes in the largest binary unit that divides it (`64KiB`, `1MiB`), else in bytes. */
+export function formatSize(n: number): string {
+  for (let i = binary.length - 1; i > 0; i--) {
+    if (n !== 0 && n % 1024 ** i === 0) return `${n / 1024 ** i}${binary[i].toUpperCase()}iB`;
+  }
+  return `${n} bytes`;
+}
+
+/**
+ * Refuses a size below `min` (`of` says what has that minimum). Such a size is almost always a missing unit (`--chunksize 64` is 64
+ * bytes, not 64 MiB), and would cut gigabytes into millions of pieces instead of failing.
+ */
+export function checkMinSize(bytes: number, min: number, what: string, of = "the minimum"): number {
+  if (bytes >= min) return bytes;
+  throw fail(
+    "usage",
+    `invalid ${what} ${formatSize(bytes)}: ${of} is ${formatSize(min)}`,
+    bytes > 0 && bytes < 1024
+      ? `${bytes} means ${bytes} bytes; did you mean ${bytes}MiB?`
+      : "leave it out for the default",
+  );
 }

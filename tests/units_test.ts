@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { SardeError } from "../lib/errors.ts";
-import { parseBoolean, parsePositiveInt, parseSize } from "../lib/units.ts";
+import {
+  checkMinSize,
+  formatSize,
+  parseBoolean,
+  parseIntInRange,
+  parsePositiveInt,
+  parseSize,
+} from "../lib/units.ts";
 
 Deno.test("parseSize: binary and decimal units, integers out (0.4 returned floats)", () => {
   assert.equal(parseSize("256 MiB"), 268435456);
@@ -33,4 +40,35 @@ Deno.test("parsePositiveInt", () => {
   assert.equal(parsePositiveInt("4"), 4);
   assert.throws(() => parsePositiveInt("0"), SardeError);
   assert.throws(() => parsePositiveInt("2.5"), SardeError);
+});
+
+Deno.test("parseIntInRange: bounds named in the error", () => {
+  assert.equal(parseIntInRange("19", "--zstd-level", 1, 19), 19);
+  assert.equal(parseIntInRange("0", "verbose", 0), 0);
+  assert.throws(
+    () => parseIntInRange("99", "[export] zstd-level", 1, 19),
+    /invalid \[export\] zstd-level '99' \(expected a whole number from 1 to 19\)/,
+  );
+  assert.throws(() => parseIntInRange("-1", "x", 0), /expected a whole number ≥ 0/);
+});
+
+Deno.test("checkMinSize: a size without its unit is refused with a hint", () => {
+  assert.equal(checkMinSize(1 << 20, 1 << 20, "--chunksize"), 1 << 20);
+  const refused = (bytes: number, message: RegExp, hint: RegExp) =>
+    assert.throws(
+      () => checkMinSize(bytes, 1 << 20, "--chunksize", "the minimum for zstd chunks"),
+      (e: unknown) =>
+        e instanceof SardeError && e.kind === "usage" && message.test(e.message) &&
+        hint.test(e.hint ?? ""),
+    );
+  refused(
+    64,
+    /^invalid --chunksize 64 bytes: the minimum for zstd chunks is 1MiB$/,
+    /^64 means 64 bytes; did you mean 64MiB\?$/,
+  );
+  refused(0, /--chunksize 0 bytes/, /leave it out for the default/);
+  refused(512 << 10, /--chunksize 512KiB/, /leave it out/);
+  assert.equal(formatSize(64 << 10), "64KiB");
+  assert.equal(formatSize(3 * 2 ** 30), "3GiB");
+  assert.equal(formatSize(1000), "1000 bytes");
 });
