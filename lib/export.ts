@@ -7,7 +7,7 @@
 
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { encodeGzip } from "./compress.ts";
-import { encodeZstd } from "./zstd.ts";
+import { type ChunkBlob, encodeZstd } from "./zstd.ts";
 import { onInterrupt } from "./cleanup.ts";
 import { digestOf } from "./digest.ts";
 import {
@@ -48,6 +48,7 @@ import { formatBytes, startProgress } from "./progress.ts";
 import { backingChain, rebaseUnsafe } from "./qemu.ts";
 import { parseReference } from "./reference.ts";
 import { layoutDir } from "./store.ts";
+import { checkMinSize, formatSize } from "./units.ts";
 
 /** Default size of the uncompressed zstd chunks; see README ("Chunk size") for the measurements. */
 export const DEFAULT_ZSTD_CHUNK = 64 << 20;
@@ -59,6 +60,32 @@ export const DEFAULT_ZSTD_CHUNK = 64 << 20;
  */
 export const DEFAULT_ZSTD_LEVEL = 2;
 
+/**
+ * Smallest zstd chunk. Every chunk is a layer (about 700 bytes of manifest) and a task of its own:
+ * `--chunksize 64`, the unit forgotten, made a 70,657-layer, 51 MB manifest out of 4 MiB.
+ */
+export const MIN_ZSTD_CHUNK = 1 << 20;
+
+/**
+ * Smallest gzip piece. Pieces are cuts of one compressed stream, each a small layer, so they may be
+ * smaller than zstd chunks; sizes without a unit are still caught.
+ */
+export const MIN_GZIP_PIECE = 64 << 10;
+
+/** Largest manifest that registries (distribution's limit) and sarde itself accept. */
+export const MAX_MANIFEST_BYTES = 4 << 20;
+
+/** Refuses a chunk size below the minimum of `compression`; `what` names it in the error. */
+export function checkChunkSize(
+  size: number,
+  compression: Compression,
+  what = "chunk size",
+): number {
+  return compression === "zstd"
+    ? checkMinSize(size, MIN_ZSTD_CHUNK, what, "the minimum for zstd chunks")
+    : checkMinSize(size, MIN_GZIP_PIECE, what, "the minimum for gzip pieces");
+}
+
 /** Options for {@link exportVm}. */
 export interface ExportOptions extends ConnectOptions {
   /** The local store. */
@@ -69,7 +96,11 @@ export interface ExportOptions extends ConnectOptions {
   vmConfig?: string | VmConfig;
   /** Disk encoding (default `zstd`). */
   compression?: Compression;
-  /** zstd: uncompressed chunk size; gzip: compressed piece size (0 = one piece per file). */
+  /**
+   * zstd: uncompressed chunk size (default {@link DEFAULT_ZSTD_CHUNK}, at least
+   * {@link MIN_ZSTD_CHUNK}); gzip: compressed piece size (default: one piece per file, at least
+   * {@link MIN_GZIP_PIECE}).
+   */
   chunkSize?: number;
   /** zstd level 1…19 (default {@link DEFAULT_ZSTD_LEVEL}). */
   zstdLevel?: number;
@@ -205,6 +236,90 @@ async function rebasedCopy(f: VmFile, scratch: string, cleanups: string[]): Prom
   return copy;
 }
 
+/** The manifest entry of chunk `index` of the zstd-encoded file `f`. */
+function zstdChunkLayer(
+  f: VmFile,
+  mime: string,
+  file: { size: number; digest: string },
+  index: number,
+  chunk: Omit<ChunkBlob, "path">,
+): Descriptor {
+  return {
+    mediaType: `${mime}+zstd`,
+    digest: chunk.digest,
+    size: chunk.size,
+    annotations: {
+      [Annotation.title]: f.name,
+      [Annotation.fileName]: f.name,
+      [Annotation.fileSize]: String(file.size),
+      [Annotation.fileDigest]: file.digest,
+      [Annotation.chunkIndex]: String(index),
+      [Annotation.chunkOffset]: String(chunk.offset),
+      [Annotation.chunkSize]: String(chunk.length),
+      [Annotation.chunkDigest]: chunk.uncompressedDigest,
+      ...(f.backing
+        ? {
+          [Annotation.backingFile]: f.backing.name,
+          [Annotation.backingFormat]: f.backingFormat ?? "qcow2",
+        }
+        : {}),
+    },
+  };
+}
+
+/**
+ * Refuses, before anything is written, an export whose manifest would outgrow what registries and
+ * sarde accept. The layer count follows from the file sizes (zstd: the whole size, holes included;
+ * gzip: at most the allocated size, as holes compress to nothing), and each layer costs the JSON of
+ * its file's last one.
+ */
+function checkManifestSize(
+  files: VmFile[],
+  stats: Deno.FileInfo[],
+  mimes: string[],
+  compression: Compression,
+  chunkSize: number | undefined,
+): void {
+  const digest = `sha256:${"0".repeat(64)}`;
+  const chunk = chunkSize ?? DEFAULT_ZSTD_CHUNK;
+  let layers = 0;
+  let bytes = 0;
+  for (const [k, f] of files.entries()) {
+    const size = stats[k].size;
+    let count = 1;
+    let layer: Descriptor;
+    if (compression === "zstd") {
+      count = Math.max(1, Math.ceil(size / chunk));
+      layer = zstdChunkLayer(f, mimes[k], { size, digest }, count - 1, {
+        digest,
+        size: chunk,
+        offset: size,
+        length: chunk,
+        uncompressedDigest: digest,
+      });
+    } else {
+      // Deflate adds at most a few bytes per 16 KiB block to incompressible data.
+      const allocated = Math.min(size, (stats[k].blocks ?? Infinity) * 512) * 1.001;
+      if (chunkSize) count = Math.max(1, Math.ceil(allocated / chunkSize));
+      layer = { mediaType: `${mimes[k]}+gzip;chunk=${count}`, digest, size: chunkSize ?? size };
+    }
+    // In the manifest a layer is indented two levels deeper (4 spaces a line), then ",\n".
+    const json = JSON.stringify(layer, null, 2);
+    layers += count;
+    bytes += count * (json.length + 4 * json.split("\n").length + 2);
+  }
+  // The rest of the manifest (XML and VM config layers, config, annotations) is small.
+  if (bytes <= MAX_MANIFEST_BYTES - (64 << 10)) return;
+  let larger = MIN_ZSTD_CHUNK;
+  while (larger * MAX_MANIFEST_BYTES < chunk * bytes * 1.25) larger *= 2;
+  throw fail(
+    "usage",
+    `the image would have ${layers} layers and a manifest of about ${formatBytes(bytes)}, ` +
+      `more than the ${formatBytes(MAX_MANIFEST_BYTES)} registries and sarde accept`,
+    `use larger chunks, e.g. --chunksize ${formatSize(larger)}`,
+  );
+}
+
 /** Stores an encoded piece (a temp file in the blobs folder) under its digest. */
 async function adoptBlob(layout: Layout, tmp: string, digest: string): Promise<void> {
   const target = blobPath(layout, digest);
@@ -227,6 +342,9 @@ export async function exportVm(
   reference: string | undefined,
   options: ExportOptions,
 ): Promise<ExportResult> {
+  if (options.chunkSize !== undefined) {
+    checkChunkSize(options.chunkSize, options.compression ?? "zstd");
+  }
   let xmlText: string;
   let baseDir = Deno.cwd();
   if (options.libvirtConfig) {
@@ -273,12 +391,14 @@ export async function exportVm(
       );
     }
   }
+  const stats = await Promise.all(files.map((f) => Deno.stat(f.path)));
+  const mimes = await Promise.all(files.map((f) => detectFileMime(f.path)));
+  checkManifestSize(files, stats, mimes, compression, options.chunkSize);
 
   const layout = await openLayout(layoutDir(options.ocidir, ref), { create: true });
   using _lock = await lockLayout(layout);
   const outDir = join(layout.dir, "blobs", "sha256");
-  const sizes = await Promise.all(files.map(async (f) => (await Deno.stat(f.path)).size));
-  const total = sizes.reduce((a, b) => a + b, 0);
+  const total = stats.reduce((n, st) => n + st.size, 0);
   info(`exporting ${vm}: ${files.length} file(s), ${formatBytes(total)}, ${compression}`);
   const progress = startProgress("export", total);
   const diskLayers: Descriptor[] = [];
@@ -292,14 +412,14 @@ export async function exportVm(
     cleanups.forEach((p) => Deno.removeSync(p, { recursive: true }))
   );
   try {
-    for (const f of files) {
-      const mime = await detectFileMime(f.path);
+    for (const [k, f] of files.entries()) {
+      const mime = mimes[k];
       if (compression === "zstd") {
         // Each chunk enters the store as soon as it is compressed, so that an upload running
         // beside the export (onBlob) can send it while the next chunks are compressed.
         const adopted: Promise<void>[] = [];
         const enc = await encodeZstd(f.path, {
-          chunkSize: options.chunkSize || DEFAULT_ZSTD_CHUNK,
+          chunkSize: options.chunkSize ?? DEFAULT_ZSTD_CHUNK,
           level: options.zstdLevel ?? DEFAULT_ZSTD_LEVEL,
           outDir,
           signal: options.signal,
@@ -318,27 +438,9 @@ export async function exportVm(
             digest: c.uncompressedDigest,
             createdBy: `sarde export (zstd) ${f.name} chunk ${i + 1}/${enc.chunks.length}`,
           });
-          diskLayers.push({
-            mediaType: `${mime}+zstd`,
-            digest: c.digest,
-            size: c.size,
-            annotations: {
-              [Annotation.title]: f.name,
-              [Annotation.fileName]: f.name,
-              [Annotation.fileSize]: String(enc.fileSize),
-              [Annotation.fileDigest]: enc.fileDigest,
-              [Annotation.chunkIndex]: String(i),
-              [Annotation.chunkOffset]: String(c.offset),
-              [Annotation.chunkSize]: String(c.length),
-              [Annotation.chunkDigest]: c.uncompressedDigest,
-              ...(f.backing
-                ? {
-                  [Annotation.backingFile]: f.backing.name,
-                  [Annotation.backingFormat]: f.backingFormat ?? "qcow2",
-                }
-                : {}),
-            },
-          });
+          diskLayers.push(
+            zstdChunkLayer(f, mime, { size: enc.fileSize, digest: enc.fileDigest }, i, c),
+          );
         }
         stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
         zstdFiles.push({

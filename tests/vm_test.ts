@@ -446,9 +446,10 @@ Deno.test({
     const ref = `${reg.host}/stream/vm:v1`;
     const names: string[] = [];
     try {
-      // Small chunks: many blobs, uploaded while later ones are still being compressed.
+      // Small chunks (the smallest allowed): several blobs, uploaded while later ones are still
+      // being compressed.
       const ex = await sarde(
-        ["export", "--push", "-d", join(work, "src"), "--chunksize", "256KiB", vm.name, ref],
+        ["export", "--push", "-d", join(work, "src"), "--chunksize", "1MiB", vm.name, ref],
         { env },
       );
       assert.equal(ex.code, 0, ex.stderr);
@@ -465,7 +466,7 @@ Deno.test({
           "-d",
           join(work, "refused"),
           "--chunksize",
-          "256KiB",
+          "1MiB",
           vm.name,
           `${refusing.host}/stream/vm:v1`,
         ], { env: { ...env, ...FAST_RETRY } });
