@@ -10,21 +10,21 @@ import { Command, CommanderError, Option } from "commander";
 import * as sarde from "./mod.ts";
 import { installSignalHandlers, interruptSignal, settleInterrupt } from "./lib/cleanup.ts";
 import {
-  getBoolean,
-  getInt,
-  getPath,
-  getSize,
+  atOrigin,
+  type CommandKeys,
+  expandHome,
   getString,
   parseDuration,
   sardeConfig,
 } from "./lib/config.ts";
 import { SardeError } from "./lib/errors.ts";
+import { checkChunkSize } from "./lib/export.ts";
 import { formatImageTable } from "./lib/images.ts";
 import { error, info, setVerbosity, warn } from "./lib/log.ts";
 import { formatBytes } from "./lib/progress.ts";
 import { parseRegistryHost } from "./lib/reference.ts";
 import { promptLine, readStdinSecret } from "./lib/terminal.ts";
-import { parseBoolean, parsePositiveInt, parseSize } from "./lib/units.ts";
+import { checkMinSize, parseBoolean, parseIntInRange, parseSize } from "./lib/units.ts";
 import { VERSION } from "./lib/version.ts";
 
 export { VERSION };
@@ -34,77 +34,188 @@ const out = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(tex
 /** Values from the INI files for the command being run (`[DEFAULT]` + its own section). */
 type Config = Record<string, string>;
 
+/** Parses an option's value; `what` names it in errors (`--concurrency`, `[pull] concurrency`). */
+type Parse = (text: string, what: string) => unknown;
+
+// Each option's parser, so that its INI value gets exactly the checks of the command line.
+const parsers = new WeakMap<Option, Parse>();
+// The INI values each command was given, to say where a value that fails a later check came from.
+const configs = new WeakMap<Command, Config>();
+
+/** An option with a value that `parse` checks, on the command line and in INI files alike. */
+function valueOption(flags: string, description: string, parse: Parse): Option {
+  const option = new Option(flags, description);
+  parsers.set(option, parse);
+  return option.argParser((text: string) => parse(text, `--${option.name()}`));
+}
+
+/** A path: `~` is expanded (the shell leaves `--opt=~/x` alone; INI files need it anyway). */
+const pathOption = (flags: string, description: string) =>
+  valueOption(flags, description, (text) => expandHome(text));
+
+/** An option with a fixed set of values. */
+const choiceOption = (flags: string, description: string, choices: readonly string[]) =>
+  valueOption(flags, description, (text, what) => {
+    if (choices.includes(text)) return text;
+    throw new SardeError("usage", `invalid ${what} '${text}' (${choices.join(" or ")})`);
+  });
+
+/** A repeatable flag (`-vv`); an INI file gives the count. */
+function counterOption(flags: string, description: string): Option {
+  const option = new Option(flags, description).argParser((_: string, n: number) => n + 1)
+    .default(0);
+  parsers.set(option, (text, what) => parseIntInRange(text, what, 0));
+  return option;
+}
+
+/** A duration in milliseconds that must not be zero. */
+function parsePositiveDuration(text: string, what: string): number {
+  const ms = parseDuration(text, what);
+  if (ms > 0) return ms;
+  throw new SardeError("usage", `invalid ${what} '${text}' (must be longer than 0)`);
+}
+
+/**
+ * Smallest `--chunk-size`: PATCH requests of a few bytes (`--chunk-size 64`, the unit forgotten)
+ * would turn one upload into millions of requests.
+ */
+const MIN_UPLOAD_PIECE = 64 << 10;
+
+/** The options that an INI file can set: all but `--version`. */
+const iniOptions = (cmd: Command) => cmd.options.filter((o) => o.attributeName() !== "version");
+
+/**
+ * The INI keys of each command: its long option names and the program's (`verbose`, `quiet`),
+ * taken from the option definitions so that the two can never drift apart.
+ */
+export function commandKeys(program: Command): CommandKeys[] {
+  const names = (cmd: Command) => iniOptions(cmd).map((o) => o.name());
+  return program.commands.map((cmd) => ({
+    name: cmd.name(),
+    aliases: cmd.aliases(),
+    keys: [...names(program), ...names(cmd)],
+  }));
+}
+
+/**
+ * Gives the options of `cmd` their INI values (the command line still wins), each through the
+ * option's own parser: a value the command line would refuse is refused, with its file and line.
+ */
+function applyConfig(cmd: Command, config: Config): void {
+  configs.set(cmd, config);
+  for (const option of iniOptions(cmd)) {
+    const text = getString(config, option.name())?.trim();
+    if (!text) continue; // an empty value means "not set"
+    const parse = parsers.get(option) ?? (option.isBoolean() ? parseBoolean : (t: string) => t);
+    const value = atOrigin(config, option.name(), (what) => parse(text, what));
+    cmd.setOptionValueWithSource(option.attributeName(), value, "config");
+  }
+}
+
+/** Runs a check of an option's value that needs other options, naming the value as it was given. */
+function checkOption<T>(cmd: Command, key: string, check: (what: string) => T): T {
+  const option = cmd.options.find((o) => o.name() === key)!;
+  return cmd.getOptionValueSource(option.attributeName()) === "config"
+    ? atOrigin(configs.get(cmd)!, key, check)
+    : check(`--${key}`);
+}
+
 interface CommonCli {
   ocidir?: string;
   vmdir?: string;
   connect?: string;
   authfile?: string;
   insecure?: boolean;
-  tlsVerify?: boolean | string;
+  tlsVerify?: boolean;
   certDir?: string;
   caFile?: string;
   concurrency?: number;
   chunkSize?: number;
+  responseTimeout?: number;
+  retryTimeout?: number;
 }
 
-/** Effective settings: command line first, then the INI files, then built-in defaults. */
-function settings(o: CommonCli, config: Config) {
-  const tlsVerify = o.tlsVerify === undefined
-    ? getBoolean(config, "tls-verify")
-    : o.tlsVerify === true || o.tlsVerify === "true";
+/** The library options of the parsed command line (which already holds the INI values). */
+function settings(o: CommonCli) {
   return {
-    ocidir: o.ocidir ?? getPath(config, "ocidir"),
-    vmdir: o.vmdir ?? getPath(config, "vmdir"),
-    connect: o.connect ?? getString(config, "connect"),
-    authfile: o.authfile ?? getPath(config, "authfile"),
-    insecure: o.insecure ?? getBoolean(config, "insecure"),
-    tlsVerify,
-    certDir: o.certDir ?? getPath(config, "cert-dir"),
-    caFile: o.caFile ?? getPath(config, "ca-file"),
-    concurrency: o.concurrency ?? getInt(config, "concurrency"),
-    chunkSize: o.chunkSize ?? getSize(config, "chunk-size"),
+    ocidir: o.ocidir,
+    vmdir: o.vmdir,
+    connect: o.connect,
+    authfile: o.authfile,
+    insecure: o.insecure,
+    tlsVerify: o.tlsVerify,
+    certDir: o.certDir,
+    caFile: o.caFile,
+    concurrency: o.concurrency,
+    chunkSize: o.chunkSize,
+    responseTimeoutMs: o.responseTimeout,
+    retry: o.retryTimeout === undefined ? undefined : { maxElapsedMs: o.retryTimeout },
     signal: interruptSignal,
   };
 }
 
 const ocidirOption = () =>
-  new Option("-d, --ocidir <dir>", `local image store (default: ${sarde.defaultOcidir()})`);
+  pathOption("-d, --ocidir <dir>", `local image store (default: ${sarde.defaultOcidir()})`);
 const vmdirOption = () =>
-  new Option(
+  pathOption(
     "-o, --vmdir <dir>",
     `folder for imported VMs, one sub-folder each (default: ${sarde.defaultVmdir()})`,
   );
 const connectOption = () =>
   new Option("-c, --connect <uri>", "libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's)");
 
-function addTlsOptions(cmd: Command): Command {
+/** Options of the commands that talk to registries: credentials, TLS, deadlines. */
+function addRegistryOptions(cmd: Command): Command {
   return cmd
-    .option(
-      "--authfile <file>",
-      "credentials file (default: $REGISTRY_AUTH_FILE or ${XDG_RUNTIME_DIR}/containers/auth.json)",
+    .addOption(
+      pathOption(
+        "--authfile <file>",
+        "credentials file (default: $REGISTRY_AUTH_FILE or ${XDG_RUNTIME_DIR}/containers/auth.json)",
+      ),
     )
     .option("--insecure", "use plain http instead of https")
-    .option(
-      "--tls-verify [bool]",
-      "verify TLS certificates (--tls-verify=false to skip)",
-      (v) => parseBoolean(v, "--tls-verify"),
+    .addOption(
+      valueOption(
+        "--tls-verify [bool]",
+        "verify TLS certificates (--tls-verify=false to skip)",
+        parseBoolean,
+      ),
     )
-    .option("--cert-dir <dir>", "trust the CA certificates (*.crt) in this folder")
-    .option("--ca-file <file>", "trust this PEM CA certificate");
+    .addOption(pathOption("--cert-dir <dir>", "trust the CA certificates (*.crt) in this folder"))
+    .addOption(pathOption("--ca-file <file>", "trust this PEM CA certificate"))
+    .addOption(
+      valueOption(
+        "--response-timeout <duration>",
+        "give up on a registry request (and retry it) after this long without an answer (default 30s)",
+        parsePositiveDuration,
+      ),
+    )
+    .addOption(
+      valueOption(
+        "--retry-timeout <duration>",
+        "start no retry of a failing request after this long (default 2m; 0 = no retries)",
+        (text, what) => parseDuration(text, what),
+      ),
+    );
 }
 
+/** Registry options plus the store and the blob transfers. */
 function addTransferOptions(cmd: Command): Command {
-  return addTlsOptions(cmd)
+  return addRegistryOptions(cmd)
     .addOption(ocidirOption())
-    .option(
-      "-j, --concurrency <n>",
-      "blobs transferred in parallel (default 4)",
-      (v) => parsePositiveInt(v, "--concurrency"),
+    .addOption(
+      valueOption(
+        "-j, --concurrency <n>",
+        "blobs transferred in parallel (default 4)",
+        (text, what) => parseIntInRange(text, what, 1),
+      ),
     )
-    .option(
-      "--chunk-size <size>",
-      "upload in PATCH requests of at most this size, for registries that cap request bodies (e.g. 4MiB)",
-      (v) => parseSize(v, "--chunk-size"),
+    .addOption(
+      valueOption(
+        "--chunk-size <size>",
+        "upload in PATCH requests of at most this size, for registries that cap request bodies (e.g. 4MiB)",
+        (text, what) => checkMinSize(parseSize(text, what), MIN_UPLOAD_PIECE, what),
+      ),
     );
 }
 
@@ -137,22 +248,21 @@ interface ImportCli extends CommonCli {
   domainType?: string;
 }
 
-function importSettings(o: ImportCli, config: Config) {
+function importSettings(o: ImportCli) {
   return {
-    ...settings(o, config),
-    name: o.name ?? getString(config, "name"),
-    allowHostResources: o.allowHostResources ?? getBoolean(config, "allow-host-resources"),
-    domainType: o.domainType ?? getString(config, "domain-type"),
+    ...settings(o),
+    name: o.name,
+    allowHostResources: o.allowHostResources,
+    domainType: o.domainType,
   };
 }
 
-function printImported(r: sarde.ImportResult, o: ImportCli, config: Config) {
-  const uuid = o.printUuid ?? getBoolean(config, "print-uuid") ?? false;
-  out(`${uuid ? r.uuid : r.name}\n`);
+function printImported(r: sarde.ImportResult, o: ImportCli) {
+  out(`${o.printUuid ? r.uuid : r.name}\n`);
 }
 
-/** Builds the command tree; `config` holds the INI values for the command being run. */
-export function buildProgram(config: Config = {}): Command {
+/** Builds the command tree. */
+export function buildProgram(): Command {
   const program = new Command()
     .name("sarde")
     .description(
@@ -162,20 +272,17 @@ export function buildProgram(config: Config = {}): Command {
         "(or the files in $SARDE_CONF_FILES): [DEFAULT] and a section per command.",
     )
     .version(VERSION, "-V, --version")
-    .option("-v, --verbose", "more output (repeatable)", (_, n: number) => n + 1, 0)
-    .option("-q, --quiet", "less output (repeatable)", (_, n: number) => n + 1, 0)
+    .addOption(counterOption("-v, --verbose", "more output (repeatable)"))
+    .addOption(counterOption("-q, --quiet", "less output (repeatable)"))
     .showHelpAfterError("(run with --help for usage)")
     .exitOverride()
     .configureOutput({ writeErr: (s) => Deno.stderr.writeSync(new TextEncoder().encode(s)) })
     .hook("preAction", (cmd) => {
       const o = cmd.opts() as { verbose: number; quiet: number };
-      setVerbosity(
-        o.verbose + (getInt(config, "verbose") ?? 0),
-        o.quiet + (getInt(config, "quiet") ?? 0),
-      );
+      setVerbosity(o.verbose, o.quiet);
     });
 
-  addTlsOptions(
+  addRegistryOptions(
     program.command("login")
       .description("check credentials against a registry and store them (like skopeo login)")
       .argument("<registry>", "registry host, e.g. registry.example.org or 127.0.0.1:5000")
@@ -193,17 +300,17 @@ export function buildProgram(config: Config = {}): Command {
     async (
       registry: string,
       o: CommonCli & { username?: string; password?: string; passwordStdin?: boolean },
+      cmd: Command,
     ) => {
-      const s = settings(o, config);
+      const s = settings(o);
       const host = parseRegistryHost(registry);
       if (o.password !== undefined && o.passwordStdin) {
         throw new SardeError("usage", "--password and --password-stdin exclude each other");
       }
-      if (o.password !== undefined) {
+      if (cmd.getOptionValueSource("password") === "cli") {
         warn("--password is visible to other users of this machine; prefer --password-stdin");
       }
-      const username = o.username ?? getString(config, "username") ??
-        await promptLine("Username: ");
+      const username = o.username ?? await promptLine("Username: ");
       const password = o.password ??
         (o.passwordStdin ? await readStdinSecret() : await promptLine("Password: ", true));
       const file = await sarde.login(host, { username, password }, s);
@@ -215,9 +322,9 @@ export function buildProgram(config: Config = {}): Command {
     .description("forget stored credentials of a registry")
     .argument("[registry]", "registry host ('*' for all)")
     .option("-a, --all", "forget the credentials of every registry")
-    .option("--authfile <file>", "credentials file")
+    .addOption(pathOption("--authfile <file>", "credentials file"))
     .action(async (registry: string | undefined, o: { all?: boolean; authfile?: string }) => {
-      const authfile = o.authfile ?? getPath(config, "authfile");
+      const authfile = o.authfile;
       if (!registry && !o.all) throw new SardeError("usage", "name a registry, or use --all");
       if (registry === "*" || o.all) {
         await sarde.logout({ all: true }, { authfile });
@@ -239,10 +346,7 @@ export function buildProgram(config: Config = {}): Command {
       .argument("<image>", "image reference, e.g. registry.example.org/sardines/debian12:latest")
       .option("-s, --source <ref>", "download from this reference instead, store under <image>"),
   ).action(async (image: string, o: CommonCli & { source?: string }) => {
-    const r = await sarde.fetch(image, {
-      ...settings(o, config),
-      source: o.source ?? getString(config, "source"),
-    });
+    const r = await sarde.fetch(image, { ...settings(o), source: o.source });
     info(summary("fetched", r));
     out(`${r.digest}\n`);
   });
@@ -253,10 +357,7 @@ export function buildProgram(config: Config = {}): Command {
       .argument("<image>", "local image name, e.g. registry.example.org/sardines/debian12:latest")
       .option("-t, --target <ref>", "upload to this reference instead of <image>"),
   ).action(async (image: string, o: CommonCli & { target?: string }) => {
-    const r = await sarde.push(image, {
-      ...settings(o, config),
-      target: o.target ?? getString(config, "target"),
-    });
+    const r = await sarde.push(image, { ...settings(o), target: o.target });
     info(summary("pushed", r));
     out(`${r.digest}\n`);
   });
@@ -271,39 +372,44 @@ export function buildProgram(config: Config = {}): Command {
       "image name, e.g. registry.example.org/sardines/debian12:latest (default: <vm>:latest)",
     )
     .option("-t, --tag <image>", "image name (same as the [image] argument)")
-    .addOption(ocidirOption())
     .addOption(connectOption())
-    .option(
-      "--vmconfig <file>",
-      "JSON with users and services of the VM (checked against the schema)",
-    )
-    .option("--libvirtconfig <file>", "read the domain XML from this file instead of libvirt")
     .addOption(
-      new Option(
+      pathOption(
+        "--vmconfig <file>",
+        "JSON with users and services of the VM (checked against the schema)",
+      ),
+    )
+    .addOption(
+      pathOption("--libvirtconfig <file>", "read the domain XML from this file instead of libvirt"),
+    )
+    .addOption(
+      choiceOption(
         "--compression <kind>",
         "disk encoding: zstd (fast, default) or gzip (readable by sardinecake 0.4)",
-      ).choices(["zstd", "gzip"]),
+        ["zstd", "gzip"],
+      ),
     )
-    .option(
-      "--chunksize <size>",
-      "zstd: uncompressed chunk size (default 64MiB); gzip: compressed piece size (default: one piece)",
-      (v) => parseSize(v, "--chunksize"),
+    .addOption(
+      valueOption(
+        "--chunksize <size>",
+        "zstd: uncompressed chunk size (default 64MiB, at least 1MiB); " +
+          "gzip: compressed piece size (default: one piece, at least 64KiB)",
+        parseSize,
+      ),
     )
-    .option(
-      "--zstd-level <n>",
-      "zstd level 1-19 (default 2; 3 makes images ~1.5 % smaller for ~40 % more CPU)",
-      (v) => {
-        const level = parsePositiveInt(v, "--zstd-level");
-        if (level > 19) throw new SardeError("usage", `invalid --zstd-level ${v}: 1…19`);
-        return level;
-      },
+    .addOption(
+      valueOption(
+        "--zstd-level <n>",
+        "zstd level 1-19 (default 2; 3 makes images ~1.5 % smaller for ~40 % more CPU)",
+        (text, what) => parseIntInRange(text, what, 1, 19),
+      ),
     )
     .option("-f, --force", "export even if the VM is running")
     .option(
       "--push",
       "also push the image to its registry, uploading each disk chunk as soon as it is compressed",
     );
-  addTlsOptions(exportCmd)
+  addTransferOptions(exportCmd)
     .addHelpText(
       "after",
       "\nExamples:\n  sarde export --vmconfig vm.json debian12 registry.example.org/sardines/debian12:latest" +
@@ -322,26 +428,26 @@ export function buildProgram(config: Config = {}): Command {
         force?: boolean;
         push?: boolean;
       },
+      cmd: Command,
     ) => {
       if (image && o.tag && image !== o.tag) {
         throw new SardeError("usage", "give the image name once: either --tag or the argument");
       }
-      const s = settings(o, config);
-      const compression = o.compression ?? getString(config, "compression") ?? "zstd";
-      if (compression !== "zstd" && compression !== "gzip") {
-        throw new SardeError("usage", `invalid compression '${compression}' (zstd or gzip)`);
+      const s = settings(o);
+      const compression = o.compression ?? "zstd";
+      const chunkSize = o.chunksize;
+      if (chunkSize !== undefined) {
+        checkOption(cmd, "chunksize", (what) => checkChunkSize(chunkSize, compression, what));
       }
       const r = await sarde.exportVm(vm, image ?? o.tag, {
         ...s,
-        vmConfig: o.vmconfig ?? getPath(config, "vmconfig"),
-        libvirtConfig: o.libvirtconfig ?? getPath(config, "libvirtconfig"),
+        vmConfig: o.vmconfig,
+        libvirtConfig: o.libvirtconfig,
         compression,
-        chunkSize: o.chunksize ?? getSize(config, "chunksize"),
-        zstdLevel: o.zstdLevel ?? getInt(config, "zstd-level"),
-        force: o.force ?? getBoolean(config, "force"),
-        push: o.push ?? getBoolean(config, "push")
-          ? { ...s, chunkSize: getSize(config, "chunk-size") }
-          : undefined,
+        chunkSize,
+        zstdLevel: o.zstdLevel,
+        force: o.force,
+        push: o.push ? s : undefined,
       });
       info(`exported ${vm} as ${r.reference} (${r.files.length} file(s))`);
       if (r.pushed) info(summary("pushed", r.pushed));
@@ -356,7 +462,7 @@ export function buildProgram(config: Config = {}): Command {
       .option("-n, --name <name>", "VM name (default: the image ID)")
       .option("--print-uuid", "print the VM's UUID instead of its name"),
   ).action(async (image: string, o: ImportCli) => {
-    printImported(await sarde.importVm(image, importSettings(o, config)), o, config);
+    printImported(await sarde.importVm(image, importSettings(o)), o);
   });
 
   addImportOptions(
@@ -373,11 +479,7 @@ export function buildProgram(config: Config = {}): Command {
         ),
     ),
   ).action(async (image: string, o: ImportCli & { source?: string }) => {
-    const r = await sarde.pull(image, {
-      ...importSettings(o, config),
-      source: o.source ?? getString(config, "source"),
-    });
-    printImported(r, o, config);
+    printImported(await sarde.pull(image, { ...importSettings(o), source: o.source }), o);
   });
 
   addImportOptions(
@@ -388,7 +490,9 @@ export function buildProgram(config: Config = {}): Command {
       .argument("<source>", "local image name or libvirt VM name")
       .argument("<target>", "name of the new VM")
       .addOption(ocidirOption())
-      .option("--clonedir <dir>", "folder for the clone's overlays (default: the vmdir)")
+      .addOption(
+        pathOption("--clonedir <dir>", "folder for the clone's overlays (default: the vmdir)"),
+      )
       .option("--start", "start the clone")
       .option("--transient", "make a transient VM: started at once, gone when it stops"),
   ).action(
@@ -398,10 +502,10 @@ export function buildProgram(config: Config = {}): Command {
       o: ImportCli & { clonedir?: string; start?: boolean; transient?: boolean },
     ) => {
       const r = await sarde.clone(source, target, {
-        ...importSettings(o, config),
-        clonedir: o.clonedir ?? getPath(config, "clonedir"),
-        start: o.start ?? getBoolean(config, "start"),
-        transient: o.transient ?? getBoolean(config, "transient"),
+        ...importSettings(o),
+        clonedir: o.clonedir,
+        start: o.start,
+        transient: o.transient,
       });
       info(`cloned ${r.base} into ${r.name} (${r.folder})`);
       out(`${r.name}\n`);
@@ -414,14 +518,12 @@ export function buildProgram(config: Config = {}): Command {
     .addOption(ocidirOption())
     .addOption(vmdirOption())
     .addOption(connectOption())
-    .addOption(new Option("--format <format>", "output format").choices(["text", "json"]))
+    .addOption(choiceOption("--format <format>", "output format: text or json", ["text", "json"]))
     .action(async (o: CommonCli & { format?: string }) => {
-      const format = (o.format ?? getString(config, "format") ?? "text").toLowerCase();
-      if (format !== "text" && format !== "json") {
-        throw new SardeError("usage", `invalid format '${format}' (text or json)`);
-      }
-      const entries = await sarde.list(settings(o, config));
-      out(format === "json" ? JSON.stringify(entries, null, 2) + "\n" : formatImageTable(entries));
+      const entries = await sarde.list(settings(o));
+      out(
+        o.format === "json" ? JSON.stringify(entries, null, 2) + "\n" : formatImageTable(entries),
+      );
     });
 
   program.command("rm")
@@ -430,7 +532,7 @@ export function buildProgram(config: Config = {}): Command {
     .argument("<image...>", "local image names")
     .addOption(ocidirOption())
     .action(async (images: string[], o: CommonCli) => {
-      const s = settings(o, config);
+      const s = settings(o);
       let total = 0;
       for (const image of images) {
         const r = await sarde.remove(image, s);
@@ -448,32 +550,36 @@ export function buildProgram(config: Config = {}): Command {
     .addOption(ocidirOption())
     .addOption(vmdirOption())
     .addOption(connectOption())
-    .option("--clonedir <dir>", "also look for leftover clones in this folder")
-    .option("--older-than <duration>", "remove what was not used for this long, e.g. 14d, 12h")
-    .option(
-      "--keep-bytes <size>",
-      "then remove until at most this much remains, e.g. 200GiB",
-      (v) => parseSize(v, "--keep-bytes"),
+    .addOption(pathOption("--clonedir <dir>", "also look for leftover clones in this folder"))
+    .addOption(
+      valueOption(
+        "--older-than <duration>",
+        "remove what was not used for this long, e.g. 14d, 12h",
+        (text, what) => parseDuration(text, what),
+      ),
+    )
+    .addOption(
+      valueOption(
+        "--keep-bytes <size>",
+        "then remove until at most this much remains, e.g. 200GiB",
+        parseSize,
+      ),
     )
     .option("-n, --dry-run", "only say what would be removed")
     .action(
       async (
         o: CommonCli & {
           clonedir?: string;
-          olderThan?: string;
+          olderThan?: number;
           keepBytes?: number;
           dryRun?: boolean;
         },
       ) => {
-        const s = settings(o, config);
-        const olderThan = o.olderThan ?? getString(config, "older-than");
         const removed = await sarde.prune({
-          ...s,
-          clonedirs: [o.clonedir ?? getPath(config, "clonedir")].filter(Boolean) as string[],
-          olderThanMs: olderThan === undefined
-            ? undefined
-            : parseDuration(olderThan, "--older-than"),
-          keepBytes: o.keepBytes ?? getSize(config, "keep-bytes"),
+          ...settings(o),
+          clonedirs: o.clonedir ? [o.clonedir] : [],
+          olderThanMs: o.olderThan,
+          keepBytes: o.keepBytes,
           dryRun: o.dryRun,
         });
         const bytes = removed.reduce((n, r) => n + r.bytes, 0);
@@ -488,7 +594,7 @@ export function buildProgram(config: Config = {}): Command {
     .argument("<image>", "local image name")
     .addOption(ocidirOption())
     .action(async (image: string, o: CommonCli) => {
-      const c = await sarde.getConfig(image, settings(o, config));
+      const c = await sarde.getConfig(image, settings(o));
       if (c === undefined) {
         warn(`${image} has no VM config`);
         return;
@@ -499,17 +605,24 @@ export function buildProgram(config: Config = {}): Command {
   return program;
 }
 
-/** The sub-command named in `args` (the first word that is not an option). */
-function commandName(args: string[]): string | undefined {
-  return args.find((a) => !a.startsWith("-"));
+/** The sub-command named in `args` (the first word that is not an option), if there is one. */
+function commandOf(program: Command, args: string[]): Command | undefined {
+  const word = args.find((a) => !a.startsWith("-"));
+  return program.commands.find((c) => c.name() === word || c.aliases().includes(word!));
 }
 
 /** Runs the CLI with `args`; returns the exit code instead of exiting (for tests). */
 export async function main(args: string[]): Promise<number> {
   try {
-    const command = commandName(args);
-    const config = command ? await sardeConfig(command === "ls" ? "list" : command) : {};
-    await buildProgram(config).parseAsync(args, { from: "user" });
+    const program = buildProgram();
+    const cmd = commandOf(program, args);
+    if (cmd) {
+      // An alias reads its command's section: `sarde ls` is configured by [list].
+      const config = await sardeConfig(cmd.name(), commandKeys(program));
+      applyConfig(program, config);
+      applyConfig(cmd, config);
+    }
+    await program.parseAsync(args, { from: "user" });
     return 0;
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;

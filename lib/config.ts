@@ -63,6 +63,8 @@ export interface IniData {
    * the order of their first appearance, which decides ties between equally long image patterns.
    */
   sections: Map<string, Map<string, IniEntry>>;
+  /** Where each section's header first appears (an empty section has no entry to point at). */
+  headers: Map<string, { file: string; line: number }>;
 }
 
 /** Where a value of a `sectionValues` result came from; kept aside so results stay plain records. */
@@ -107,7 +109,7 @@ export function configFiles(envVar: string, defaults: readonly string[]): string
  * cannot be read, or does not parse, is a `usage` error naming the file (and line).
  */
 export async function loadIni(files: readonly string[]): Promise<IniData> {
-  const data: IniData = { files: [], sections: new Map() };
+  const data: IniData = { files: [], sections: new Map(), headers: new Map() };
   for (const file of files) {
     let text: string;
     try {
@@ -158,7 +160,10 @@ function parseInto(data: IniData, text: string, file: string): void {
       sectionName = header[1].trim();
       if (sectionName === "") throw bad(lineNo, "empty section name");
       section = data.sections.get(sectionName);
-      if (!section) data.sections.set(sectionName, section = new Map());
+      if (!section) {
+        data.sections.set(sectionName, section = new Map());
+        data.headers.set(sectionName, { file, line: lineNo });
+      }
       continue;
     }
     const kv = /^(.*?)\s*[=:]\s*(.*)$/.exec(text);
@@ -285,6 +290,31 @@ function where(values: Record<string, string>, key: string): string {
 function lookup(values: Record<string, string>, key: string): [string, string | undefined] {
   const k = normalizeKey(key);
   return [k, Object.hasOwn(values, k) ? values[k] : undefined];
+}
+
+/**
+ * Runs `use` with the name of `key` as the files give it (`[section] key`, or the bare key for a
+ * record not made by {@link sectionValues}); a usage error it throws gets the value's `file:line:`
+ * in front. This way the parser of a command-line option can check the same key's INI value and
+ * say where it is: `sarde.ini:3: invalid [pull] concurrency '0' (expected a whole number ≥ 1)`.
+ */
+export function atOrigin<T>(
+  values: Record<string, string>,
+  key: string,
+  use: (what: string) => T,
+): T {
+  const k = normalizeKey(key);
+  const o = origins.get(values)?.get(k);
+  if (!o) return use(k);
+  try {
+    return use(`[${o.section}] ${k}`);
+  } catch (err) {
+    if (!(err instanceof SardeError)) throw err;
+    throw new SardeError(err.kind, `${o.file}:${o.line}: ${err.message}`, {
+      hint: err.hint,
+      cause: err,
+    });
+  }
 }
 
 /** Shared shape of the typed getters: unset or empty → fallback; otherwise parse, or fail. */
@@ -463,24 +493,173 @@ export function getDuration(
 }
 
 /**
- * The configuration of one `sarde` command: files from `$SARDE_CONF_FILES` or
- * {@link SARDE_CONF_FILES}, `[DEFAULT]` overridden by the command's section. Command-line options
- * are meant to override these values.
+ * Every key the executor reads (lib/executor.ts); any other key is an error, because a typo such as
+ * `allowed-image` would otherwise turn the image allow-list off without a word.
  */
-export async function sardeConfig(command: string): Promise<Record<string, string>> {
-  const data = await loadIni(configFiles("SARDE_CONF_FILES", SARDE_CONF_FILES));
+export const EXECUTOR_KEYS: readonly string[] = [
+  "connect",
+  "ocidir",
+  "vmdir",
+  "clonedir",
+  "timeout",
+  "prepare-script",
+  "username",
+  "password",
+  "identity-file",
+  "image",
+  "guest-builds-dir",
+  "guest-cache-dir",
+  "allowed-images",
+  "pull-policy",
+  "network",
+  "network-restrict",
+  "authfile",
+  "insecure",
+  "tls-verify",
+  "cert-dir",
+  "max-job-age",
+  "domain-type",
+  "response-timeout",
+  "retry-timeout",
+];
+
+/** The sections and keys a program's INI files may contain (see {@link checkIni}). */
+export interface IniSchema {
+  /** Known sections and their keys. */
+  sections: ReadonlyMap<string, readonly string[]>;
+  /** The keys of every other section (executor image patterns); without it they are errors. */
+  otherSections?: readonly string[];
+  /** Other names of known sections (command aliases such as `ls`), to suggest the real one. */
+  aliases?: ReadonlyMap<string, string>;
+  /** Where the keys are explained, for the error's hint. */
+  hint: string;
+}
+
+/** Edit distance with adjacent transpositions (optimal string alignment), for suggestions. */
+function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0][j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+        d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
+      }
+    }
+  }
+  return d[a.length][b.length];
+}
+
+/** The candidate closest to `word`, if it is close enough to be a plausible typo. */
+function closest(word: string, candidates: Iterable<string>): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Math.max(1, Math.floor(word.length / 3)) + 1;
+  for (const c of candidates) {
+    const distance = editDistance(word, c);
+    if (distance < bestDistance) [best, bestDistance] = [c, distance];
+  }
+  return best;
+}
+
+/**
+ * Refuses sections and keys that `schema` does not know, naming `file:line` and the closest known
+ * name: a misspelt key would otherwise be ignored silently (0.4 accepted anything).
+ */
+export function checkIni(data: IniData, schema: IniSchema): void {
+  for (const [section, entries] of data.sections) {
+    const keys = schema.sections.get(section) ?? schema.otherSections;
+    if (!keys) {
+      const at = data.headers.get(section)!;
+      const known = [...schema.sections.keys()].filter((s) => s !== DEFAULT_SECTION);
+      const guess = schema.aliases?.get(section) ?? closest(section, known);
+      throw fail(
+        "usage",
+        `${at.file}:${at.line}: unknown section [${section}]` +
+          (guess ? `; did you mean [${guess}]?` : ""),
+        `sections: [${[DEFAULT_SECTION, ...known].join("], [")}]`,
+      );
+    }
+    for (const [key, entry] of entries) {
+      if (keys.includes(key)) continue;
+      const guess = closest(key, keys);
+      const elsewhere = [...schema.sections]
+        .filter(([s, ks]) => s !== DEFAULT_SECTION && ks.includes(key))
+        .map(([s]) => `[${s}]`);
+      const why = guess
+        ? `; did you mean '${guess}'?`
+        : elsewhere.length
+        ? ` (it is a key of ${elsewhere.join(", ")})`
+        : "";
+      throw fail(
+        "usage",
+        `${entry.file}:${entry.line}: unknown key '${key}' in [${section}]${why}`,
+        schema.hint,
+      );
+    }
+  }
+}
+
+/**
+ * Reads the config files of a program: those named in `envVar` (which must all exist: a file
+ * named on purpose and not there is a mistake), else `defaults` (usually absent); then checks them
+ * against `schema`.
+ */
+async function loadConfig(
+  envVar: string,
+  defaults: readonly string[],
+  schema: IniSchema,
+): Promise<IniData> {
+  const files = configFiles(envVar, defaults);
+  const data = await loadIni(files);
+  const missing = Deno.env.get(envVar) ? files.find((f) => !data.files.includes(f)) : undefined;
+  if (missing !== undefined) {
+    throw fail("usage", `config file ${missing} (named in $${envVar}) does not exist`);
+  }
+  checkIni(data, schema);
+  return data;
+}
+
+/** A `sarde` command and the keys of its INI section (its long option names). */
+export interface CommandKeys {
+  name: string;
+  aliases?: readonly string[];
+  keys: readonly string[];
+}
+
+/**
+ * The configuration of one `sarde` command: files from `$SARDE_CONF_FILES` or
+ * {@link SARDE_CONF_FILES}, `[DEFAULT]` overridden by the command's section. Every section must
+ * be `[DEFAULT]` or a command of `commands` and hold only its keys (`[DEFAULT]`: those of any
+ * command). Command-line options are meant to override these values.
+ */
+export async function sardeConfig(
+  command: string,
+  commands: readonly CommandKeys[],
+): Promise<Record<string, string>> {
+  const sections = new Map(commands.map((c) => [c.name, c.keys]));
+  sections.set(DEFAULT_SECTION, [...new Set(commands.flatMap((c) => c.keys))]);
+  const aliases = new Map(commands.flatMap((c) => (c.aliases ?? []).map((a) => [a, c.name])));
+  const data = await loadConfig("SARDE_CONF_FILES", SARDE_CONF_FILES, {
+    sections,
+    aliases,
+    hint: "keys are the long options of the section's command (sarde <command> --help)",
+  });
   return sectionValues(data, command);
 }
 
 /**
  * The executor's configuration: files from `$GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES` or
  * {@link EXECUTOR_CONF_FILES}; `[DEFAULT]` overridden by the section matching `image` (see
- * {@link imageSectionValues}), or `[DEFAULT]` alone without an image.
+ * {@link imageSectionValues}), or `[DEFAULT]` alone without an image. Every section may hold the
+ * {@link EXECUTOR_KEYS} and nothing else.
  */
 export async function executorConfig(image?: string): Promise<Record<string, string>> {
-  const data = await loadIni(
-    configFiles("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", EXECUTOR_CONF_FILES),
-  );
+  const data = await loadConfig("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", EXECUTOR_CONF_FILES, {
+    sections: new Map([[DEFAULT_SECTION, EXECUTOR_KEYS]]),
+    otherSections: EXECUTOR_KEYS,
+    hint: "examples/gitlab-sardinecake-executor.ini documents every key",
+  });
   return image === undefined
     ? sectionValues(data, DEFAULT_SECTION)
     : imageSectionValues(data, image);

@@ -102,6 +102,191 @@ Deno.test("cli: INI files give defaults; sections do not leak; the command line 
   await Deno.remove(work, { recursive: true });
 });
 
+/** Runs sarde with `ini` as its only config file. */
+async function withIni(work: string, ini: string, args: string[]) {
+  const file = join(work, "sarde.ini");
+  await Deno.writeTextFile(file, ini);
+  return { file, ...await sarde(args, { env: { SARDE_CONF_FILES: file } }) };
+}
+
+/** Asserts a usage failure (exit 2, one line and a hint at most, nothing on stdout). */
+function assertUsage(r: { code: number; stdout: string; stderr: string }, pattern: RegExp) {
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stdout, "");
+  assert.match(r.stderr, pattern);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+  assert.ok(r.stderr.trim().split("\n").length <= 2, r.stderr);
+}
+
+Deno.test("cli: INI values get the options' checks; unknown keys are errors with file:line", async () => {
+  const work = await tempDir("ini-checks");
+  // Each failure comes before any work: the registry on port 1 is never contacted.
+  const ref = "127.0.0.1:1/never/contacted:v1";
+  const cases: [string, string[], RegExp][] = [
+    // `[pull] concurrency = 0` used to hang `sarde pull` forever (-j 0 was refused).
+    [
+      "[pull]\nconcurrency = 0\n",
+      ["pull", ref],
+      /sarde\.ini:2: invalid \[pull\] concurrency '0' \(expected a whole number ≥ 1\)/,
+    ],
+    [
+      "[DEFAULT]\nconcurrency = -3\n",
+      ["fetch", ref],
+      /sarde\.ini:2: invalid \[DEFAULT\] concurrency/,
+    ],
+    [
+      "[export]\n\nzstd-level = 99\n",
+      ["export", "no-such-vm"],
+      /sarde\.ini:3: invalid \[export\] zstd-level '99' \(expected a whole number from 1 to 19\)/,
+    ],
+    [
+      "[export]\nchunksize = 64\n",
+      ["export", "no-such-vm"],
+      /sarde\.ini:2: invalid \[export\] chunksize 64 bytes: the minimum for zstd chunks is 1MiB\nhint: 64 means 64 bytes; did you mean 64MiB\?/,
+    ],
+    [
+      "[export]\ncompression = xz\n",
+      ["export", "no-such-vm"],
+      /sarde\.ini:2: invalid \[export\] compression 'xz'/,
+    ],
+    ["[list]\nformat = xml\n", ["list"], /sarde\.ini:2: invalid \[list\] format 'xml'/],
+    [
+      "[fetch]\nresponse-timeout = soon\n",
+      ["fetch", ref],
+      /sarde\.ini:2: invalid \[fetch\] response-timeout 'soon'/,
+    ],
+    [
+      "[DEFAULT]\nretry-timeout = 2 parsecs\n",
+      ["pull", ref],
+      /sarde\.ini:2: invalid \[DEFAULT\] retry-timeout/,
+    ],
+    [
+      "[push]\nchunk-size = 64\n",
+      ["push", ref],
+      /sarde\.ini:2: invalid \[push\] chunk-size 64 bytes/,
+    ],
+    ["[DEFAULT]\nverbose = lots\n", ["list"], /sarde\.ini:2: invalid \[DEFAULT\] verbose 'lots'/],
+    // Misspelt keys and sections used to be ignored without a word.
+    [
+      "[pull]\nconcurency = 2\n",
+      ["pull", ref],
+      /sarde\.ini:2: unknown key 'concurency' in \[pull\]; did you mean 'concurrency'\?/,
+    ],
+    [
+      "[DEFAULT]\n[exprot]\nforce = true\n",
+      ["list"],
+      /sarde\.ini:2: unknown section \[exprot\]; did you mean \[export\]\?/,
+    ],
+  ];
+  for (const [ini, args, pattern] of cases) {
+    const r = await withIni(work, ini, ["-q", ...args]);
+    assertUsage(r, new RegExp(`^error: ${r.file}${pattern.source.replace(/^sarde\\.ini/, "")}`));
+  }
+  const missing = await sarde(["list"], { env: { SARDE_CONF_FILES: join(work, "missing.ini") } });
+  assertUsage(missing, /config file .*missing\.ini \(named in \$SARDE_CONF_FILES\) does not exist/);
+  // Valid values still work, [DEFAULT] takes any command's keys, and the command line wins.
+  const ok = await withIni(
+    work,
+    `[DEFAULT]\nocidir = ${join(work, "store")}\nconcurrency = 8\nchunksize = 256MiB\n` +
+      "retry-timeout = 0\n[list]\nformat = json\nverbose = 1\n",
+    ["list", "-q", "--format", "text"],
+  );
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.match(ok.stdout, /^SOURCE/);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("cli: chunk sizes and deadlines are checked on the command line", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["export", "--chunksize", "64", "vm"],
+      /^error: invalid --chunksize 64 bytes: the minimum for zstd chunks is 1MiB\nhint: 64 means 64 bytes; did you mean 64MiB\?\n$/,
+    ],
+    [
+      ["export", "--chunksize", "0", "vm"],
+      /invalid --chunksize 0 bytes: .* 1MiB\nhint: leave it out/,
+    ],
+    [
+      ["export", "--compression", "gzip", "--chunksize", "1KiB", "vm"],
+      /invalid --chunksize 1KiB: the minimum for gzip pieces is 64KiB/,
+    ],
+    [["export", "--zstd-level", "20", "vm"], /invalid --zstd-level '20'/],
+    [
+      ["push", "--chunk-size", "512", "x"],
+      /invalid --chunk-size 512 bytes: .* 64KiB\nhint: 512 means/,
+    ],
+    [
+      ["fetch", "--response-timeout", "0", "x"],
+      /invalid --response-timeout '0' \(must be longer than 0\)/,
+    ],
+    [["login", "--retry-timeout", "soon", "x"], /invalid --retry-timeout 'soon'/],
+  ];
+  for (const [args, pattern] of cases) assertUsage(await sarde(args), pattern);
+});
+
+Deno.test("cli: an export whose manifest would pass 4 MiB is refused before any work", async () => {
+  const work = await tempDir("manifest-cap");
+  // 8 GiB of holes: 8,192 chunks of 1 MiB, about 5 MiB of manifest.
+  const disk = join(work, "big.img");
+  using f = await Deno.create(disk);
+  await f.truncate(8 * 2 ** 30);
+  const xml = join(work, "big.xml");
+  await Deno.writeTextFile(
+    xml,
+    "<domain type='kvm'><name>big</name><memory unit='MiB'>64</memory>" +
+      "<os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>" +
+      `<driver name='qemu' type='raw'/><source file='${disk}'/><target dev='vda'/>` +
+      "</disk></devices></domain>",
+  );
+  const store = join(work, "store");
+  const r = await sarde([
+    "export",
+    "-d",
+    store,
+    "--libvirtconfig",
+    xml,
+    "--chunksize",
+    "1MiB",
+    "big",
+    "local/big:v1",
+  ]);
+  assertUsage(
+    r,
+    /^error: the image would have 8192 layers and a manifest of about [\d.]+ MiB, more than the 4\.0 MiB registries and sarde accept\nhint: use larger chunks, e\.g\. --chunksize 2MiB\n$/,
+  );
+  const written = await Array.fromAsync(Deno.readDir(store)).catch(() => []);
+  assert.deepEqual(written, [], "nothing was written");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("executor: an unknown INI key fails the job at config, with file:line and the closest key", async () => {
+  const work = await tempDir("executor-ini");
+  const ini = join(work, "executor.ini");
+  // The typo turned the allow-list off: every image was allowed.
+  await Deno.writeTextFile(ini, "[DEFAULT]\ntimeout = 60s\nallowed-image = 127.0.0.1:1/ok/*\n");
+  const job = join(work, "job.json");
+  await Deno.writeTextFile(job, JSON.stringify({ id: 7, image: { name: "elsewhere/evil:1" } }));
+  const bin = new URL("../bin/gitlab-sardinecake-executor", import.meta.url).pathname;
+  const r = await run(bin, ["config"], {
+    env: {
+      GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: ini,
+      JOB_RESPONSE_FILE: job,
+      CUSTOM_ENV_CI_JOB_ID: "7",
+      SYSTEM_FAILURE_EXIT_CODE: "2",
+      BUILD_FAILURE_EXIT_CODE: "1",
+    },
+  });
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stdout, "", "no config JSON for the runner");
+  assert.match(
+    r.stderr,
+    new RegExp(
+      `${ini}:3: unknown key 'allowed-image' in \\[DEFAULT\\]; did you mean 'allowed-images'\\?`,
+    ),
+  );
+  await Deno.remove(work, { recursive: true });
+});
+
 Deno.test({
   name: "cli: a VM goes out with export --push and comes back with pull (codec workers, FFI)",
   sanitizeResources: false,

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { buildProgram, commandKeys } from "../cli.ts";
 import {
   configFiles,
   DEFAULT_SECTION,
+  EXECUTOR_KEYS,
   executorConfig,
   expandHome,
   fnmatch,
@@ -25,6 +27,8 @@ import {
 import { SardeError } from "../lib/errors.ts";
 
 const examples = new URL("../examples/", import.meta.url).pathname;
+/** The sections and keys of sarde's INI files, as cli.ts derives them from its options. */
+const sardeKeys = commandKeys(buildProgram());
 
 async function withEnv<T>(vars: Record<string, string | undefined>, fn: () => Promise<T> | T) {
   const old: Record<string, string | undefined> = {};
@@ -323,15 +327,122 @@ Deno.test("config: SARDE_CONF_FILES replaces the defaults; ~ is expanded", async
     "[DEFAULT]\nocidir = /first/\n[list]\nformat = json\n",
     "[list]\nocidir = ~/second/\n",
   );
-  await withEnv(
-    { HOME: "/home/s", SARDE_CONF_FILES: files.join(":") + ":/missing.ini" },
-    async () => {
-      const list = await sardeConfig("list");
-      assert.deepEqual(list, { ocidir: "~/second/", format: "json" });
-      assert.equal(getPath(list, "ocidir"), "/home/s/second/");
-      assert.deepEqual(await sardeConfig("pull"), { ocidir: "/first/" });
-    },
+  await withEnv({ HOME: "/home/s", SARDE_CONF_FILES: files.join(":") }, async () => {
+    const list = await sardeConfig("list", sardeKeys);
+    assert.deepEqual(list, { ocidir: "~/second/", format: "json" });
+    assert.equal(getPath(list, "ocidir"), "/home/s/second/");
+    assert.deepEqual(await sardeConfig("pull", sardeKeys), { ocidir: "/first/" });
+  });
+});
+
+Deno.test("config: a file named in the environment must exist (the defaults need not)", async () => {
+  const { files } = await load("[DEFAULT]\nocidir = /first/\n");
+  await withEnv({ SARDE_CONF_FILES: `${files[0]}:/missing/sarde.ini` }, async () => {
+    await assert.rejects(
+      sardeConfig("list", sardeKeys),
+      usageError(
+        /^config file \/missing\/sarde\.ini \(named in \$SARDE_CONF_FILES\) does not exist/,
+      ),
+    );
+  });
+  await withEnv({ GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: "/missing/executor.ini" }, async () => {
+    await assert.rejects(
+      executorConfig(),
+      usageError(/^config file \/missing\/executor\.ini \(named in \$GITLAB_SARDINECAKE_/),
+    );
+  });
+  await withEnv({ HOME: "/nonexistent", SARDE_CONF_FILES: undefined }, async () => {
+    assert.deepEqual(await sardeConfig("list", sardeKeys), {}, "missing default files are fine");
+  });
+});
+
+/** Loads `text` as the only file of `$envVar` and expects `read` to fail with `pattern`. */
+async function refused(
+  envVar: string,
+  text: string,
+  read: () => Promise<unknown>,
+  pattern: RegExp,
+): Promise<void> {
+  const { files } = await load(text);
+  await withEnv({ [envVar]: files[0] }, async () => {
+    await assert.rejects(read(), usageError(new RegExp(`^${files[0]}${pattern.source}`)));
+  });
+}
+
+Deno.test("config: an unknown executor key is an error with file:line and the closest key", async () => {
+  const read = () => executorConfig("registry.example.org/sardines/debian:12");
+  const env = "GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES";
+  // The typo that silently turned the allow-list off.
+  await refused(
+    env,
+    "[DEFAULT]\ntimeout = 60s\nallowed-image = registry.example.org/sardines/*\n",
+    read,
+    /:3: unknown key 'allowed-image' in \[DEFAULT\]; did you mean 'allowed-images'\?/,
   );
+  // Image sections are patterns (any name), but their keys are checked too, in every section.
+  await refused(
+    env,
+    "[DEFAULT]\ntimeout = 60s\n[other/*]\n\nTimout = 2m\n",
+    read,
+    /:5: unknown key 'timout' in \[other\/\*\]; did you mean 'timeout'\?/,
+  );
+  await refused(env, "[x]\nbogus = 1\n", read, /:2: unknown key 'bogus' in \[x\]$/);
+});
+
+Deno.test("config: sarde refuses unknown sections and keys, naming file:line and a suggestion", async () => {
+  const env = "SARDE_CONF_FILES";
+  const read = () => sardeConfig("list", sardeKeys);
+  await refused(
+    env,
+    "[DEFAULT]\n[lsit]\n",
+    read,
+    /:2: unknown section \[lsit\]; did you mean \[list\]\?/,
+  );
+  // An alias is not a section: `sarde ls` reads [list].
+  await refused(
+    env,
+    "[ls]\nformat = json\n",
+    read,
+    /:1: unknown section \[ls\]; did you mean \[list\]\?/,
+  );
+  await refused(env, "[x-files]\n", read, /:1: unknown section \[x-files\]$/);
+  // Another command's section is checked too, not only the one being run.
+  await refused(
+    env,
+    "[list]\nformat = json\n[pull]\nconcurency = 2\n",
+    read,
+    /:4: unknown key 'concurency' in \[pull\]; did you mean 'concurrency'\?/,
+  );
+  // chunksize (export) and chunk-size (uploads) are different keys.
+  await refused(
+    env,
+    "[push]\nchunksize = 4MiB\n",
+    read,
+    /:2: unknown key 'chunksize' in \[push\]; did you mean 'chunk-size'\?/,
+  );
+  await refused(
+    env,
+    "[list]\nconcurrency = 8\n",
+    read,
+    /:2: unknown key 'concurrency' in \[list\] \(it is a key of \[fetch\], \[push\], \[export\], \[pull\]\)/,
+  );
+  await refused(env, "[DEFAULT]\nversion = 1\n", read, /:2: unknown key 'version'/);
+  // [DEFAULT] takes the keys of any command, and -v/-q everywhere.
+  const { files } = await load(
+    "[DEFAULT]\nconcurrency = 8\nformat = json\nzstd-level = 3\nverbose = 1\n" +
+      "[list]\nquiet = 1\n[export]\nchunk-size = 4MiB\n",
+  );
+  await withEnv({ SARDE_CONF_FILES: files[0] }, async () => {
+    assert.equal(getString(await sardeConfig("list", sardeKeys), "quiet"), "1");
+  });
+});
+
+Deno.test("config: EXECUTOR_KEYS has every key lib/executor.ts reads", async () => {
+  const source = await Deno.readTextFile(new URL("../lib/executor.ts", import.meta.url));
+  const read = [...source.matchAll(/\bget[A-Z]\w*\(ini, "([^"]+)"/g)].map((m) => m[1]);
+  assert.ok(read.length >= 20, `found only ${read}`);
+  for (const key of read) assert.ok(EXECUTOR_KEYS.includes(key), key);
+  for (const key of ["response-timeout", "retry-timeout"]) assert.ok(EXECUTOR_KEYS.includes(key));
 });
 
 Deno.test("config: the example sarde.ini parses, and its documented keys have their types", async () => {
@@ -340,7 +451,11 @@ Deno.test("config: the example sarde.ini parses, and its documented keys have th
   // The same file with every `#key = value` line switched on must still parse and type-check.
   const text = (await Deno.readTextFile(join(examples, "sarde.ini")))
     .replace(/^#([a-z][a-z_-]* ?= ?.*)$/gm, "$1");
-  const { data: on } = await load(text);
+  const { data: on, files } = await load(text);
+  await withEnv({ SARDE_CONF_FILES: files[0] }, async () => {
+    // Every documented key is a known key of its section.
+    for (const { name } of sardeKeys) await sardeConfig(name, sardeKeys);
+  });
   await withEnv({ HOME: "/home/s" }, () => {
     const d = sectionValues(on, DEFAULT_SECTION);
     for (
@@ -352,6 +467,8 @@ Deno.test("config: the example sarde.ini parses, and its documented keys have th
     assert.equal(getBoolean(d, "tls-verify"), true);
     assert.equal(getInt(d, "concurrency"), 4);
     assert.equal(getSize(d, "chunk-size"), 4 << 20);
+    assert.equal(getDuration(d, "response-timeout"), 30_000);
+    assert.equal(getDuration(d, "retry-timeout"), 120_000);
     const exp = sectionValues(on, "export");
     assert.equal(getSize(exp, "chunksize"), 64 << 20);
     assert.equal(getString(exp, "compression"), "zstd");
@@ -402,29 +519,13 @@ Deno.test("config: the example executor ini parses, with image sections", async 
 
   // Every documented key, switched on, has the documented type.
   const text = (await Deno.readTextFile(file)).replace(/^#([a-z][a-z_-]* ?= ?.*)$/gm, "$1");
-  const { data } = await load(text);
+  const { data, files } = await load(text);
+  await withEnv({ GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: files[0] }, async () => {
+    // Every documented key is known, in [DEFAULT] and in the image sections.
+    await executorConfig("registry.example.org/sardines/windows:11");
+  });
   const d = sectionValues(data, DEFAULT_SECTION);
-  for (
-    const key of [
-      "connect",
-      "ocidir",
-      "vmdir",
-      "clonedir",
-      "timeout",
-      "prepare-script",
-      "username",
-      "password",
-      "identity-file",
-      "image",
-      "guest-builds-dir",
-      "guest-cache-dir",
-      "allowed-images",
-      "pull-policy",
-      "network",
-      "max-job-age",
-      "domain-type",
-    ]
-  ) assert.ok(key in d, key);
+  for (const key of EXECUTOR_KEYS) assert.ok(key in d, `${key} is documented`);
   assert.deepEqual(getList(d, "pull-policy"), ["if-not-present", "always"]);
   assert.deepEqual(getList(d, "allowed-images"), [
     "registry.example.org/sardines/*",
