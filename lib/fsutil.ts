@@ -78,19 +78,89 @@ export interface FileLock extends Disposable {
   release(): void;
 }
 
+/** Options of {@link lockFile} and {@link tryLockFile}. */
+export interface LockOptions {
+  /** A shared lock (any number of holders) instead of an exclusive one. */
+  shared?: boolean;
+  /**
+   * Do not create the lock file's folder: a missing folder is a `not-found` error (a reader
+   * must not bring back a folder that `sarde rm` just removed).
+   */
+  folderMustExist?: boolean;
+  /**
+   * Go on without a lock when the lock file cannot be made for lack of permission (a store
+   * this user may only read: nobody removes anything from it on this user's behalf).
+   */
+  optional?: boolean;
+}
+
 /**
- * Takes an exclusive `flock` on `path` (created if needed), waiting for other holders. The kernel
+ * Takes a `flock` on `path` (created if needed), waiting for conflicting holders. The kernel
  * drops it if the process dies, so a crash never leaves a stale lock.
  */
-export async function lockFile(path: string): Promise<FileLock> {
-  await Deno.mkdir(dirname(path), { recursive: true });
-  const file = await Deno.open(path, { read: true, write: true, create: true });
-  try {
-    await file.lock(true);
-  } catch (err) {
+export async function lockFile(path: string, options: LockOptions = {}): Promise<FileLock> {
+  return (await acquire(path, options, true))!;
+}
+
+/** {@link lockFile}, but `undefined` at once instead of waiting when another holder conflicts. */
+export function tryLockFile(
+  path: string,
+  options: LockOptions = {},
+): Promise<FileLock | undefined> {
+  return acquire(path, options, false);
+}
+
+async function acquire(
+  path: string,
+  options: LockOptions,
+  wait: boolean,
+): Promise<FileLock | undefined> {
+  const exclusive = !options.shared;
+  for (let attempt = 0;; attempt++) {
+    let file: Deno.FsFile;
+    try {
+      if (!options.folderMustExist) await Deno.mkdir(dirname(path), { recursive: true });
+      file = await Deno.open(path, { read: true, write: true, create: true }).catch((err) =>
+        // flock works on a file opened for reading too.
+        isPermissionError(err) ? Deno.open(path, { read: true }) : Promise.reject(err)
+      );
+    } catch (err) {
+      if (options.optional && isPermissionError(err)) return unlocked;
+      if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
+        // The folder went between mkdir and open (a removal racing us): make it again.
+        if (!options.folderMustExist && attempt < 100) continue;
+        throw fail("not-found", `cannot lock ${path}: ${dirname(path)} does not exist`);
+      }
+      throw fail("io", `cannot lock ${path}: ${osReason(err)}`);
+    }
+    try {
+      const locked = wait ? (await file.lock(exclusive), true) : await file.tryLock(exclusive);
+      if (!locked) {
+        file.close();
+        return undefined;
+      }
+      // Whoever deletes a lock file (sarde rm and prune, with a folder they remove) holds the
+      // lock while doing so: a process that waited on the deleted file holds a lock nobody
+      // else can see, and must lock the file now at the path instead.
+      const held = await file.stat();
+      const now = await Deno.stat(path).catch(() => undefined);
+      if (now?.ino === held.ino && now?.dev === held.dev) return heldLock(file);
+    } catch (err) {
+      file.close();
+      throw fail("io", `cannot lock ${path}: ${osReason(err)}`);
+    }
     file.close();
-    throw fail("io", `cannot lock ${path}: ${(err as Error).message}`);
   }
+}
+
+function isPermissionError(err: unknown): boolean {
+  return err instanceof Deno.errors.PermissionDenied ||
+    (err as { code?: string })?.code === "EROFS";
+}
+
+const unlocked: FileLock = { release() {}, [Symbol.dispose]() {} };
+
+function heldLock(file: Deno.FsFile): FileLock {
   let held = true;
   const release = () => {
     if (!held) return;
@@ -104,15 +174,72 @@ export async function lockFile(path: string): Promise<FileLock> {
   return { release, [Symbol.dispose]: release };
 }
 
-/** Whether a path exists (any type). */
+/** One lock made of several, released in reverse order. */
+export function combineLocks(...locks: FileLock[]): FileLock {
+  const release = () => locks.toReversed().forEach((l) => l.release());
+  return { release, [Symbol.dispose]: release };
+}
+
+/** Whether a path exists (any type). A path through a file (`/etc/passwd/x`) does not. */
 export async function exists(path: string): Promise<boolean> {
   try {
     await Deno.lstat(path);
     return true;
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return false;
+    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
+      return false;
+    }
     throw err;
   }
+}
+
+/**
+ * An OS error in words for a one-line message: "no space left on device", without Deno's
+ * "(os error 28): write '…'" tail (messages name the file themselves).
+ */
+export function osReason(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  const os = /^(.+?) \(os error \d+\)/.exec(message);
+  return os ? os[1].charAt(0).toLowerCase() + os[1].slice(1) : message;
+}
+
+/**
+ * Checks that `dir` (sarde's `what`, e.g. "the local store") is a folder sarde can read, with a
+ * one-line error naming it otherwise. Returns false when it does not exist (yet).
+ */
+export async function checkDir(dir: string, what: string, hint?: string): Promise<boolean> {
+  let st: Deno.FileInfo;
+  try {
+    st = await Deno.stat(dir);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return false;
+    if (err instanceof Deno.errors.NotADirectory) throw notAFolder(dir, what, hint);
+    throw fail("io", `cannot use ${dir} as ${what}: ${osReason(err)}`, hint);
+  }
+  if (!st.isDirectory) throw notAFolder(dir, what, hint);
+  try {
+    for await (const _ of Deno.readDir(dir)) break;
+  } catch (err) {
+    throw fail("io", `cannot use ${dir} as ${what}: ${osReason(err)}`, hint);
+  }
+  return true;
+}
+
+/** {@link checkDir}, then makes the folder (and its parents) when it does not exist. */
+export async function ensureDir(dir: string, what: string, hint?: string): Promise<void> {
+  if (await checkDir(dir, what, hint)) return;
+  try {
+    await Deno.mkdir(dir, { recursive: true });
+  } catch (err) {
+    if (err instanceof Deno.errors.NotADirectory || err instanceof Deno.errors.AlreadyExists) {
+      throw notAFolder(dir, what, hint);
+    }
+    throw fail("io", `cannot create ${what} ${dir}: ${osReason(err)}`, hint);
+  }
+}
+
+function notAFolder(dir: string, what: string, hint?: string) {
+  return fail("usage", `${what} ${dir} is not a folder`, hint);
 }
 
 /** Free bytes on the filesystem holding `path` (via `df`), or undefined if unknown. */

@@ -5,11 +5,11 @@
  */
 
 import { fail } from "./errors.ts";
-import { descriptorTag, readBlob, readIndex } from "./layout.ts";
+import { descriptorTag, readBlob, readIndex, useLayout } from "./layout.ts";
 import { warn } from "./log.ts";
 import { isIndexMediaType, MediaType, parseManifest } from "./oci.ts";
-import type { Reference } from "./reference.ts";
-import { findLayouts } from "./store.ts";
+import { formatLocalName, type Reference } from "./reference.ts";
+import { findLayouts, layoutDir } from "./store.ts";
 import { readLocalManifest } from "./transfer.ts";
 
 /** Whether the VM imported from an image is running, defined but stopped, or not defined. */
@@ -39,6 +39,9 @@ export type StateLookup = (imageId: string) => Promise<VmState>;
 export async function listImages(ocidir: string, stateOf?: StateLookup): Promise<ImageEntry[]> {
   const entries: ImageEntry[] = [];
   for (const { name, dir } of await findLayouts(ocidir)) {
+    // Read while no `sarde rm` or `prune` is removing it (it is then gone, not broken).
+    using _use = await useLayout({ dir }).catch(() => undefined);
+    if (!_use) continue;
     let index;
     try {
       index = await readIndex({ dir });
@@ -105,6 +108,7 @@ export async function getVmConfig(
   ocidir: string,
   ref: Reference,
 ): Promise<Record<string, unknown> | undefined> {
+  using _use = await useLayout({ dir: layoutDir(ocidir, ref) }, formatLocalName(ref));
   const { layout, manifest } = await readLocalManifest(ocidir, ref);
   if (manifest.config.mediaType !== MediaType.ociConfig) {
     throw fail(

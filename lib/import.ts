@@ -32,8 +32,16 @@ import {
   hasZstdLayers,
   type ImageFile,
 } from "./format.ts";
-import { exists, freeBytes, lockFile, syncDir, touch, writeFileAtomic } from "./fsutil.ts";
-import { blobPath, type Layout, readBlob } from "./layout.ts";
+import {
+  ensureDir,
+  exists,
+  freeBytes,
+  lockFile,
+  syncDir,
+  touch,
+  writeFileAtomic,
+} from "./fsutil.ts";
+import { blobPath, type Layout, readBlob, useLayout } from "./layout.ts";
 import {
   checkVmName,
   type ConnectOptions,
@@ -47,7 +55,7 @@ import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
 import { formatLocalName, parseReference } from "./reference.ts";
-import { defaultDataDir } from "./store.ts";
+import { defaultDataDir, layoutDir } from "./store.ts";
 import { type FetchingImage, readLocalManifest } from "./transfer.ts";
 
 /** Name of the marker file that says a VM folder is complete. */
@@ -96,6 +104,11 @@ interface Marker {
   image: string;
   manifest: string;
   reference: string;
+}
+
+/** The lock an import (and `sarde prune`) holds on the VM name `name` of `vmdir`. */
+export function vmLockPath(vmdir: string, name: string): string {
+  return join(vmdir, ".locks", `${name}.lock`);
 }
 
 /**
@@ -284,8 +297,11 @@ async function checkImageHeaders(folder: string, files: ImageFile[]): Promise<vo
  */
 export async function importVm(reference: string, options: ImportOptions): Promise<ImportResult> {
   const ref = parseReference(reference);
+  const what = formatLocalName(ref);
+  // In use from the first read on, so that `sarde rm` and `prune` wait or leave it alone.
+  using _use = await useLayout({ dir: layoutDir(options.ocidir, ref) }, what);
   const { layout, descriptor, manifest } = await readLocalManifest(options.ocidir, ref);
-  return await importImage({ layout, descriptor, manifest }, formatLocalName(ref), options);
+  return await importImage({ layout, descriptor, manifest }, what, options);
 }
 
 /**
@@ -316,8 +332,9 @@ export async function importImage(
   const imageId = manifest.config.digest;
   const name = checkVmName(options.name ?? imageId);
   const vmFolder = join(options.vmdir, name);
-  await Deno.mkdir(options.vmdir, { recursive: true });
-  using _lock = await lockFile(join(options.vmdir, ".locks", `${name}.lock`));
+  await ensureDir(options.vmdir, "the VM folder", "choose another one with --vmdir");
+  using _use = await useLayout(layout, what);
+  using _lock = await lockFile(vmLockPath(options.vmdir, name));
 
   const marker = await readMarker(vmFolder);
   if (await domainExists(name, options)) {

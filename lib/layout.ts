@@ -9,12 +9,21 @@
  * @module
  */
 
-import { join } from "node:path";
+import { dirname, join, resolve, sep } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { assertDigest, createDigester, digestHex, digestOf } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
 import { borrowBuffer, DIRECT_ALIGN, openDirect, releaseBuffer } from "./direct_io.ts";
-import { exists, type FileLock, lockFile, syncDir, writeFileAtomic } from "./fsutil.ts";
+import {
+  combineLocks,
+  exists,
+  type FileLock,
+  lockFile,
+  osReason,
+  syncDir,
+  tryLockFile,
+  writeFileAtomic,
+} from "./fsutil.ts";
 import { debug } from "./log.ts";
 import {
   type Descriptor,
@@ -31,7 +40,14 @@ export interface Layout {
 
 const LAYOUT_FILE = "oci-layout";
 const INDEX_FILE = "index.json";
+/** Writers of the layout (fetch, export) take this exclusively, one at a time. */
 const LOCK_FILE = ".sarde.lock";
+/**
+ * Every process using the layout (fetch, export, import, list) holds this shared for as long as
+ * it does; `sarde rm` and `prune` take it exclusively before they remove anything, so nothing
+ * disappears under a running pull.
+ */
+const USE_FILE = ".sarde.use";
 
 /** Whether `dir` holds an image layout. */
 export async function isLayout(dir: string): Promise<boolean> {
@@ -47,9 +63,7 @@ export async function openLayout(
   options: { create?: boolean; what?: string } = {},
 ): Promise<Layout> {
   if (!options.create) {
-    if (!await isLayout(dir)) {
-      throw fail("not-found", `${options.what ?? dir}: no such image in the local store (${dir})`);
-    }
+    if (!await isLayout(dir)) throw notInStore({ dir }, options.what);
     return { dir };
   }
   try {
@@ -69,9 +83,125 @@ export async function openLayout(
   return { dir };
 }
 
-/** Takes the layout's exclusive lock (other sarde processes wait). */
-export function lockLayout(layout: Layout): Promise<FileLock> {
-  return lockFile(join(layout.dir, LOCK_FILE));
+/**
+ * Takes the layout for writing: the exclusive write lock (other writers wait) and a shared use
+ * lock (removals wait), held until released. The layout's files are made again if a removal
+ * took them between {@link openLayout} and this lock.
+ */
+export async function lockLayout(layout: Layout): Promise<FileLock> {
+  const use = await lockFile(join(layout.dir, USE_FILE), { shared: true });
+  try {
+    const write = await lockFile(join(layout.dir, LOCK_FILE));
+    const both = combineLocks(use, write);
+    try {
+      await openLayout(layout.dir, { create: true });
+    } catch (err) {
+      both.release();
+      throw err;
+    }
+    return both;
+  } catch (err) {
+    use.release();
+    throw err;
+  }
+}
+
+/**
+ * Marks an existing layout as in use (a shared lock; any number of users) until released, so
+ * that `sarde rm` and `prune` wait for it or leave it alone. A layout that is not there (or was
+ * removed while this waited) is a `not-found` error naming `what`. A store this user may only
+ * read is used without a lock.
+ */
+export async function useLayout(layout: Layout, what?: string): Promise<FileLock> {
+  let lock: FileLock;
+  try {
+    lock = await lockFile(join(layout.dir, USE_FILE), {
+      shared: true,
+      folderMustExist: true,
+      optional: true,
+    });
+  } catch (err) {
+    if (err instanceof SardeError && err.kind === "not-found") throw notInStore(layout, what);
+    throw err;
+  }
+  if (!await isLayout(layout.dir)) {
+    lock.release();
+    throw notInStore(layout, what);
+  }
+  return lock;
+}
+
+/**
+ * Takes the layout for removal (`sarde rm`, `prune`): the exclusive use lock, so no other
+ * process uses it meanwhile. With `wait: false`, `undefined` when the layout is in use.
+ */
+export function lockLayoutForRemoval(
+  layout: Layout,
+  options: { wait: boolean },
+): Promise<FileLock | undefined> {
+  const lock = options.wait ? lockFile : tryLockFile;
+  return lock(join(layout.dir, USE_FILE), { folderMustExist: true });
+}
+
+/**
+ * Removes a layout's files, holding {@link lockLayoutForRemoval}: `index.json` first (from then
+ * on it is no image any more, and no entry ever names a removed manifest), then the blobs and
+ * the rest. The folder goes only when nothing else is left in it (another repository's layout
+ * can live inside: `a/b` and `a/b/c`), and so do its empty parents up to `root`.
+ */
+export async function removeLayout(layout: Layout, root: string): Promise<void> {
+  const names = [INDEX_FILE, LAYOUT_FILE, "blobs"];
+  for await (const e of Deno.readDir(layout.dir)) {
+    if (e.name.startsWith(".sarde") || e.name.includes(".tmp-")) names.push(e.name);
+  }
+  // The lock files last: a process waiting on them then finds them gone and locks anew.
+  names.sort((a, b) => Number(isLockFile(a)) - Number(isLockFile(b)));
+  for (const name of new Set(names)) {
+    await Deno.remove(join(layout.dir, name), { recursive: true }).catch((err) => {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    });
+  }
+  const top = resolve(root);
+  for (let dir = resolve(layout.dir); dir.startsWith(top + sep);) {
+    try {
+      await Deno.remove(dir); // only when empty
+    } catch {
+      break;
+    }
+    dir = dirname(dir);
+  }
+}
+
+function isLockFile(name: string): boolean {
+  return name === LOCK_FILE || name === USE_FILE;
+}
+
+function notInStore(layout: Layout, what?: string) {
+  return fail(
+    "not-found",
+    `${what ?? layout.dir}: no such image in the local store (${layout.dir})`,
+  );
+}
+
+/**
+ * The temp files that interrupted writers left in a layout (`.partial-*` downloads, `.sarde-*`
+ * chunks of an export, `*.tmp-*` of atomic writes). Leftovers only while no other process uses
+ * the layout ({@link lockLayoutForRemoval} held): every writer holds the use lock.
+ */
+export async function layoutLeftovers(layout: Layout): Promise<string[]> {
+  const found: string[] = [];
+  const sweep = async (dir: string, leftover: (name: string) => boolean) => {
+    try {
+      for await (const e of Deno.readDir(dir)) {
+        if (e.isFile && leftover(e.name)) found.push(join(dir, e.name));
+      }
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    }
+  };
+  await sweep(join(layout.dir, "blobs", "sha256"), (name) => name.startsWith("."));
+  await sweep(layout.dir, (name) => name.startsWith(".") && name.includes(".tmp-"));
+  return found;
 }
 
 /** The path of a blob (the digest is validated, so it can never escape the folder). */
@@ -228,7 +358,7 @@ export async function createBlobWriter(
     try {
       await writeAt(data, written);
     } catch (err) {
-      throw fail("io", `cannot write ${tmp}: ${(err as Error).message}`);
+      throw fail("io", `cannot write ${tmp}: ${osReason(err)}`);
     }
     written += filled;
     filled = 0;

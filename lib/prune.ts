@@ -10,17 +10,20 @@
 import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
-import { fail } from "./errors.ts";
-import { exists } from "./fsutil.ts";
-import { IMPORT_MARKER } from "./import.ts";
+import { fail, SardeError } from "./errors.ts";
+import { checkDir, exists, type FileLock, osReason, tryLockFile } from "./fsutil.ts";
+import { IMPORT_MARKER, vmLockPath } from "./import.ts";
 import {
   descriptorTag,
+  isLayout,
   type Layout,
-  lockLayout,
+  layoutLeftovers,
+  lockLayoutForRemoval,
   openLayout,
   readBlob,
   readIndex,
   removeFromIndex,
+  removeLayout,
   writeIndex,
 } from "./layout.ts";
 import {
@@ -53,6 +56,18 @@ async function diskUsage(path: string): Promise<number> {
     else total += (st.blocks ?? Math.ceil(st.size / 512)) * 512;
   };
   await walk(path);
+  return total;
+}
+
+/**
+ * Disk usage of a layout's own files: a layout folder can hold another repository's layout
+ * (`a/b` and `a/b/c`), which is not counted.
+ */
+async function layoutUsage(layout: Layout): Promise<number> {
+  let total = 0;
+  for await (const e of Deno.readDir(layout.dir)) {
+    if (!e.isDirectory || e.name === "blobs") total += await diskUsage(join(layout.dir, e.name));
+  }
   return total;
 }
 
@@ -91,7 +106,7 @@ export async function removeImage(ocidir: string, reference: string): Promise<Re
   const ref = parseReference(reference);
   const what = formatLocalName(ref);
   const layout = await openLayout(layoutDir(ocidir, ref), { what });
-  using _lock = await lockLayout(layout);
+  using _lock = await takeForRemoval(layout, what);
   const index = await readIndex(layout);
   const selector = ref.digest ? { digest: ref.digest } : { tag: ref.tag ?? "latest" };
   const left = removeFromIndex(index, selector);
@@ -106,10 +121,37 @@ export async function removeImage(ocidir: string, reference: string): Promise<Re
   await writeIndex(layout, left);
   let bytes = await collectGarbage(layout);
   if (left.manifests.length === 0) {
-    bytes += await diskUsage(layout.dir);
-    await Deno.remove(layout.dir, { recursive: true });
+    bytes += await layoutUsage(layout);
+    await removeLayout(layout, ocidir);
   }
   return { what, bytes };
+}
+
+/**
+ * Waits until no other process uses the layout (a pull of another tag, an import) and takes it
+ * for removal; a layout removed meanwhile is not in the store any more.
+ */
+async function takeForRemoval(layout: Layout, what: string): Promise<FileLock> {
+  let lock: FileLock | undefined;
+  try {
+    lock = await lockLayoutForRemoval(layout, { wait: false });
+    if (!lock) {
+      info(`waiting for the other sarde processes using ${what}`);
+      lock = (await lockLayoutForRemoval(layout, { wait: true }))!;
+    }
+  } catch (err) {
+    if (err instanceof SardeError && err.kind === "not-found") throw removedMeanwhile(what);
+    throw err;
+  }
+  if (!await isLayout(layout.dir)) {
+    lock.release();
+    throw removedMeanwhile(what);
+  }
+  return lock;
+}
+
+function removedMeanwhile(what: string): SardeError {
+  return fail("not-found", `${what}: not in the local store (removed meanwhile)`);
 }
 
 /** Options of {@link prune}. */
@@ -162,24 +204,34 @@ interface Candidate {
   what: string;
   lastUsed: number;
   bytes: number;
-  remove: () => Promise<void>;
+  /** Removes it; false when it turned out to be in use (it then stays). */
+  remove: () => Promise<boolean>;
 }
 
 /**
  * Prunes: always removes leftovers (clone folders whose VM is gone, temp folders of killed
- * imports); with `olderThanMs` and/or `keepBytes`, also cached images and unused imported VMs,
- * least recently used first. Returns what was (or, with `dryRun`, would be) removed.
+ * imports, temp files of killed fetches and exports); with `olderThanMs` and/or `keepBytes`, also
+ * cached images and unused imported VMs, least recently used first. What another sarde process
+ * is using (a pull, an import) stays. Returns what was (or, with `dryRun`, would be) removed.
  */
 export async function prune(options: PruneOptions): Promise<Removed[]> {
   const removed: Removed[] = [];
-  const act = async (what: string, bytes: number, fn: () => Promise<void>) => {
-    if (!options.dryRun) await fn();
+  const act = async (what: string, bytes: number, fn: () => Promise<boolean | void>) => {
+    if (!options.dryRun) {
+      try {
+        if (await fn() === false) return;
+      } catch (err) {
+        if (err instanceof SardeError) throw err;
+        throw fail("io", `cannot remove ${what}: ${osReason(err)}`);
+      }
+    }
     removed.push({ what, bytes });
     info(`${options.dryRun ? "would remove" : "removed"} ${what} (${formatBytes(bytes)})`);
   };
   // 1. Leftovers.
-  for (const dir of new Set([options.vmdir, ...(options.clonedirs ?? [])])) {
-    if (!await exists(dir)) continue;
+  const vmdirs = new Set([options.vmdir, ...(options.clonedirs ?? [])]);
+  for (const dir of vmdirs) {
+    if (!await checkDir(dir, "the VM folder")) continue;
     for await (const e of Deno.readDir(dir)) {
       const p = join(dir, e.name);
       if (e.isDirectory && /^\..+\.partial-(\d+)-/.test(e.name)) {
@@ -202,35 +254,79 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
       }
     }
   }
+  const layouts = await findLayouts(options.ocidir);
+  for (const { dir } of layouts) {
+    // Only in layouts no other process uses: every writer holds the use lock while it writes.
+    using lock = await lockLayoutForRemoval({ dir }, { wait: false }).catch(() => undefined);
+    if (!lock) {
+      debug(`${dir} is in use; its temp files stay`);
+      continue;
+    }
+    const files = await layoutLeftovers({ dir });
+    if (files.length === 0) continue;
+    let bytes = 0;
+    for (const f of files) bytes += await diskUsage(f);
+    await act(
+      `${files.length} temp file(s) of interrupted fetches or exports in ${dir}`,
+      bytes,
+      async () => {
+        for (const f of files) await Deno.remove(f).catch(ignoreNotFound);
+      },
+    );
+  }
   if (options.olderThanMs === undefined && options.keepBytes === undefined) return removed;
 
   // 2. Candidates: cached images (whole repositories) and imported VMs nobody uses.
   const candidates: Candidate[] = [];
-  for (const { name, dir } of await findLayouts(options.ocidir)) {
-    const st = await Deno.stat(join(dir, "index.json"));
+  for (const { name, dir } of layouts) {
+    const layout = { dir };
+    const lastUsed = await lastUse(join(dir, "index.json"));
+    if (lastUsed === undefined) continue; // removed meanwhile
+    const what = `cached image ${name}`;
     candidates.push({
-      what: `cached image ${name}`,
-      lastUsed: Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0),
-      bytes: await diskUsage(dir),
-      remove: () => Deno.remove(dir, { recursive: true }),
+      what,
+      lastUsed,
+      bytes: await layoutUsage(layout),
+      remove: async () => {
+        using lock = await lockLayoutForRemoval(layout, { wait: false }).catch(() => undefined);
+        if (!lock) {
+          info(`kept ${what}: another sarde process is using it`);
+          return false;
+        }
+        if (!await isLayout(dir)) return false; // removed meanwhile
+        if ((await lastUse(join(dir, "index.json")) ?? 0) > lastUsed) {
+          info(`kept ${what}: it was used just now`);
+          return false;
+        }
+        await removeLayout(layout, options.ocidir);
+        return true;
+      },
     });
   }
   const domains = await listDomains({ ...options, all: true });
-  if (await exists(options.vmdir)) {
+  if (await checkDir(options.vmdir, "the VM folder")) {
     for await (const e of Deno.readDir(options.vmdir)) {
       const folder = join(options.vmdir, e.name);
       if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
-      const state = await domainState(e.name, options);
-      if (state !== "stopped" && state !== "missing") continue;
+      const unused = (state: string) => state === "stopped" || state === "missing";
+      if (!unused(await domainState(e.name, options))) continue;
       if (await folderInUse(folder, e.name, domains, options)) continue;
-      const st = await Deno.stat(join(folder, IMPORT_MARKER));
+      const what = `imported VM ${e.name} (${folder})`;
       candidates.push({
-        what: `imported VM ${e.name} (${folder})`,
-        lastUsed: Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0),
+        what,
+        lastUsed: await lastUse(join(folder, IMPORT_MARKER)) ?? 0,
         bytes: await diskUsage(folder),
         remove: async () => {
+          // The lock an import (or clone) of this name holds; the VM may have started meanwhile.
+          using lock = await tryLockFile(vmLockPath(options.vmdir, e.name));
+          const state = await domainState(e.name, options);
+          if (!lock || !unused(state)) {
+            info(`kept ${what}: it is in use`);
+            return false;
+          }
           if (state !== "missing") await undefine(e.name, { ...options, nvram: true });
           await Deno.remove(folder, { recursive: true });
+          return true;
         },
       });
     }
@@ -242,8 +338,19 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
     const old = options.olderThanMs !== undefined && c.lastUsed < now - options.olderThanMs;
     const over = options.keepBytes !== undefined && total > options.keepBytes;
     if (!old && !over) continue;
+    const before = removed.length;
     await act(c.what, c.bytes, c.remove);
-    total -= c.bytes;
+    if (removed.length > before) total -= c.bytes;
   }
   return removed;
+}
+
+/** When a file was last used (read or written), or undefined if it is gone. */
+async function lastUse(path: string): Promise<number | undefined> {
+  const st = await Deno.stat(path).catch(() => undefined);
+  return st && Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0);
+}
+
+function ignoreNotFound(err: unknown): void {
+  if (!(err instanceof Deno.errors.NotFound)) throw err;
 }

@@ -8,6 +8,7 @@
 
 import { join, relative, resolve, sep } from "node:path";
 import { fail } from "./errors.ts";
+import { checkDir } from "./fsutil.ts";
 import { isLayout } from "./layout.ts";
 import type { Reference } from "./reference.ts";
 
@@ -38,10 +39,14 @@ export function layoutDir(ocidir: string, ref: Reference): string {
   return dir;
 }
 
-/** Finds every layout below `ocidir` (the root itself counts, named `.`), sorted by name. */
+/**
+ * Finds every layout below `ocidir` (the root itself counts, named `.`), sorted by name. A store
+ * that does not exist yet is empty; one that is no folder, or unreadable, is an error.
+ */
 export async function findLayouts(ocidir: string): Promise<{ name: string; dir: string }[]> {
   const root = resolve(ocidir);
   const found: { name: string; dir: string }[] = [];
+  if (!await checkDir(root, "the local store", "choose another one with --ocidir")) return found;
   const walk = async (dir: string, depth: number) => {
     if (await isLayout(dir)) found.push({ name: relative(root, dir) || ".", dir });
     if (depth > 16) return;

@@ -7,14 +7,20 @@ import {
   blobPath,
   createBlobWriter,
   hasBlob,
+  lockLayout,
+  lockLayoutForRemoval,
   openLayout,
   readBlob,
   readIndex,
+  removeLayout,
   selectManifest,
+  useLayout,
   writeBlob,
   writeIndex,
 } from "../lib/layout.ts";
 import { type Descriptor, type ImageIndex, MediaType, REF_NAME_ANNOTATION } from "../lib/oci.ts";
+import { listFiles, makeImage, sarde, tempDir } from "./support/images.ts";
+import { startRegistry } from "./support/registry.ts";
 
 async function tempLayout() {
   const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "sarde-layout-test-" });
@@ -114,4 +120,83 @@ Deno.test("index writes are atomic and parse back", async () => {
     (e: unknown) => e instanceof SardeError && /not valid JSON/.test(e.message),
   );
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("layout locks: removal waits for users; a user that waited on a removed layout finds it gone", async () => {
+  const { layout, dir } = await tempLayout();
+  const user = await useLayout(layout, "repo");
+  assert.equal(await lockLayoutForRemoval(layout, { wait: false }), undefined, "in use");
+  user.release();
+  const removal = (await lockLayoutForRemoval(layout, { wait: false }))!;
+  assert.ok(removal, "free once the user is done");
+
+  // A reader and a writer queue up behind the removal, which then takes the layout away.
+  const reader = useLayout(layout, "repo");
+  const writer = lockLayout(layout);
+  let settled = false;
+  Promise.allSettled([reader, writer]).then(() => settled = true);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(settled, false, "both wait for the removal");
+  await removeLayout(layout, dir);
+  removal.release();
+  await assert.rejects(
+    reader,
+    (e: unknown) =>
+      e instanceof SardeError && e.kind === "not-found" && /repo: no such image/.test(e.message),
+  );
+  using _w = await writer;
+  assert.deepEqual(await readIndex(layout), { schemaVersion: 2, manifests: [] }, "made anew");
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("rm: a repository's removal keeps the repository nested in its folder", async () => {
+  const work = await tempDir("nested");
+  const outer = await makeImage(work, "local/a:one", [{ size: 4096 }]);
+  const inner = await makeImage(work, "local/a/b:one", [{ size: 4096 }]);
+  const r = await sarde(["rm", "-d", work, "local/a:one"]);
+  assert.equal(r.code, 0, r.stderr);
+  const left = await listFiles(work);
+  assert.ok(!left.some((f) => f === "local/a/index.json"), "the outer layout is gone");
+  assert.ok(
+    left.includes(`local/a/b/blobs/sha256/${inner.manifestDigest.slice(7)}`),
+    "the inner layout is intact",
+  );
+  const ls = await sarde(["list", "-d", work, "--format", "json"]);
+  assert.deepEqual(JSON.parse(ls.stdout).map((e: { name: string }) => e.name), ["local/a/b"]);
+  assert.equal(ls.stderr, "");
+  assert.notEqual(outer.manifestDigest, inner.manifestDigest);
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test({
+  name: "CLI: a store or VM folder that is a file is a one-line error naming it",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const work = await tempDir("notadir");
+    await using reg = await startRegistry("plain");
+    try {
+      const ref = `${reg.host}/sardines/notadir:v1`;
+      await makeImage(work, ref, [{ size: 4096 }]);
+      assert.equal((await sarde(["push", "-d", work, ref])).code, 0);
+      const file = join(work, "a-file");
+      await Deno.writeTextFile(file, "not a folder\n");
+      const cases: [string[], RegExp][] = [
+        [["list", "-d", file], /the local store .*a-file is not a folder/],
+        [["prune", "-d", file, "--vmdir", work], /the local store .*a-file is not a folder/],
+        [["prune", "-d", work, "--vmdir", file], /the VM folder .*a-file is not a folder/],
+        [["import", "-d", work, "--vmdir", file, ref], /the VM folder .*a-file is not a folder/],
+        [["pull", "-d", work, "--vmdir", file, ref], /the VM folder .*a-file is not a folder/],
+      ];
+      for (const [args, expected] of cases) {
+        const r = await sarde(args, { env: { LIBVIRT_DEFAULT_URI: "qemu:///system" } });
+        assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+        assert.match(r.stderr, expected, args.join(" "));
+        assert.doesNotMatch(r.stderr, /bug|\n\s+at /, `${args[0]}: no stack trace`);
+        assert.ok(r.stderr.trim().split("\n").length <= 2, `${args[0]}: one line plus a hint`);
+      }
+    } finally {
+      await Deno.remove(work, { recursive: true });
+    }
+  },
 });

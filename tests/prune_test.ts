@@ -3,9 +3,30 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { addToIndex, openLayout, readIndex, writeIndex } from "../lib/layout.ts";
-import { listFiles, makeImage, sarde, tempDir } from "./support/images.ts";
-import { defineTestVm, ensureLibvirtd, shTry, TEST_URI } from "./support/vms.ts";
+import { addToIndex, hasBlob, openLayout, readBlob, readIndex, writeIndex } from "../lib/layout.ts";
+import { manifestBlobs, parseManifest } from "../lib/oci.ts";
+import { findLayouts } from "../lib/store.ts";
+import {
+  listFiles,
+  makeImage,
+  run,
+  sarde,
+  type SardeProcess,
+  spawnSarde,
+  startPausingProxy,
+  tempDir,
+  until,
+} from "./support/images.ts";
+import { startRegistry } from "./support/registry.ts";
+import {
+  defineTestVm,
+  ensureLibvirtd,
+  shTry,
+  TEST_URI,
+  undefineVms,
+  virsh,
+  writeRandom,
+} from "./support/vms.ts";
 
 const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -107,6 +128,166 @@ Deno.test({
         await shTry("virsh", ["-c", TEST_URI, "undefine", "--domain", n, "--nvram"]);
       }
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+/** Every manifest each index.json names is in the store, and so is every blob it needs. */
+async function assertConsistent(store: string): Promise<void> {
+  for (const { dir } of await findLayouts(store)) {
+    for (const d of (await readIndex({ dir })).manifests) {
+      const manifest = parseManifest(await readBlob({ dir }, d.digest));
+      for (const b of manifestBlobs(manifest)) {
+        assert.ok(await hasBlob({ dir }, b), `${dir}: blob ${b.digest} of ${d.digest} is missing`);
+      }
+    }
+  }
+}
+
+Deno.test({
+  name:
+    "prune and rm during a pull: the pull's repository stays, the pull succeeds, the store stays consistent",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await using reg = await startRegistry("plain");
+    await using proxy = await startPausingProxy(reg);
+    const work = await tempDir("race");
+    const store = join(work, "store");
+    const vmdir = join("/var/tmp/sarde-test-vms", `race-${Deno.pid}`);
+    const repo = `${reg.host}/sardines/race`;
+    const other = `${reg.host}/sardines/other`;
+    let name = "";
+    try {
+      const ok = (r: { code: number; stderr: string }) => assert.equal(r.code, 0, r.stderr);
+      const src = join(work, "src");
+      ok(await sarde(["export", "-d", src, vm.name, `${repo}:v0`], { env }));
+      await writeRandom(vm.disks[1].path, 8, 16);
+      ok(await sarde(["export", "-d", src, vm.name, `${repo}:v1`], { env }));
+      ok(await sarde(["push", "-d", src, `${repo}:v0`]));
+      ok(await sarde(["push", "-d", src, `${repo}:v1`]));
+      ok(await sarde(["fetch", "-d", store, `${repo}:v0`]));
+      ok(await sarde(["fetch", "-d", store, "--source", `${repo}:v0`, `${other}:v0`]));
+      // Neither repository was used for a month.
+      await run("touch", [
+        "-d",
+        "30 days ago",
+        join(store, repo, "index.json"),
+        join(store, other, "index.json"),
+      ], { check: true });
+
+      const pull = spawnSarde(
+        [
+          "pull",
+          "-d",
+          store,
+          "--vmdir",
+          vmdir,
+          "--source",
+          `${proxy.host}/sardines/race:v1`,
+          `${repo}:v1`,
+        ],
+        { env },
+      );
+      await until(() => proxy.faults() > 0, "the pull is downloading");
+      for (const limit of [["--older-than", "1d"], ["--keep-bytes", "0"]]) {
+        const p = await sarde(["prune", "-d", store, "--vmdir", vmdir, ...limit], { env });
+        ok(p);
+        assert.match(
+          p.stderr,
+          /kept cached image .*sardines\/race: another sarde process is using it/,
+        );
+      }
+      assert.ok(
+        !(await listFiles(store)).some((f) => f.startsWith(other)),
+        "unused repository removed",
+      );
+      const rm = spawnSarde(["rm", "-d", store, `${repo}:v0`]);
+      await rm.stderrMatches(/waiting for the other sarde processes using/);
+      proxy.release();
+      const pulled = await pull.done();
+      ok(pulled);
+      name = pulled.stdout.trim();
+      ok(await rm.done());
+
+      const ls = await sarde(["list", "-d", store, "--vmdir", vmdir, "--format", "json"], { env });
+      ok(ls);
+      assert.equal(ls.stderr, "", "no warnings");
+      assert.deepEqual(
+        JSON.parse(ls.stdout).map((e: { name: string; tag: string }) => `${e.name}:${e.tag}`),
+        [`${repo}:v1`],
+      );
+      await assertConsistent(store);
+      assert.equal((await virsh("domstate", "--domain", name)).code, 0, "the pulled VM is defined");
+    } finally {
+      proxy.release();
+      await undefineVms([name]);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "prune: temp files of a killed fetch go, those of a fetch in flight stay",
+  ...opts,
+  fn: async () => {
+    await using reg = await startRegistry("plain");
+    await using proxy = await startPausingProxy(reg);
+    const work = await tempDir("partials");
+    const store = join(work, "store");
+    const partials = async (repo: string) =>
+      (await listFiles(join(store, reg.host, "sardines", repo))).filter((f) =>
+        f.includes("/.partial-")
+      );
+    const fetch = (repo: string) =>
+      spawnSarde([
+        "fetch",
+        "-d",
+        store,
+        "--source",
+        `${proxy.host}/sardines/${repo}:v1`,
+        `${reg.host}/sardines/${repo}:v1`,
+      ]);
+    let live: SardeProcess | undefined;
+    try {
+      const big = new Map<string, string>();
+      for (const repo of ["killed", "live"]) {
+        const ref = `${reg.host}/sardines/${repo}:v1`;
+        const img = await makeImage(join(work, "src"), ref, [{ size: 4 << 20 }]);
+        big.set(repo, img.layers[1].digest.slice(7));
+        assert.equal((await sarde(["push", "-d", join(work, "src"), ref])).code, 0);
+      }
+      const killed = fetch("killed");
+      await until(
+        async () => proxy.faults() === 1 && (await partials("killed")).length > 0,
+        "the first fetch is downloading",
+      );
+      killed.child.kill("SIGKILL");
+      await killed.done();
+      live = fetch("live");
+      await until(
+        async () => proxy.faults() === 2 && (await partials("live")).length > 0,
+        "the second fetch is downloading",
+      );
+
+      const p = await sarde(["prune", "-d", store, "--vmdir", join(work, "vms")]);
+      assert.equal(p.code, 0, p.stderr);
+      assert.match(p.stderr, /removed \d+ temp file\(s\) of interrupted fetches or exports/);
+      assert.deepEqual(await partials("killed"), [], "the killed fetch's temp files are gone");
+      assert.ok(
+        (await partials("live")).some((f) => f.includes(`.partial-${big.get("live")}-`)),
+        "the live fetch's temp file stays",
+      );
+      proxy.release();
+      const r = await live.done();
+      assert.equal(r.code, 0, r.stderr);
+      assert.deepEqual(await partials("live"), []);
+    } finally {
+      proxy.release();
+      await live?.done();
       await Deno.remove(work, { recursive: true });
     }
   },

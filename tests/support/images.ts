@@ -18,6 +18,7 @@ import {
 import { type Descriptor, MediaType } from "../../lib/oci.ts";
 import { parseReference } from "../../lib/reference.ts";
 import { layoutDir } from "../../lib/store.ts";
+import { type ProxyTarget, type RunningProxy, startFaultyProxy } from "./proxy.ts";
 
 /** One layer to generate: random bytes (incompressible) or repetitive text (compressible). */
 export interface LayerSpec {
@@ -173,4 +174,78 @@ export function sarde(
   options: { stdin?: string; env?: Record<string, string> } = {},
 ) {
   return run(SARDE, args, options);
+}
+
+/** A sarde process started by {@link spawnSarde}. */
+export interface SardeProcess {
+  child: Deno.ChildProcess;
+  /** Resolves with stderr so far once it matches `re`; rejects if the process ends first. */
+  stderrMatches(re: RegExp): Promise<string>;
+  /** Waits for the end: exit code and all output. */
+  done(): Promise<{ code: number; stdout: string; stderr: string }>;
+}
+
+/** Starts the sarde CLI without waiting for it (to act while it runs). */
+export function spawnSarde(
+  args: string[],
+  options: { env?: Record<string, string> } = {},
+): SardeProcess {
+  const child = new Deno.Command(SARDE, {
+    args,
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new Response(child.stdout).text();
+  let stderr = "";
+  const waiters: { re: RegExp; resolve: (s: string) => void }[] = [];
+  const drained = (async () => {
+    for await (const piece of child.stderr.pipeThrough(new TextDecoderStream())) {
+      stderr += piece;
+      for (const w of waiters.filter((w) => w.re.test(stderr))) w.resolve(stderr);
+    }
+  })();
+  return {
+    child,
+    stderrMatches: (re) =>
+      re.test(stderr) ? Promise.resolve(stderr) : new Promise<string>((resolve, reject) => {
+        waiters.push({ re, resolve });
+        drained.then(() => reject(new Error(`sarde ${args[0]} ended without ${re}: ${stderr}`)));
+      }),
+    async done() {
+      const { code } = await child.status;
+      await drained;
+      return { code, stdout: await stdout, stderr };
+    },
+  };
+}
+
+/** Polls `condition` every 50 ms until it holds; fails after `timeoutMs` (generous: a stuck test). */
+export async function until(
+  condition: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 120_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!await condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * A proxy in front of `registry` whose blob downloads stop after 1 MiB until `release()`: a
+ * transfer surely in flight while a test acts.
+ */
+export async function startPausingProxy(
+  registry: ProxyTarget,
+): Promise<RunningProxy & { release(): void }> {
+  const gate = Promise.withResolvers<void>();
+  const proxy = await startFaultyProxy(registry, {
+    kind: "pause-blob",
+    afterBytes: 1 << 20,
+    until: gate.promise,
+  });
+  return Object.assign(proxy, { release: () => gate.resolve() });
 }

@@ -273,6 +273,19 @@ export async function createSparseRaw(
   return { path, format: "raw", virtualSize: size, writes };
 }
 
+/** Overwrites `mib` MiB of `path` at `offsetMib` MiB with random bytes (incompressible data). */
+export async function writeRandom(path: string, offsetMib: number, mib: number): Promise<void> {
+  await sh("dd", [
+    "if=/dev/urandom",
+    `of=${path}`,
+    "bs=1M",
+    `count=${mib}`,
+    `seek=${offsetMib}`,
+    "conv=notrunc",
+    "status=none",
+  ]);
+}
+
 /**
  * An ISO 9660 image (Rock Ridge + Joliet) holding `README.TXT` and `data/hello.txt`, made with
  * `xorriso -as mkisofs` (or `genisoimage`). Returns the TestDisk (format `raw`) and its label.
