@@ -10,7 +10,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { decodeGzip, parseGzipHeader } from "./compress.ts";
 import { decodeZstdChunk } from "./zstd.ts";
@@ -49,8 +49,8 @@ import {
   domainExists,
   domainUuid,
 } from "./libvirt.ts";
-import { debug, info } from "./log.ts";
-import { MediaType, parseJsonObject } from "./oci.ts";
+import { debug, info, warn } from "./log.ts";
+import { type Manifest, MediaType, parseJsonObject } from "./oci.ts";
 import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
@@ -100,10 +100,16 @@ export interface ImportResult {
   alreadyImported: boolean;
 }
 
+/** The import marker: what a complete VM folder was imported from, and its files. */
 interface Marker {
   image: string;
   manifest: string;
   reference: string;
+  /**
+   * Each file extracted, with its size right after the import (missing in markers of sarde
+   * 0.3.0 and older).
+   */
+  files?: { name: string; size: number }[];
 }
 
 /** The lock an import (and `sarde prune`) holds on the VM name `name` of `vmdir`. */
@@ -144,7 +150,12 @@ async function readMarker(folder: string): Promise<Marker | undefined> {
   }
   try {
     const m = JSON.parse(text);
-    if (typeof m?.image === "string" && typeof m?.manifest === "string") return m;
+    const file = (f: { name?: unknown; size?: unknown }) =>
+      typeof f?.name === "string" && Number.isSafeInteger(f?.size);
+    if (
+      typeof m?.image === "string" && typeof m?.manifest === "string" &&
+      (m.files === undefined || (Array.isArray(m.files) && m.files.every(file)))
+    ) return m;
   } catch { /* fall through */ }
   throw fail(
     "io",
@@ -181,11 +192,12 @@ async function gzipFileName(layout: Layout, file: ImageFile, what: string): Prom
   return checkImageFileName(header.name, what);
 }
 
+/** Extracts `files` into `folder`; `all` are every file of the image (backing files). */
 async function extractFiles(
-  layout: Layout,
+  { layout, ready }: ImageToExtract,
   files: ImageFile[],
+  all: ImageFile[],
   folder: string,
-  ready: (digest: string) => Promise<void>,
   options: ImportOptions,
 ): Promise<void> {
   const total = files.reduce((n, f) => n + (f.size ?? f.layers.reduce((m, l) => m + l.size, 0)), 0);
@@ -246,7 +258,7 @@ async function extractFiles(
   } finally {
     progress.stop();
   }
-  await checkImageHeaders(folder, files);
+  await checkImageHeaders(folder, files, all);
   // Backing references become plain names of files in this folder (0.4 images already have them).
   for (const f of files) {
     if (!f.backingFile) continue;
@@ -268,8 +280,12 @@ function gzipCap(free: number | undefined): number {
  * when the VM starts. Only plain names of files of the same image are accepted (zstd images name
  * them in annotations instead and are rebased below).
  */
-async function checkImageHeaders(folder: string, files: ImageFile[]): Promise<void> {
-  const names = new Set(files.map((f) => f.name));
+async function checkImageHeaders(
+  folder: string,
+  files: ImageFile[],
+  all: ImageFile[],
+): Promise<void> {
+  const names = new Set(all.map((f) => f.name));
   for (const f of files) {
     const i = await imageInfo(join(folder, f.name));
     if (i.dataFile !== undefined) {
@@ -292,8 +308,9 @@ async function checkImageHeaders(folder: string, files: ImageFile[]): Promise<vo
 
 /**
  * Imports the local image `reference` as a libvirt VM. Returns the VM's name and UUID. Running
- * it again for the same image and name does nothing and returns the same name; N processes
- * importing at once extract once (a lock per VM name).
+ * it again for the same image and name does nothing and returns the same name (files of the VM
+ * that vanished are extracted again); N processes importing at once extract once (a lock per VM
+ * name).
  */
 export async function importVm(reference: string, options: ImportOptions): Promise<ImportResult> {
   const ref = parseReference(reference);
@@ -335,27 +352,26 @@ export async function importImage(
   await ensureDir(options.vmdir, "the VM folder", "choose another one with --vmdir");
   using _use = await useLayout(layout, what);
   using _lock = await lockFile(vmLockPath(options.vmdir, name));
+  const image: ImageToExtract = { layout, manifest, what, ready };
+  const result = (alreadyImported: boolean) =>
+    domainUuid(name, options).then((uuid) => ({ name, uuid, vmFolder, imageId, alreadyImported }));
 
   const marker = await readMarker(vmFolder);
+  // The manifest must match too: another manifest can reuse a trusted config (same image ID)
+  // with other layers, and must not pass for it.
+  const ours = marker?.image === imageId && marker.manifest === descriptor.digest;
   if (await domainExists(name, options)) {
-    // The manifest must match too: another manifest can reuse a trusted config (same image ID)
-    // with other layers, and must not pass for it.
-    if (marker?.image === imageId && marker.manifest === descriptor.digest) {
-      info(`VM ${name} is already imported from ${what}`);
-      await touch(join(vmFolder, IMPORT_MARKER));
-      return {
-        name,
-        uuid: await domainUuid(name, options),
-        vmFolder,
-        imageId,
-        alreadyImported: true,
-      };
+    if (!ours) {
+      throw fail(
+        "usage",
+        `a libvirt VM named '${name}' already exists and was not imported from ${what} by sarde`,
+        "choose another name with -n NAME, or remove that VM first",
+      );
     }
-    throw fail(
-      "usage",
-      `a libvirt VM named '${name}' already exists and was not imported from ${what} by sarde`,
-      "choose another name with -n NAME, or remove that VM first",
-    );
+    if (await restoreVanishedFiles(image, vmFolder, marker, options)) return await result(false);
+    info(`VM ${name} is already imported from ${what}`);
+    await touch(join(vmFolder, IMPORT_MARKER));
+    return await result(true);
   }
 
   // Check the XML before spending minutes on extraction.
@@ -370,8 +386,10 @@ export async function importImage(
     domainType: options.domainType,
   });
 
-  if (marker?.image === imageId && marker.manifest === descriptor.digest) {
-    debug(`${vmFolder} is complete from an earlier import; defining the VM only`);
+  if (ours) {
+    if (!await restoreVanishedFiles(image, vmFolder, marker, options)) {
+      debug(`${vmFolder} is complete from an earlier import; defining the VM only`);
+    }
   } else if (marker || await exists(vmFolder)) {
     throw fail(
       "usage",
@@ -381,65 +399,157 @@ export async function importImage(
       "choose another name with -n NAME, or remove that folder (sarde prune) if nothing uses it",
     );
   } else {
-    await ready(manifest.config.digest);
-    const config = parseJsonObject(
-      await readBlob(layout, manifest.config.digest, 4 << 20),
-      `the image config of ${what}`,
-    ) as { rootfs?: { diff_ids?: unknown }; config?: { Labels?: Record<string, unknown> } };
-    const filesLabel = config.config?.Labels?.[Annotation.files];
-    if (filesLabel === undefined && hasZstdLayers(manifest)) {
-      throw fail(
-        "integrity",
-        `${what} was made by sarde 0.2 or older: its config does not list its disk files`,
-        "re-export the VM with this sarde (images are verified against their config since 0.3)",
-      );
-    }
-    const gzipDigests = checkDiffIds(manifest, config.rootfs?.diff_ids, what);
-    const files = groupDiskLayers(manifest, what);
-    checkZstdFiles(files, filesLabel, what);
-    files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);
-    const names = new Set<string>();
-    for (const f of files) {
-      if (f.encoding === "gzip") {
-        await ready(f.layers[0].digest);
-        f.name = await gzipFileName(layout, f, what);
-      }
-      if (names.has(f.name)) {
-        throw fail("integrity", `${what}: the file ${f.name} appears twice in the image`);
-      }
-      names.add(f.name);
-    }
-    const needed = files.reduce((n, f) => n + (f.size ?? 0), 0);
-    const free = await freeBytes(options.vmdir);
-    if (free !== undefined && needed > free) {
-      throw fail(
-        "io",
-        `not enough space in ${options.vmdir}: the VM needs ${formatBytes(needed)}, ${
-          formatBytes(free)
-        } free`,
-      );
-    }
-    await removeStalePartials(options.vmdir, name);
-    const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
-    const tmp = join(options.vmdir, `.${name}.partial-${Deno.pid}-${rand}`);
-    await Deno.mkdir(tmp, { mode: 0o755 });
-    const unregister = onInterrupt(() => Deno.removeSync(tmp, { recursive: true }));
-    try {
-      info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
-      await extractFiles(layout, files, tmp, ready, options);
-      await options.beforeCommit?.();
-      const m: Marker = { image: imageId, manifest: descriptor.digest, reference: what };
+    const files = await imageFiles(image);
+    info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
+    await extractAtomically(image, files, files, name, options, async (tmp) => {
+      const m: Marker = {
+        image: imageId,
+        manifest: descriptor.digest,
+        reference: what,
+        files: await Promise.all(files.map(async (f) => ({
+          name: f.name,
+          size: (await Deno.stat(join(tmp, f.name))).size,
+        }))),
+      };
       await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
       await Deno.rename(tmp, vmFolder);
       await syncDir(options.vmdir);
-    } catch (err) {
-      await Deno.remove(tmp, { recursive: true }).catch(() => {});
-      throw err;
-    } finally {
-      unregister();
-    }
+    });
   }
   await options.beforeCommit?.();
   await defineXml(serializeDomainXml(doc), options);
-  return { name, uuid: await domainUuid(name, options), vmFolder, imageId, alreadyImported: false };
+  return await result(false);
+}
+
+/** What the extraction reads: the image, named `what` in messages, and its blobs' readiness. */
+interface ImageToExtract {
+  layout: Layout;
+  manifest: Manifest;
+  what: string;
+  ready: (digest: string) => Promise<void>;
+}
+
+/**
+ * The image's files, named, in order, and checked against its config (the image ID pins the
+ * chunk list and the files' digests).
+ */
+async function imageFiles({ layout, manifest, what, ready }: ImageToExtract): Promise<ImageFile[]> {
+  await ready(manifest.config.digest);
+  const config = parseJsonObject(
+    await readBlob(layout, manifest.config.digest, 4 << 20),
+    `the image config of ${what}`,
+  ) as { rootfs?: { diff_ids?: unknown }; config?: { Labels?: Record<string, unknown> } };
+  const filesLabel = config.config?.Labels?.[Annotation.files];
+  if (filesLabel === undefined && hasZstdLayers(manifest)) {
+    throw fail(
+      "integrity",
+      `${what} was made by sarde 0.2 or older: its config does not list its disk files`,
+      "re-export the VM with this sarde (images are verified against their config since 0.3)",
+    );
+  }
+  const gzipDigests = checkDiffIds(manifest, config.rootfs?.diff_ids, what);
+  const files = groupDiskLayers(manifest, what);
+  checkZstdFiles(files, filesLabel, what);
+  files.filter((f) => f.encoding === "gzip").forEach((f, i) => f.digest = gzipDigests[i]);
+  const names = new Set<string>();
+  for (const f of files) {
+    if (f.encoding === "gzip") {
+      await ready(f.layers[0].digest);
+      f.name = await gzipFileName(layout, f, what);
+    }
+    if (names.has(f.name)) {
+      throw fail("integrity", `${what}: the file ${f.name} appears twice in the image`);
+    }
+    names.add(f.name);
+  }
+  return files;
+}
+
+/**
+ * Extracts `files` (of the image's files `all`) into a fresh hidden temp folder of the VM
+ * folder's parent, verified, and hands it to `commit` once `beforeCommit` allows; the temp
+ * folder goes in any case (or, if this process dies, with the next import or `sarde prune`).
+ */
+async function extractAtomically(
+  image: ImageToExtract,
+  files: ImageFile[],
+  all: ImageFile[],
+  name: string,
+  options: ImportOptions,
+  commit: (tmp: string) => Promise<void>,
+): Promise<void> {
+  const needed = files.reduce((n, f) => n + (f.size ?? 0), 0);
+  const free = await freeBytes(options.vmdir);
+  if (free !== undefined && needed > free) {
+    throw fail(
+      "io",
+      `not enough space in ${options.vmdir}: the VM needs ${formatBytes(needed)}, ${
+        formatBytes(free)
+      } free`,
+    );
+  }
+  await removeStalePartials(options.vmdir, name);
+  const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
+  const tmp = join(options.vmdir, `.${name}.partial-${Deno.pid}-${rand}`);
+  await Deno.mkdir(tmp, { mode: 0o755 });
+  const unregister = onInterrupt(() => Deno.removeSync(tmp, { recursive: true }));
+  try {
+    await extractFiles(image, files, all, tmp, options);
+    await options.beforeCommit?.();
+    await commit(tmp);
+  } finally {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {}); // gone once committed
+    unregister();
+  }
+}
+
+/**
+ * Extracts again the files of an imported VM that vanished from its folder (deleted, or cut
+ * short): not there, not a file, or smaller than right after the import (a disk grows once the
+ * VM runs, but never shrinks). Each is extracted and verified aside, then renamed into place.
+ * Markers of sarde 0.3.0 and older record no sizes: the image's file list stands in, and the
+ * marker gets them. Returns whether anything was extracted.
+ */
+async function restoreVanishedFiles(
+  image: ImageToExtract,
+  vmFolder: string,
+  marker: Marker,
+  options: ImportOptions,
+): Promise<boolean> {
+  let files: ImageFile[] | undefined;
+  const expected = marker.files ??
+    (files = await imageFiles(image)).map((f) => ({ name: f.name, size: f.size ?? 0 }));
+  const sizes = new Map<string, number | undefined>();
+  for (const f of expected) {
+    const st = await Deno.stat(join(vmFolder, f.name)).catch(() => undefined);
+    sizes.set(f.name, st?.isFile && st.size >= f.size ? st.size : undefined);
+  }
+  const vanished = expected.filter((f) => sizes.get(f.name) === undefined).map((f) => f.name);
+  const record = async () => {
+    const m: Marker = {
+      ...marker,
+      files: expected.map((f) => ({
+        name: f.name,
+        size: marker.files && !vanished.includes(f.name) ? f.size : sizes.get(f.name)!,
+      })),
+    };
+    await writeFileAtomic(join(vmFolder, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
+  };
+  if (vanished.length === 0) {
+    if (!marker.files) await record();
+    return false;
+  }
+  warn(`${vmFolder}: ${vanished.join(", ")} vanished; extracting again from ${image.what}`);
+  files ??= await imageFiles(image);
+  const missing = files.filter((f) => vanished.includes(f.name));
+  await extractAtomically(image, missing, files, basename(vmFolder), options, async (tmp) => {
+    for (const f of missing) {
+      const st = await Deno.stat(join(tmp, f.name));
+      await Deno.rename(join(tmp, f.name), join(vmFolder, f.name));
+      sizes.set(f.name, st.size);
+    }
+    await syncDir(vmFolder);
+    await record();
+  });
+  return true;
 }

@@ -438,3 +438,85 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "pull: files of an imported VM that vanished are extracted again (defined or not, old markers too)",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await using reg = await startRegistry("plain");
+    const work = await tempDir("vanished");
+    const vmdir = join("/var/tmp/sarde-test-vms", `vanished-${Deno.pid}`);
+    const ref = `${reg.host}/sardines/vanished:v1`;
+    const names: string[] = [];
+    try {
+      const src = join(work, "src");
+      assert.equal((await sarde(["export", "-d", src, vm.name, ref], { env })).code, 0);
+      assert.equal((await sarde(["push", "-d", src, ref])).code, 0);
+      const pull = async () => {
+        const r = await sarde(["pull", "-d", join(work, "store"), "--vmdir", vmdir, ref], { env });
+        assert.equal(r.code, 0, r.stderr);
+        names.push(r.stdout.trim());
+        return r;
+      };
+      const name = (await pull()).stdout.trim();
+      const folder = join(vmdir, name);
+      const [qcow2, raw] = [join(folder, "plain.qcow2"), join(folder, "sparse.raw")];
+      const intact = async () => {
+        for (
+          const [copy, original, format] of [[qcow2, vm.disks[0].path, "qcow2"], [
+            raw,
+            vm.disks[1].path,
+            "raw",
+          ]]
+        ) {
+          const r = await run("qemu-img", ["compare", "-f", format, "-F", format, copy, original]);
+          assert.equal(r.code, 0, `${copy}: ${r.stdout}${r.stderr}`);
+        }
+        assert.equal((await virsh("domstate", "--domain", name)).code, 0, "the VM is defined");
+      };
+      await intact();
+      assert.match((await pull()).stderr, /already imported/);
+
+      // The disk of a defined VM is deleted.
+      await Deno.remove(qcow2);
+      let r = await pull();
+      assert.equal(r.stdout.trim(), name);
+      assert.match(r.stderr, /plain\.qcow2 vanished; extracting again/);
+      await intact();
+
+      // The VM is undefined and a disk deleted.
+      assert.equal((await virsh("undefine", "--domain", name)).code, 0);
+      await Deno.remove(raw);
+      r = await pull();
+      assert.match(r.stderr, /sparse\.raw vanished; extracting again/);
+      await intact();
+
+      // A marker of sarde 0.3.0 (no file sizes), and a disk cut short.
+      const markerPath = join(folder, ".sarde-import.json");
+      const marker = JSON.parse(await Deno.readTextFile(markerPath));
+      assert.deepEqual(marker.files.map((f: { name: string }) => f.name).sort(), [
+        "plain.qcow2",
+        "sparse.raw",
+      ]);
+      delete marker.files;
+      await Deno.writeTextFile(markerPath, JSON.stringify(marker));
+      await Deno.truncate(raw, 1 << 20);
+      r = await pull();
+      assert.match(r.stderr, /sparse\.raw vanished; extracting again/);
+      await intact();
+      assert.ok(
+        JSON.parse(await Deno.readTextFile(markerPath)).files,
+        "the marker has the sizes again",
+      );
+      assert.match((await pull()).stderr, /already imported/);
+      assert.deepEqual((await listFiles(vmdir)).filter((f) => f.includes(".partial-")), []);
+    } finally {
+      await undefineVms([...new Set(names)]);
+      await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
