@@ -264,17 +264,17 @@ function codecWorkerMain(): void {
       const n = Number(
         libc!.pwrite(fd, block.subarray(off), BigInt(block.length - off), BigInt(pos + off)),
       );
-      if (n <= 0) {
-        if (off === 0) return false;
-        throw new Failure(`cannot write ${block.length - off} bytes at ${pos + off}`, "io");
-      }
+      // Refused (EINVAL on this file system) or failed (a full disk): libc's errno is out of
+      // reach here, so the caller writes the whole block again normally, which says why.
+      if (n <= 0) return false;
       off += n;
     }
     return true;
   }
   /**
    * Writes blocks at given positions of `path`: whole aligned blocks with O_DIRECT while the file
-   * system takes it, everything else through `file` (opened here if not given).
+   * system takes it, everything else through `file` (opened here if not given). A failure names
+   * `path`, the file written (not the one read).
    */
   function blockWriter(path: string, file?: Deno.FsFile) {
     let fd = openDirect(path);
@@ -283,12 +283,21 @@ function codecWorkerMain(): void {
       write(block: Uint8Array, pos: number): void {
         if (writeDirect(fd, block, pos)) return;
         if (fd >= 0 && pos % 4096 === 0 && block.length % 4096 === 0) {
-          libc!.close(fd); // refused (e.g. EINVAL on this file system): stop trying
+          libc!.close(fd); // refused or failed: stop trying
           fd = -1;
         }
-        normal ??= Deno.openSync(path, { write: true });
-        normal.seekSync(pos, Deno.SeekMode.Start);
-        writeAll(normal, block);
+        try {
+          normal ??= Deno.openSync(path, { write: true });
+          normal.seekSync(pos, Deno.SeekMode.Start);
+          writeAll(normal, block);
+        } catch (err) {
+          // "No space left on device (os error 28)" → "no space left on device"
+          const why = (err as Error).message.replace(/^(.+?) \(os error \d+\).*$/s, "$1");
+          throw new Failure(
+            `cannot write ${path}: ${why.charAt(0).toLowerCase()}${why.slice(1)}`,
+            "io",
+          );
+        }
       },
       [Symbol.dispose](): void {
         if (fd >= 0) libc!.close(fd);

@@ -5,7 +5,15 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { digestFile } from "../lib/digest.ts";
-import { listFiles, run, sarde, tempDir } from "./support/images.ts";
+import {
+  listFiles,
+  run,
+  sarde,
+  spawnSarde,
+  startPausingProxy,
+  tempDir,
+  until,
+} from "./support/images.ts";
 import { startFaultyProxy } from "./support/proxy.ts";
 import { startRegistry } from "./support/registry.ts";
 import {
@@ -16,6 +24,7 @@ import {
   type TestVm,
   undefineVms,
   virsh,
+  writeRandom,
 } from "./support/vms.ts";
 
 const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
@@ -546,6 +555,81 @@ Deno.test({
     } finally {
       await undefineVms(names);
       await Deno.remove(vmdir, { recursive: true }).catch(() => {});
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "vm: export and import onto a full disk name the file they write: no space left on device",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await writeRandom(vm.disks[1].path, 8, 16);
+    await using reg = await startRegistry("plain");
+    await using proxy = await startPausingProxy(reg);
+    const work = await tempDir("full");
+    const small = join(work, "small");
+    await Deno.mkdir(small);
+    const mount = (size: string) =>
+      run("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", small], { check: true });
+    const oneLine = (stderr: string) => {
+      assert.doesNotMatch(stderr, /bug|\n\s+at /, "no stack trace");
+      assert.ok(stderr.trim().split("\n").length <= 2, `one line (and a hint): ${stderr}`);
+    };
+    const ref = `${reg.host}/sardines/full:v1`;
+    try {
+      // Export into a store with room for the small disk only.
+      await mount("4m");
+      const ex = await sarde(["export", "-d", small, vm.name, ref], { env });
+      assert.equal(ex.code, 1, ex.stderr);
+      assert.match(ex.stderr, new RegExp(`cannot write ${small}/\\S+: no space left on device`));
+      oneLine(ex.stderr.slice(ex.stderr.indexOf("error:")));
+      assert.deepEqual(
+        (await listFiles(small)).filter((f) => f.includes("/blobs/sha256/.")),
+        [],
+        "no temp files left",
+      );
+      await run("umount", [small], { check: true });
+
+      // Import into a VM folder that has the room when the pull checks, and none when it writes.
+      assert.equal(
+        (await sarde(["export", "-d", join(work, "src"), vm.name, ref], { env })).code,
+        0,
+      );
+      assert.equal((await sarde(["push", "-d", join(work, "src"), ref])).code, 0);
+      await mount("96m");
+      const pull = spawnSarde([
+        "pull",
+        "-d",
+        join(work, "store"),
+        "--vmdir",
+        small,
+        "--source",
+        `${proxy.host}/sardines/full:v1`,
+        ref,
+      ], { env });
+      await until(
+        async () =>
+          proxy.faults() > 0 && (await listFiles(small)).some((f) => f.includes(".partial-")),
+        "the import waits for the download",
+      );
+      await run("sh", ["-c", `head -c 200M /dev/zero > '${small}/filler'`]); // fails once full
+      proxy.release();
+      const r = await pull.done();
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(
+        r.stderr,
+        new RegExp(
+          `cannot write ${small}/\\.[^/ ]+\\.partial-[^/ ]+/(plain\\.qcow2|sparse\\.raw): no space left on device`,
+        ),
+      );
+      assert.doesNotMatch(r.stderr, /blobs\/sha256/, "the destination is named, not the blob");
+      oneLine(r.stderr.slice(r.stderr.indexOf("error:")));
+    } finally {
+      proxy.release();
+      await run("umount", [small]);
       await Deno.remove(work, { recursive: true });
     }
   },
