@@ -20,6 +20,7 @@ import {
   readBlobRange,
   readIndex,
   selectManifest,
+  useLayout,
   writeIndex,
 } from "./layout.ts";
 import { debug, info } from "./log.ts";
@@ -252,6 +253,8 @@ export async function pushImage(
   },
 ): Promise<TransferResult> {
   const target = options.target ?? local;
+  // In use while it is sent, so that `sarde rm` and `prune` wait or leave it alone.
+  using _use = await useLayout({ dir: layoutDir(options.ocidir, local) }, formatLocalName(local));
   const { layout, descriptor, bytes, manifest } = await readLocalManifest(options.ocidir, local);
   const blobs = uniqueBlobs(manifest);
   for (const b of blobs) {
