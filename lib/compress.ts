@@ -21,6 +21,7 @@ import { join, resolve } from "node:path";
 import { onInterrupt } from "./cleanup.ts";
 import { createDigester, type Digester, IO_CHUNK } from "./digest.ts";
 import { fail, SardeError } from "./errors.ts";
+import { osReason } from "./fsutil.ts";
 import { debug } from "./log.ts";
 
 // ------------------------------------------------------------------------------------------------
@@ -132,12 +133,8 @@ export function asSardeError(
     return err instanceof SardeError && err.kind === "interrupted" ? err : interrupted(err);
   }
   if (err instanceof SardeError) return err;
-  if (err instanceof Deno.errors.NotFound) {
-    return new SardeError("not-found", `${what}: ${(err as Error).message}`, { cause: err });
-  }
-  return new SardeError("io", `${what}: ${err instanceof Error ? err.message : String(err)}`, {
-    cause: err,
-  });
+  const kind = err instanceof Deno.errors.NotFound ? "not-found" : "io";
+  return new SardeError(kind, `${what}: ${osReason(err)}`, { cause: err });
 }
 
 /**
@@ -723,19 +720,24 @@ class PieceSink {
   constructor(private readonly job: Job, private readonly chunkSize: number) {}
 
   async write(data: Uint8Array): Promise<void> {
-    let off = 0;
-    while (off < data.length) {
-      if (!this.#file) {
-        this.#path = this.job.temp("gz");
-        this.#file = await Deno.open(this.#path, { write: true, createNew: true });
-        this.#hash = createDigester();
+    try {
+      let off = 0;
+      while (off < data.length) {
+        if (!this.#file) {
+          this.#path = this.job.temp("gz");
+          this.#file = await Deno.open(this.#path, { write: true, createNew: true });
+          this.#hash = createDigester();
+        }
+        const room = this.chunkSize > 0 ? this.chunkSize - this.#hash!.size : Infinity;
+        const part = data.subarray(off, off + Math.min(room, data.length - off));
+        await writeAll(this.#file, part);
+        this.#hash!.update(part);
+        off += part.length;
+        if (this.#hash!.size === this.chunkSize) this.#close();
       }
-      const room = this.chunkSize > 0 ? this.chunkSize - this.#hash!.size : Infinity;
-      const part = data.subarray(off, off + Math.min(room, data.length - off));
-      await writeAll(this.#file, part);
-      this.#hash!.update(part);
-      off += part.length;
-      if (this.#hash!.size === this.chunkSize) this.#close();
+    } catch (err) {
+      // The piece written is named, not the file compressed (a full store, not a bad disk).
+      throw fail("io", `cannot write ${this.#path}: ${osReason(err)}`);
     }
   }
 

@@ -62,13 +62,13 @@ export async function writeFileAtomic(
     if (options.mode !== undefined) await Deno.chmod(tmp, options.mode);
   } catch (err) {
     await Deno.remove(tmp).catch(() => {});
-    throw fail("io", `cannot write ${path}: ${(err as Error).message}`);
+    throw fail("io", `cannot write ${path}: ${osReason(err)}`);
   }
   try {
     await Deno.rename(tmp, path);
   } catch (err) {
     await Deno.remove(tmp).catch(() => {});
-    throw fail("io", `cannot write ${path}: ${(err as Error).message}`);
+    throw fail("io", `cannot write ${path}: ${osReason(err)}`);
   }
   await syncDir(dirname(path));
 }

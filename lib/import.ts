@@ -37,6 +37,7 @@ import {
   exists,
   freeBytes,
   lockFile,
+  osReason,
   syncDir,
   touch,
   writeFileAtomic,
@@ -146,7 +147,7 @@ async function readMarker(folder: string): Promise<Marker | undefined> {
     text = await Deno.readTextFile(join(folder, IMPORT_MARKER));
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) return undefined;
-    throw fail("io", `cannot read ${join(folder, IMPORT_MARKER)}: ${(err as Error).message}`);
+    throw fail("io", `cannot read ${join(folder, IMPORT_MARKER)}: ${osReason(err)}`);
   }
   try {
     const m = JSON.parse(text);

@@ -69,7 +69,7 @@ export async function openLayout(
   try {
     await Deno.mkdir(join(dir, "blobs", "sha256"), { recursive: true });
   } catch (err) {
-    throw fail("io", `cannot create ${dir}: ${(err as Error).message}`);
+    throw fail("io", `cannot create ${dir}: ${osReason(err)}`);
   }
   if (!await exists(join(dir, LAYOUT_FILE))) {
     await writeFileAtomic(join(dir, LAYOUT_FILE), JSON.stringify({ imageLayoutVersion: "1.0.0" }));
@@ -244,7 +244,7 @@ export async function readBlob(
         "fetch the image again",
       );
     }
-    throw fail("io", `cannot read ${path}: ${(err as Error).message}`);
+    throw fail("io", `cannot read ${path}: ${osReason(err)}`);
   }
   if (digestOf(bytes) !== digest) {
     throw fail(
@@ -399,7 +399,7 @@ export async function createBlobWriter(
         await syncDir(join(layout.dir, "blobs", "sha256"));
       } catch (err) {
         await abort();
-        throw fail("io", `cannot store blob ${expected.digest}: ${(err as Error).message}`);
+        throw fail("io", `cannot store blob ${expected.digest} as ${final}: ${osReason(err)}`);
       }
       done = true;
       unregister();
@@ -483,7 +483,7 @@ export async function readIndex(layout: Layout): Promise<ImageIndex> {
   try {
     bytes = await Deno.readFile(path);
   } catch (err) {
-    throw fail("io", `cannot read ${path}: ${(err as Error).message}`);
+    throw fail("io", `cannot read ${path}: ${osReason(err)}`);
   }
   return parseIndex(bytes, path);
 }

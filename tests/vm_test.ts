@@ -582,15 +582,24 @@ Deno.test({
     try {
       // Export into a store with room for the small disk only.
       await mount("4m");
-      const ex = await sarde(["export", "-d", small, vm.name, ref], { env });
-      assert.equal(ex.code, 1, ex.stderr);
-      assert.match(ex.stderr, new RegExp(`cannot write ${small}/\\S+: no space left on device`));
-      oneLine(ex.stderr.slice(ex.stderr.indexOf("error:")));
-      assert.deepEqual(
-        (await listFiles(small)).filter((f) => f.includes("/blobs/sha256/.")),
-        [],
-        "no temp files left",
-      );
+      for (const compression of ["zstd", "gzip"]) {
+        const ex = await sarde(
+          ["export", "-d", small, "--compression", compression, vm.name, ref],
+          { env },
+        );
+        assert.equal(ex.code, 1, ex.stderr);
+        assert.match(
+          ex.stderr,
+          new RegExp(`cannot write ${small}/\\S+/blobs/sha256/\\S+: no space left on device`),
+          compression,
+        );
+        oneLine(ex.stderr.slice(ex.stderr.indexOf("error:")));
+        assert.deepEqual(
+          (await listFiles(small)).filter((f) => f.includes("/blobs/sha256/.")),
+          [],
+          `${compression}: no temp files left`,
+        );
+      }
       await run("umount", [small], { check: true });
 
       // Import into a VM folder that has the room when the pull checks, and none when it writes.
