@@ -4,7 +4,7 @@
  * @module
  */
 
-import { fail } from "./errors.ts";
+import { fail, SardeError } from "./errors.ts";
 import { descriptorTag, readBlob, readIndex, useLayout } from "./layout.ts";
 import { warn } from "./log.ts";
 import { isIndexMediaType, MediaType, parseManifest } from "./oci.ts";
@@ -40,7 +40,10 @@ export async function listImages(ocidir: string, stateOf?: StateLookup): Promise
   const entries: ImageEntry[] = [];
   for (const { name, dir } of await findLayouts(ocidir)) {
     // Read while no `sarde rm` or `prune` is removing it (it is then gone, not broken).
-    using _use = await useLayout({ dir }).catch(() => undefined);
+    using _use = await useLayout({ dir }).catch((err) => {
+      if (err instanceof SardeError && err.kind === "not-found") return undefined;
+      throw err;
+    });
     if (!_use) continue;
     let index;
     try {

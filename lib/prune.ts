@@ -10,7 +10,7 @@
 import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
-import { fail, SardeError } from "./errors.ts";
+import { describeError, fail, SardeError } from "./errors.ts";
 import { checkDir, exists, type FileLock, osReason, tryLockFile } from "./fsutil.ts";
 import { IMPORT_MARKER, vmLockPath } from "./import.ts";
 import {
@@ -257,9 +257,12 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
   const layouts = await findLayouts(options.ocidir);
   for (const { dir } of layouts) {
     // Only in layouts no other process uses: every writer holds the use lock while it writes.
-    using lock = await lockLayoutForRemoval({ dir }, { wait: false }).catch(() => undefined);
+    using lock = await unusedLayout({ dir }).catch((err) => {
+      debug(describeError(err));
+      return undefined;
+    });
     if (!lock) {
-      debug(`${dir} is in use; its temp files stay`);
+      debug(`${dir} is in use (or not ours to lock); its temp files stay`);
       continue;
     }
     const files = await layoutLeftovers({ dir });
@@ -288,12 +291,11 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
       lastUsed,
       bytes: await layoutUsage(layout),
       remove: async () => {
-        using lock = await lockLayoutForRemoval(layout, { wait: false }).catch(() => undefined);
-        if (!lock) {
-          info(`kept ${what}: another sarde process is using it`);
-          return false;
+        using lock = await unusedLayout(layout);
+        if (!lock || !await isLayout(dir)) {
+          if (await isLayout(dir)) info(`kept ${what}: another sarde process is using it`);
+          return false; // in use, or removed meanwhile
         }
-        if (!await isLayout(dir)) return false; // removed meanwhile
         if ((await lastUse(join(dir, "index.json")) ?? 0) > lastUsed) {
           info(`kept ${what}: it was used just now`);
           return false;
@@ -343,6 +345,16 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
     if (removed.length > before) total -= c.bytes;
   }
   return removed;
+}
+
+/** The layout's removal lock if no other process uses it; undefined if in use or gone. */
+async function unusedLayout(layout: Layout): Promise<FileLock | undefined> {
+  try {
+    return await lockLayoutForRemoval(layout, { wait: false });
+  } catch (err) {
+    if (err instanceof SardeError && err.kind === "not-found") return undefined;
+    throw err;
+  }
 }
 
 /** When a file was last used (read or written), or undefined if it is gone. */
