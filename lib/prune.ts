@@ -47,13 +47,28 @@ export interface Removed {
   bytes: number;
 }
 
-async function diskUsage(path: string): Promise<number> {
+/** Bytes `path` takes on disk; what vanishes meanwhile (another process at work) counts 0. */
+async function diskUsage(
+  path: string,
+  counts = (_name: string, _isDir: boolean) => true,
+): Promise<number> {
   let total = 0;
   const walk = async (p: string) => {
     const st = await Deno.lstat(p).catch(() => undefined);
     if (!st) return;
-    if (st.isDirectory) { for await (const e of Deno.readDir(p)) await walk(join(p, e.name)); }
-    else total += (st.blocks ?? Math.ceil(st.size / 512)) * 512;
+    if (!st.isDirectory) {
+      total += (st.blocks ?? Math.ceil(st.size / 512)) * 512;
+      return;
+    }
+    const entries: Deno.DirEntry[] = [];
+    try {
+      for await (const e of Deno.readDir(p)) entries.push(e);
+    } catch (err) {
+      ignoreNotFound(err);
+    }
+    for (const e of entries) {
+      if (p !== path || counts(e.name, e.isDirectory)) await walk(join(p, e.name));
+    }
   };
   await walk(path);
   return total;
@@ -63,12 +78,8 @@ async function diskUsage(path: string): Promise<number> {
  * Disk usage of a layout's own files: a layout folder can hold another repository's layout
  * (`a/b` and `a/b/c`), which is not counted.
  */
-async function layoutUsage(layout: Layout): Promise<number> {
-  let total = 0;
-  for await (const e of Deno.readDir(layout.dir)) {
-    if (!e.isDirectory || e.name === "blobs") total += await diskUsage(join(layout.dir, e.name));
-  }
-  return total;
+function layoutUsage(layout: Layout): Promise<number> {
+  return diskUsage(layout.dir, (name, isDir) => !isDir || name === "blobs");
 }
 
 /** Deletes blobs no manifest of the layout refers to (and stale partial files). Lock held. */
