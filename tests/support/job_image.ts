@@ -9,7 +9,12 @@
  * // img.image        127.0.0.1:PORT/sardines/tiny:latest       (root / sarde, ssh on 22)
  * // img.badPortImage 127.0.0.1:PORT/sardines/tiny-deaf:latest  (vmconfig says ssh on 2222)
  * // img.noUserImage  127.0.0.1:PORT/sardines/tiny-nouser:latest (no users in the vmconfig)
+ * // img.userImage    127.0.0.1:PORT/sardines/tiny-ci:latest     (ci / sarde, a non-root user)
  * ```
+ *
+ * The image's disk is the guest's root disk plus the user {@link GUEST_USER} (uid 1000, its own
+ * home `/home/ci`, bash, password {@link GUEST_PASSWORD}), added with `debugfs`: jobs of the
+ * `tiny-ci` image run as that user, like a CI runner's usual non-root account.
  *
  * The source domain has no `<interface>` and no `<qemu:commandline>` (an image may not carry
  * raw QEMU arguments; the executor adds networking itself), boots the guest's kernel directly
@@ -44,6 +49,8 @@ export interface JobImages {
   badPortImage: string;
   /** `HOST/sardines/tiny-nouser:latest`: same VM, vmconfig with services only (no users). */
   noUserImage: string;
+  /** `HOST/sardines/tiny-ci:latest`: same VM, users `[{ci, sarde}]` (not root; home /home/ci). */
+  userImage: string;
   /** Image ID (`sha256:…`, the config digest) of each reference, as printed by `sarde export`. */
   imageIds: Record<string, string>;
   /** The vmconfig JSON stored in each image. */
@@ -52,7 +59,7 @@ export interface JobImages {
   guest: GuestFiles;
   /** Root password of the guest (what `image`'s vmconfig says). */
   password: string;
-  /** Milliseconds spent building (guest build + define + 3 exports + 3 pushes). */
+  /** Milliseconds spent building (guest build + user + define + 4 exports + 4 pushes). */
   buildMs: number;
   /** Stops the registry (and forgets the cache, so the next call builds again). Idempotent. */
   dispose(): Promise<void>;
@@ -60,8 +67,14 @@ export interface JobImages {
 
 const SSH_SERVICE = { service: "ssh", port: 22, protocol: "tcp" };
 
+/** The non-root user of the job images' disk (uid 1000, home `/home/ci`, password `sarde`). */
+export const GUEST_USER = "ci";
+
 /** The vmconfig of each image (by repository name under `sardines/`). */
-export const JOB_IMAGE_VMCONFIGS: Record<"tiny" | "tiny-deaf" | "tiny-nouser", unknown> = {
+export const JOB_IMAGE_VMCONFIGS: Record<
+  "tiny" | "tiny-deaf" | "tiny-nouser" | "tiny-ci",
+  unknown
+> = {
   "tiny": {
     users: [{ username: "root", password: GUEST_PASSWORD }],
     services: [SSH_SERVICE],
@@ -73,7 +86,45 @@ export const JOB_IMAGE_VMCONFIGS: Record<"tiny" | "tiny-deaf" | "tiny-nouser", u
   "tiny-nouser": {
     services: [SSH_SERVICE],
   },
+  "tiny-ci": {
+    users: [{ username: GUEST_USER, password: GUEST_PASSWORD }],
+    services: [SSH_SERVICE],
+  },
 };
+
+/**
+ * Adds {@link GUEST_USER} to the ext4 file system in the raw disk `raw` with `debugfs`: lines in
+ * /etc/passwd, /etc/shadow and /etc/group, and its home folder. `work` holds the edited files.
+ */
+async function addGuestUser(raw: string, work: string): Promise<void> {
+  const u = GUEST_USER;
+  const hash = (await run("openssl", ["passwd", "-6", GUEST_PASSWORD], { check: true })).stdout
+    .trim();
+  const lines: Record<string, [string, string]> = {
+    passwd: [`${u}:x:1000:1000:${u}:/home/${u}:/bin/bash`, "0100644"],
+    shadow: [`${u}:${hash}:19000:0:99999:7:::`, "0100600"],
+    group: [`${u}:x:1000:`, "0100644"],
+  };
+  const cmds: string[] = [];
+  for (const [file, [line, mode]] of Object.entries(lines)) {
+    const text = (await run("debugfs", ["-R", `cat /etc/${file}`, raw], { check: true })).stdout;
+    const local = join(work, file);
+    await Deno.writeTextFile(local, text.trimEnd() + `\n${line}\n`);
+    const path = `/etc/${file}`;
+    cmds.push(`rm ${path}`, `write ${local} ${path}`, `sif ${path} mode ${mode}`);
+    cmds.push(`sif ${path} uid 0`, `sif ${path} gid 0`);
+  }
+  const home = `/home/${u}`;
+  cmds.push(`mkdir ${home}`, `sif ${home} mode 040755`, `sif ${home} uid 1000`);
+  cmds.push(`sif ${home} gid 1000`);
+  await run("debugfs", ["-w", "-f", "-", raw], { check: true, stdin: cmds.join("\n") + "\n" });
+  // debugfs goes on after a failed command: check what counts.
+  const passwd = (await run("debugfs", ["-R", "cat /etc/passwd", raw])).stdout;
+  const stat = (await run("debugfs", ["-R", `stat ${home}`, raw])).stdout;
+  if (!passwd.includes(`\n${u}:x:1000:`) || !/User:\s+1000\b/.test(stat)) {
+    throw new Error(`adding ${u} to ${raw} failed:\n${passwd}\n${stat}`);
+  }
+}
 
 let building: Promise<JobImages> | undefined;
 
@@ -149,10 +200,14 @@ async function buildJobImages(): Promise<JobImages> {
     work = await tempDir("jobimage");
     const rootDisk = join(vmDir, "root.qcow2");
     // A full copy, not an overlay: the exported image is self-contained either way, but a copy
-    // keeps the image independent of later rebuilds of the guest.
-    await run("qemu-img", ["convert", "-f", "qcow2", "-O", "qcow2", guest.rootfs, rootDisk], {
+    // keeps the image independent of later rebuilds of the guest. Raw in between, for debugfs.
+    const raw = join(work, "root.raw");
+    await run("qemu-img", ["convert", "-f", "qcow2", "-O", "raw", guest.rootfs, raw], {
       check: true,
     });
+    await addGuestUser(raw, work);
+    await run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, rootDisk], { check: true });
+    await Deno.remove(raw);
     await Deno.chmod(rootDisk, 0o644);
     await virshDefine(
       jobImageDomainXml({
@@ -196,6 +251,7 @@ async function buildJobImages(): Promise<JobImages> {
       image: images["tiny"],
       badPortImage: images["tiny-deaf"],
       noUserImage: images["tiny-nouser"],
+      userImage: images["tiny-ci"],
       imageIds,
       vmconfigs: Object.fromEntries(
         Object.entries(JOB_IMAGE_VMCONFIGS).map(([repo, c]) => [images[repo], c]),

@@ -116,7 +116,10 @@ export interface JobResult {
   /** Stage/executable whose failure decided the outcome. */
   failedStage?: string;
   jobId: number;
-  /** The VM name the executor contract implies: `sarde-job-<short token>-<job id>`. */
+  /**
+   * The job VM's name as the executor reported it: `hostname` of the last config call that
+   * printed one (empty when none did).
+   */
   vmName: string;
   runnerShortToken: string;
   /** The fake CI_JOB_TOKEN (also CI_REGISTRY_PASSWORD, inside CI_REPOSITORY_URL). */
@@ -164,6 +167,7 @@ export interface JobTimings {
 /** What hooks get. */
 export interface JobContext {
   jobId: number;
+  /** The job VM's name so far (see {@link JobResult.vmName}). */
   vmName: string;
   tmpDir: string;
   config?: ConfigOutput;
@@ -267,6 +271,12 @@ export interface RunJobOptions {
   beforeCleanup?: (ctx: JobContext) => void | Promise<void>;
   /** Called after every call. */
   afterCall?: (call: CallResult, ctx: JobContext) => void | Promise<void>;
+  /** Called with each piece of a call's output as it arrives (to react while a call runs). */
+  onOutput?: (
+    call: { kind: CallKind; stage: string },
+    stream: "stdout" | "stderr",
+    text: string,
+  ) => void;
   /** Keep hook errors in `hookErrors` instead of re-throwing the first one. */
   collectHookErrors?: boolean;
   /** Keep the job's TMPDIRs (normally removed after cleanup, like the runner does). */
@@ -787,7 +797,7 @@ export async function runJob(opts: RunJobOptions = {}): Promise<JobResult> {
     for (const v of maskValues) out = out.split(v).join("[MASKED]");
     return out;
   };
-  const vmName = `sarde-job-${shortToken}-${jobId}`.replace(/[^A-Za-z0-9_.-]/g, "_");
+  let vmName = "";
 
   const calls: CallResult[] = [];
   const hookErrors: unknown[] = [];
@@ -876,6 +886,7 @@ export async function runJob(opts: RunJobOptions = {}): Promise<JobResult> {
       jobStart,
       scriptPath: extra.scriptPath,
       script: extra.script,
+      onOutput: opts.onOutput && ((stream, text) => opts.onOutput!({ kind, stage }, stream, text)),
     });
     if (res.terminated === "cancel") cancelled = true;
     calls.push(res);
@@ -946,6 +957,7 @@ export async function runJob(opts: RunJobOptions = {}): Promise<JobResult> {
     else {
       try {
         config = parseConfigOutput(cfgCall.stdout);
+        vmName = config.hostname || vmName;
       } catch (e) {
         err = {
           kind: "system",
