@@ -18,13 +18,13 @@ import {
 import {
   cleanupStage,
   configStage,
+  destroyJobVm,
   exitCodes,
-  jobSettings,
+  isJobFault,
   prepareStage,
   reportFailure,
   runStage,
 } from "./lib/executor.ts";
-import { destroy, domainExists } from "./lib/libvirt.ts";
 import { error, setVerbosity } from "./lib/log.ts";
 import { VERSION } from "./lib/version.ts";
 
@@ -42,11 +42,10 @@ or $GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES.
 `;
 
 /** Destroys the job VM when the runner cancels the job (SIGTERM), so nothing keeps running. */
-async function destroyOnInterrupt(env: Record<string, string | undefined>): Promise<() => void> {
-  const s = await jobSettings(env);
+function destroyOnInterrupt(env: Record<string, string | undefined>): () => void {
   return onInterrupt(async () => {
-    if (await domainExists(s.vmName, s.connect)) await destroy(s.vmName, s.connect);
-    error(`job cancelled: destroyed the job VM ${s.vmName}`);
+    const vm = await destroyJobVm(env);
+    if (vm) error(`job cancelled: destroyed the job VM ${vm}`);
   });
 }
 
@@ -82,13 +81,14 @@ export async function main(
         );
         return 0;
       case "prepare": {
-        await destroyOnInterrupt(env);
+        destroyOnInterrupt(env);
         try {
           await prepareStage(env, interruptSignal);
         } catch (err) {
           reportFailure(err);
           await cleanupStage(env).catch(() => {});
-          return codes.system;
+          // The job's own mistakes (image) fail the job at once; the runner retries the rest.
+          return isJobFault(err) ? codes.build : codes.system;
         }
         return 0;
       }
@@ -99,7 +99,7 @@ export async function main(
         }
         const [script, name] = args.slice(-2);
         let child: Deno.ChildProcess | undefined;
-        const unregister = await destroyOnInterrupt(env);
+        const unregister = destroyOnInterrupt(env);
         onInterrupt(() => {
           try {
             child?.kill("SIGTERM");

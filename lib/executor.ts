@@ -4,17 +4,20 @@
  * Stages (GitLab's custom executor contract): `config` prints JSON; `prepare` pulls the job's
  * image through the locked cache, clones and boots a transient VM and waits for SSH; `run`
  * streams GitLab's script into `bash` in the guest; `cleanup` destroys the VM and its overlays.
- * Failures of our own making exit with `SYSTEM_FAILURE_EXIT_CODE`, failures of the job's script
- * with `BUILD_FAILURE_EXIT_CODE` (the script's code in `BUILD_EXIT_CODE_FILE`).
+ * Failures of our own making exit with `SYSTEM_FAILURE_EXIT_CODE`; failures of the job's script,
+ * and job-author mistakes in prepare (image missing, refused or unknown), exit with
+ * `BUILD_FAILURE_EXIT_CODE` (the script's code in `BUILD_EXIT_CODE_FILE`).
  *
- * State between stages lives in the job VM's folder (`job.json`, the pinned `known_hosts`); no
- * secret is written there: passwords are read again from the image or the INI in each stage.
+ * Identity: the job id comes from the runner's `JOB_RESPONSE_FILE` (job variables can shadow
+ * `CUSTOM_ENV_CI_JOB_ID`), and the VM's name, with a random part, is kept in the runner's per-job
+ * TMPDIR, which only this job's stages see. State between stages lives in the job VM's folder
+ * (`job.json`, the pinned `known_hosts`); no secret is written there: passwords are read again
+ * from the image or the INI in each stage.
  *
  * @module
  */
 
-import { freePort } from "./net.ts";
-import { join } from "node:path";
+import { isAbsolute, join } from "node:path";
 import { cloneVm } from "./clone.ts";
 import {
   executorConfig,
@@ -38,19 +41,21 @@ import {
   domainState,
   hypervisorVersion,
   libvirtVersion,
-  listDomains,
   undefine,
 } from "./libvirt.ts";
 import { error, info, warn } from "./log.ts";
+import { DEFAULT_RESPONSE_TIMEOUT_MS } from "./http.ts";
+import { freePort } from "./net.ts";
+import { pullImage } from "./pull.ts";
 import { parseReference } from "./reference.ts";
-import { sleep } from "./retry.ts";
+import { defaultRetryPolicy, sleep } from "./retry.ts";
 import { sshRun, type SshTarget, waitForSsh } from "./ssh.ts";
 import { defaultOcidir } from "./store.ts";
 import { transportFor } from "./tls.ts";
+import { readLocalManifest } from "./transfer.ts";
 import { VERSION } from "./version.ts";
-import { fetchImage, readLocalManifest } from "./transfer.ts";
 
-/** Job VMs are named `sarde-job-<runner>-<job id>`; the prefix finds them for reaping. */
+/** Job VMs are named `sarde-job-<job id>-<random>`; the prefix finds them for reaping. */
 export const JOB_VM_PREFIX = "sarde-job-";
 const PULL_POLICIES = ["if-not-present", "always", "never"] as const;
 type PullPolicy = (typeof PULL_POLICIES)[number];
@@ -58,22 +63,30 @@ type PullPolicy = (typeof PULL_POLICIES)[number];
 /** The environment a stage runs in (the runner's variables). */
 export type Env = Record<string, string | undefined>;
 
-/** Everything a stage needs, from the INI files (per image) and the runner's environment. */
+/** Everything a stage needs, from the INI files (per image) and the runner's job response. */
 export interface JobSettings {
+  /** The job's id, from the runner's job response file (job variables cannot forge it). */
+  jobId: number;
   image?: string;
-  vmName: string;
+  /** The pull policy the job asks for (`image: pull_policy:`), if any. */
+  jobPullPolicy?: string;
   connect: ConnectOptions;
   ocidir: string;
   vmdir: string;
   clonedir: string;
-  jobDir: string;
   timeoutMs: number;
+  /** `response-timeout`: how long one registry request may wait for an answer. */
+  responseTimeoutMs?: number;
+  /** `retry-timeout`: how long a registry request is retried in all. */
+  retryTimeoutMs?: number;
   prepareScript?: string;
   username?: string;
   password?: string;
   identityFile?: string;
-  buildsDir: string;
-  cacheDir: string;
+  /** `guest-builds-dir`; unset: the runner's own `builds_dir`. */
+  buildsDir?: string;
+  /** `guest-cache-dir`; unset: the runner's own `cache_dir`. */
+  cacheDir?: string;
   allowedImages?: string[];
   pullPolicies: PullPolicy[];
   network: "user" | "libvirt";
@@ -86,57 +99,78 @@ export interface JobSettings {
   certDir?: string;
 }
 
-/** What prepare leaves for run and cleanup in the job folder. */
+/** What prepare leaves for run, cleanup and the reaper in the job VM's folder. */
 interface JobState {
   vm: string;
+  jobId: number;
   image: string;
-  host: string;
-  port: number;
-  user: string;
+  /** The runner's per-job TMPDIR: the job is over once the runner removed it. */
+  tmpDir: string;
+  host?: string;
+  port?: number;
+  user?: string;
   createdAt: number;
 }
 
-function jobImage(env: Env): string | undefined {
-  // The job response file cannot be shadowed by job variables, unlike CUSTOM_ENV_CI_JOB_IMAGE.
+const MAX_JOB_AGE_MS = 24 * 3600_000;
+
+/**
+ * Errors the job's author made (no or a refused image, a bad reference, a pull policy the runner
+ * does not allow, an image the registry does not have): build failures, which the runner does
+ * not retry, rather than system failures.
+ */
+const jobFaults = new WeakSet<object>();
+
+function jobFault(err: SardeError): SardeError {
+  jobFaults.add(err);
+  return err;
+}
+
+/** Whether `err` is the job's fault (exit `BUILD_FAILURE_EXIT_CODE`), not the runner's. */
+export function isJobFault(err: unknown): boolean {
+  return typeof err === "object" && err !== null && jobFaults.has(err);
+}
+
+/** What the runner's job response file says about the job. */
+interface JobResponse {
+  id: number;
+  image?: string;
+  pullPolicy?: string;
+}
+
+/**
+ * Reads `JOB_RESPONSE_FILE`, which the runner writes (mode 0600) from GitLab's answer: unlike
+ * `CUSTOM_ENV_*`, which job variables can shadow (`variables: {CI_JOB_ID: …}`), it cannot be
+ * forged by the job. Without it the job's identity is unknown, and nothing is trusted instead.
+ */
+function readJobResponse(env: Env): JobResponse {
   const file = env.JOB_RESPONSE_FILE;
-  if (file) {
-    try {
-      const name = JSON.parse(Deno.readTextFileSync(file))?.image?.name;
-      if (typeof name === "string" && name.trim()) return name.trim();
-    } catch { /* fall back to the variable */ }
+  const hint = "gitlab-runner 14.1 or later writes it; job variables are not trusted for this";
+  if (!file) throw fail("io", "JOB_RESPONSE_FILE is not set: cannot tell which job this is", hint);
+  let doc: Record<string, unknown>;
+  try {
+    doc = JSON.parse(Deno.readTextFileSync(file));
+  } catch (err) {
+    throw fail("io", `cannot read the job response file ${file}: ${describeError(err)}`, hint);
   }
-  const v = env.CUSTOM_ENV_CI_JOB_IMAGE ?? env.CI_JOB_IMAGE;
-  return v?.trim() || undefined;
-}
-
-function jobPullPolicy(env: Env): string | undefined {
-  const file = env.JOB_RESPONSE_FILE;
-  if (file) {
-    try {
-      const p = JSON.parse(Deno.readTextFileSync(file))?.image?.pull_policy;
-      if (Array.isArray(p) && typeof p[0] === "string") return p[0];
-      if (typeof p === "string") return p;
-    } catch { /* no policy from the job */ }
+  const id = typeof doc?.id === "string" && /^\d+$/.test(doc.id) ? Number(doc.id) : doc?.id;
+  if (typeof id !== "number" || !Number.isSafeInteger(id) || id <= 0) {
+    throw fail("io", `the job response file ${file} has no job id`, hint);
   }
-  return env.CUSTOM_ENV_SARDE_PULL_POLICY?.trim() || undefined;
+  const image = doc.image as { name?: unknown; pull_policy?: unknown } | undefined;
+  const name = typeof image?.name === "string" ? image.name.trim() : "";
+  const p = image?.pull_policy;
+  const pullPolicy = Array.isArray(p) ? p[0] : p;
+  return {
+    id,
+    image: name || undefined,
+    pullPolicy: typeof pullPolicy === "string" ? pullPolicy : undefined,
+  };
 }
 
-/** The job VM's name: unique per runner and job, and recognisable for reaping. */
-export function jobVmName(env: Env): string {
-  const runner = env.CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN || env.CUSTOM_ENV_CI_RUNNER_ID || "runner";
-  const job = env.CUSTOM_ENV_CI_JOB_ID ?? env.CI_JOB_ID;
-  if (!job) throw fail("usage", "no job id (CUSTOM_ENV_CI_JOB_ID) in the environment");
-  return `${JOB_VM_PREFIX}${runner}-${job}`.replace(/[^A-Za-z0-9_.-]/g, "_");
-}
-
-/** Reads the INI files and the environment into {@link JobSettings}. */
-export async function jobSettings(env: Env): Promise<JobSettings> {
-  let image = jobImage(env);
-  const ini = await executorConfig(image);
-  image = getString(ini, "image") || image;
-  const vmName = jobVmName(env);
+/** The INI values of the executor as {@link JobSettings} (without the job's own values). */
+function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "jobPullPolicy"> {
   const vmdir = getPath(ini, "vmdir") ?? defaultVmdir();
-  const clonedir = getPath(ini, "clonedir") ?? vmdir;
   const policies = (getList(ini, "pull-policy") ?? ["if-not-present"]).map((p) => p.toLowerCase());
   for (const p of policies) {
     if (!(PULL_POLICIES as readonly string[]).includes(p)) {
@@ -151,25 +185,25 @@ export async function jobSettings(env: Env): Promise<JobSettings> {
     throw fail("usage", `invalid network '${network}' in the executor INI (user or libvirt)`);
   }
   return {
-    image,
-    vmName,
+    image: getString(ini, "image") || undefined,
     connect: { uri: getString(ini, "connect") || undefined },
     ocidir: getPath(ini, "ocidir") ?? defaultOcidir(),
     vmdir,
-    clonedir,
-    jobDir: join(clonedir, vmName),
+    clonedir: getPath(ini, "clonedir") ?? vmdir,
     timeoutMs: getDuration(ini, "timeout") ?? 300_000,
+    responseTimeoutMs: getDuration(ini, "response-timeout"),
+    retryTimeoutMs: getDuration(ini, "retry-timeout"),
     prepareScript: getPath(ini, "prepare-script"),
     username: getString(ini, "username"),
     password: getString(ini, "password"),
     identityFile: getPath(ini, "identity-file"),
-    buildsDir: getString(ini, "guest-builds-dir") ?? "/builds",
-    cacheDir: getString(ini, "guest-cache-dir") ?? "/cache",
+    buildsDir: getString(ini, "guest-builds-dir") || undefined,
+    cacheDir: getString(ini, "guest-cache-dir") || undefined,
     allowedImages: getList(ini, "allowed-images"),
     pullPolicies: policies as PullPolicy[],
     network: network === "user" ? "user" : "libvirt",
     networkRestrict: getBoolean(ini, "network-restrict") ?? false,
-    maxJobAgeMs: getDuration(ini, "max-job-age") ?? 24 * 3600_000,
+    maxJobAgeMs: getDuration(ini, "max-job-age") ?? MAX_JOB_AGE_MS,
     domainType: getString(ini, "domain-type") || undefined,
     authfile: getPath(ini, "authfile"),
     insecure: getBoolean(ini, "insecure"),
@@ -178,21 +212,92 @@ export async function jobSettings(env: Env): Promise<JobSettings> {
   };
 }
 
+/** Reads the job response file and the INI files into {@link JobSettings}. */
+export async function jobSettings(env: Env): Promise<JobSettings> {
+  const job = readJobResponse(env);
+  const s = iniSettings(await executorConfig(job.image));
+  return { ...s, image: s.image ?? job.image, jobId: job.id, jobPullPolicy: job.pullPolicy };
+}
+
+/** File in the runner's per-job TMPDIR naming the VM this job owns. */
+const VM_NAME_FILE = ".sarde-job-vm";
+const VM_NAME = /^sarde-job-\d+-[0-9a-f]{16}$/;
+
+/**
+ * The runner's per-job TMPDIR, where this job's VM name is kept. It must be a folder only this
+ * user can write (the runner makes it with mode 0700 and removes it after cleanup), so that
+ * nobody else can plant a name there.
+ */
+async function jobTmpDir(env: Env): Promise<string> {
+  const dir = env.TMPDIR;
+  const hint = "gitlab-runner gives every job its own TMPDIR (mode 0700)";
+  if (!dir || !isAbsolute(dir)) throw fail("io", "TMPDIR is not the runner's per-job folder", hint);
+  let st: Deno.FileInfo;
+  try {
+    st = await Deno.lstat(dir);
+  } catch (err) {
+    throw fail("io", `cannot use TMPDIR ${dir}: ${describeError(err)}`, hint);
+  }
+  if (!st.isDirectory || st.uid !== Deno.uid() || ((st.mode ?? 0) & 0o022) !== 0) {
+    throw fail("io", `TMPDIR ${dir} is not a folder only this user can write`, hint);
+  }
+  return dir;
+}
+
+/**
+ * The name of the VM this job owns: `sarde-job-<job id>-<random>`, kept in the runner's per-job
+ * TMPDIR by the first stage that needs it (config, or prepare without a config stage). The random
+ * part makes the name impossible to guess, and since only this job's stages see this TMPDIR, no
+ * other job can name — and so remove, or send scripts to — this job's VM, whatever its variables
+ * say. Returns undefined when no stage made one yet and `jobId` (to make one) is not given.
+ */
+async function ownVmName(env: Env, jobId?: number): Promise<string | undefined> {
+  const file = join(await jobTmpDir(env), VM_NAME_FILE);
+  if (jobId !== undefined) {
+    const random = Array.from(crypto.getRandomValues(new Uint8Array(8)))
+      .map((b) => b.toString(16).padStart(2, "0")).join("");
+    try {
+      await Deno.writeTextFile(file, `${JOB_VM_PREFIX}${jobId}-${random}\n`, {
+        createNew: true,
+        mode: 0o600,
+      });
+    } catch (err) {
+      if (!(err instanceof Deno.errors.AlreadyExists)) {
+        throw fail("io", `cannot write ${file}: ${describeError(err)}`);
+      }
+    }
+  }
+  let name: string;
+  try {
+    name = (await Deno.readTextFile(file)).trim();
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return undefined;
+    throw fail("io", `cannot read ${file}: ${describeError(err)}`);
+  }
+  if (!VM_NAME.test(name)) throw fail("io", `${file} does not name a job VM`);
+  return name;
+}
+
+/** The VM this job owns, named now if no earlier stage did. */
+async function jobVm(env: Env, s: JobSettings): Promise<string> {
+  return (await ownVmName(env, s.jobId))!;
+}
+
 /** Whether the admin's `allowed-images` patterns admit `image` (no list: everything). */
 export function imageAllowed(image: string, patterns: string[] | undefined): boolean {
   return patterns === undefined || patterns.some((p) => fnmatch(p, image));
 }
 
-function choosePolicy(s: JobSettings, env: Env): PullPolicy {
-  const wanted = jobPullPolicy(env)?.toLowerCase();
+function choosePolicy(s: JobSettings): PullPolicy {
+  const wanted = s.jobPullPolicy?.toLowerCase();
   if (!wanted) return s.pullPolicies[0];
   if (!(s.pullPolicies as string[]).includes(wanted)) {
-    throw fail(
+    throw jobFault(fail(
       "usage",
       `the job asks for pull policy '${wanted}', but this runner allows only: ${
         s.pullPolicies.join(", ")
       }`,
-    );
+    ));
   }
   return wanted as PullPolicy;
 }
@@ -254,36 +359,50 @@ async function credentials(
   return { user, password, port };
 }
 
-async function readState(s: JobSettings): Promise<JobState> {
+async function readState(jobDir: string): Promise<JobState> {
   try {
-    return JSON.parse(await Deno.readTextFile(join(s.jobDir, "job.json")));
+    return JSON.parse(await Deno.readTextFile(join(jobDir, "job.json")));
   } catch {
     throw fail(
       "not-found",
-      `no prepared VM for this job (${s.jobDir}/job.json is missing)`,
+      `no prepared VM for this job (${jobDir}/job.json is missing)`,
       "prepare failed or cleanup already ran",
     );
   }
 }
 
+async function writeState(jobDir: string, state: JobState): Promise<void> {
+  await writeFileAtomic(join(jobDir, "job.json"), JSON.stringify(state, null, 2) + "\n");
+}
+
 function target(
   s: JobSettings,
+  jobDir: string,
   state: JobState,
   creds: { user: string; password?: string },
 ): SshTarget {
   return {
-    host: state.host,
-    port: state.port,
+    host: state.host ?? "",
+    port: state.port ?? 22,
     user: creds.user,
     password: creds.password,
     identityFile: s.identityFile,
-    knownHosts: join(s.jobDir, "known_hosts"),
+    knownHosts: join(jobDir, "known_hosts"),
   };
 }
 
-/** Destroys a job VM (transient: gone; persistent: also undefined) and removes its folder. */
-async function removeJobVm(name: string, folder: string, connect: ConnectOptions): Promise<void> {
+/**
+ * Destroys a job VM (transient: gone; persistent: also undefined) and removes its folder.
+ * Returns whether there was anything to remove.
+ */
+async function removeJobVm(
+  name: string,
+  folder: string,
+  connect: ConnectOptions,
+): Promise<boolean> {
+  let found = false;
   if (await domainExists(name, connect)) {
+    found = true;
     await destroy(name, connect).catch((err) => warn(`destroy ${name}: ${describeError(err)}`));
     if (await domainExists(name, connect)) {
       await undefine(name, { ...connect, nvram: true }).catch((err) =>
@@ -291,41 +410,61 @@ async function removeJobVm(name: string, folder: string, connect: ConnectOptions
       );
     }
   }
-  if (await exists(folder)) await Deno.remove(folder, { recursive: true });
+  if (await exists(folder)) {
+    found = true;
+    await Deno.remove(folder, { recursive: true });
+  }
+  return found;
 }
 
-/** Removes job VMs older than `max-job-age` that crashed runners left behind. */
-async function reapOldJobs(s: JobSettings): Promise<void> {
+/**
+ * Removes job VMs (and their folders) that crashed runners or failed cleanups left in clonedir.
+ * A job VM is left behind only when both hold:
+ * - it is older than `max-job-age`, and
+ * - the runner's TMPDIR of its job is gone: the runner removes that folder after the job's
+ *   cleanup, so no stage of that job will come any more. A job that runs longer than
+ *   `max-job-age` still has its TMPDIR and is never touched.
+ * Folders without `job.json` are skipped: not a job's, or a prepare between clone and state.
+ * Job VMs of earlier sarde versions recorded no TMPDIR; they go by age alone, as before.
+ */
+async function reapOldJobs(
+  s: Pick<JobSettings, "clonedir" | "connect" | "maxJobAgeMs">,
+  own?: string,
+): Promise<void> {
   const now = Date.now();
-  let names: string[] = [];
+  const names: string[] = [];
   try {
-    names = (await listDomains({ ...s.connect, all: true })).filter((n) =>
-      n.startsWith(JOB_VM_PREFIX) && n !== s.vmName
-    );
+    for await (const e of Deno.readDir(s.clonedir)) {
+      if (e.isDirectory && e.name.startsWith(JOB_VM_PREFIX) && e.name !== own) names.push(e.name);
+    }
   } catch (err) {
-    warn(`cannot list VMs to reap old jobs: ${describeError(err)}`);
+    if (!(err instanceof Deno.errors.NotFound)) {
+      warn(`cannot look for old job VMs in ${s.clonedir}: ${describeError(err)}`);
+    }
     return;
   }
   for (const name of names) {
     const folder = join(s.clonedir, name);
-    let created = 0;
+    let state: Partial<JobState>;
     try {
-      created = JSON.parse(await Deno.readTextFile(join(folder, "job.json"))).createdAt ?? 0;
+      state = JSON.parse(await Deno.readTextFile(join(folder, "job.json")));
     } catch {
-      continue; // not ours, or still being prepared
+      continue;
     }
-    if (now - created > s.maxJobAgeMs) {
-      info(`removing job VM ${name}, left behind ${Math.round((now - created) / 60000)} min ago`);
-      await removeJobVm(name, folder, s.connect).catch((err) =>
-        warn(`reaping ${name}: ${describeError(err)}`)
-      );
-    }
+    const age = now - (state.createdAt ?? now);
+    if (age <= s.maxJobAgeMs) continue;
+    if (typeof state.tmpDir === "string" && await exists(state.tmpDir)) continue;
+    info(`removing job VM ${name}, left behind ${Math.round(age / 60000)} min ago`);
+    await removeJobVm(name, folder, s.connect).catch((err) =>
+      warn(`reaping ${name}: ${describeError(err)}`)
+    );
   }
 }
 
 /** `config`: the JSON the runner reads (dirs, driver name and versions, shell). */
 export async function configStage(env: Env): Promise<Record<string, unknown>> {
   const s = await jobSettings(env);
+  const vm = await jobVm(env, s);
   let versions = "";
   try {
     const [lv, hv] = await Promise.all([libvirtVersion(s.connect), hypervisorVersion(s.connect)]);
@@ -333,11 +472,12 @@ export async function configStage(env: Env): Promise<Record<string, unknown>> {
   } catch (err) {
     warn(`cannot ask libvirt for its version: ${describeError(err)}`);
   }
+  // Without guest-builds-dir/guest-cache-dir, the runner's builds_dir/cache_dir apply.
   return {
-    builds_dir: s.buildsDir,
-    cache_dir: s.cacheDir,
+    ...(s.buildsDir ? { builds_dir: s.buildsDir } : {}),
+    ...(s.cacheDir ? { cache_dir: s.cacheDir } : {}),
     builds_dir_is_shared: false,
-    hostname: s.vmName,
+    hostname: vm,
     driver: { name: "sarde", version: `${VERSION}${versions}` },
     shell: "bash",
   };
@@ -345,33 +485,17 @@ export async function configStage(env: Env): Promise<Record<string, unknown>> {
 
 const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
-/** `prepare`: pull, clone, boot, wait for SSH, run the admin's prepare script. */
-export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void> {
-  const s = await jobSettings(env);
-  const image = s.image;
-  if (!image) {
-    throw fail(
-      "usage",
-      "the job names no image",
-      "set image: in .gitlab-ci.yml, or image= in the executor INI",
-    );
-  }
+/**
+ * The job image's base VM: imported from the local store, or pulled first (download and import
+ * at once) as the pull policy says. An image the registry does not have is the job's fault.
+ */
+async function baseVm(
+  s: JobSettings,
+  image: string,
+  policy: PullPolicy,
+  signal?: AbortSignal,
+): Promise<string> {
   const ref = parseReference(image);
-  if (!imageAllowed(image, s.allowedImages)) {
-    throw fail(
-      "usage",
-      `image '${image}' is not allowed on this runner`,
-      `allowed-images: ${s.allowedImages!.join(", ")}`,
-    );
-  }
-  const policy = choosePolicy(s, env);
-  await reapOldJobs(s);
-  if (await domainExists(s.vmName, s.connect) || await exists(s.jobDir)) {
-    info(`removing the VM of an earlier attempt of this job`);
-    await removeJobVm(s.vmName, s.jobDir, s.connect);
-  }
-
-  const t0 = Date.now();
   let local = false;
   try {
     await readLocalManifest(s.ocidir, ref);
@@ -380,33 +504,87 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     if (!(err instanceof SardeError) || err.kind !== "not-found") throw err;
   }
   if (policy === "never" && !local) {
-    throw fail("not-found", `${image} is not in the local cache and the pull policy is 'never'`);
+    throw jobFault(
+      fail("not-found", `${image} is not in the local cache and the pull policy is 'never'`),
+    );
   }
-  if (policy === "always" || !local) {
-    info(`pulling ${image} (pull policy ${policy})`);
-    await fetchImage(ref, {
-      ...await transportFor(ref.registry, {
-        insecure: s.insecure,
-        tlsVerify: s.tlsVerify,
-        certDir: s.certDir,
-      }),
-      ocidir: s.ocidir,
-      authfile: s.authfile,
+  const importOptions = { ...s.connect, vmdir: s.vmdir, domainType: s.domainType };
+  if (local && policy !== "always") {
+    return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
+  }
+  info(`pulling ${image} (pull policy ${policy})`);
+  // The pull waits at most `timeout` for the registry: for each answer, and retrying in all. A
+  // download that keeps moving is not cut, however long it takes (the timeout is per piece).
+  let found = false;
+  try {
+    const pulled = await pullImage(ref, {
+      fetch: {
+        ...await transportFor(ref.registry, {
+          insecure: s.insecure,
+          tlsVerify: s.tlsVerify,
+          certDir: s.certDir,
+        }),
+        ocidir: s.ocidir,
+        authfile: s.authfile,
+        responseTimeoutMs: Math.min(
+          s.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS,
+          s.timeoutMs,
+        ),
+        retry: {
+          maxElapsedMs: Math.min(
+            s.retryTimeoutMs ?? defaultRetryPolicy().maxElapsedMs,
+            s.timeoutMs,
+          ),
+        },
+      },
+      import: importOptions,
       signal,
+      onManifest: () => found = true,
     });
+    return pulled.name;
+  } catch (err) {
+    if (!found && err instanceof SardeError && err.kind === "not-found") throw jobFault(err);
+    throw err;
   }
-  const base = await importVm(image, {
-    ...s.connect,
-    ocidir: s.ocidir,
-    vmdir: s.vmdir,
-    domainType: s.domainType,
-    signal,
-  });
+}
+
+/** `prepare`: pull, clone, boot, wait for SSH, run the admin's prepare script. */
+export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void> {
+  const s = await jobSettings(env);
+  const vm = await jobVm(env, s);
+  const jobDir = join(s.clonedir, vm);
+  const image = s.image;
+  if (!image) {
+    throw jobFault(fail(
+      "usage",
+      "the job names no image",
+      "set image: in .gitlab-ci.yml, or image= in the executor INI",
+    ));
+  }
+  try {
+    parseReference(image);
+  } catch (err) {
+    throw err instanceof SardeError ? jobFault(err) : err;
+  }
+  if (!imageAllowed(image, s.allowedImages)) {
+    throw jobFault(fail(
+      "usage",
+      `image '${image}' is not allowed on this runner`,
+      `allowed-images: ${s.allowedImages!.join(", ")}`,
+    ));
+  }
+  const policy = choosePolicy(s);
+  await reapOldJobs(s, vm);
+  // Only a prepare run twice in one TMPDIR finds something here: the name is this job's own.
+  if (await removeJobVm(vm, jobDir, s.connect)) info(`removed the VM of an earlier prepare`);
+
+  const t0 = Date.now();
+  const base = await baseVm(s, image, policy, signal);
   const creds = await credentials(s, image);
   const tPull = Date.now();
 
   const hostPort = s.network === "user" ? freePort() : creds.port;
-  await cloneVm(base.name, s.vmName, {
+  await cloneVm(base, vm, {
     ...s.connect,
     ocidir: s.ocidir,
     vmdir: s.vmdir,
@@ -417,31 +595,32 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
       ? (doc) => userNetworking(doc, hostPort, creds.port, s.networkRestrict)
       : undefined,
   });
+  // At once: the reaper tells a live job from a left-over one by the TMPDIR recorded here.
+  let state: JobState = {
+    vm,
+    jobId: s.jobId,
+    image,
+    tmpDir: await Deno.realPath(await jobTmpDir(env)),
+    createdAt: Date.now(),
+  };
+  await writeState(jobDir, state);
   const tClone = Date.now();
   info(
-    `started job VM ${s.vmName} from ${image} (pull ${seconds(tPull - t0)}, clone+start ${
+    `started job VM ${vm} from ${image} (pull ${seconds(tPull - t0)}, clone+start ${
       seconds(tClone - tPull)
     })`,
   );
 
-  let host = "127.0.0.1";
-  if (s.network !== "user") host = await findAddress(s, signal);
-  const state: JobState = {
-    vm: s.vmName,
-    image,
-    host,
-    port: hostPort,
-    user: creds.user,
-    createdAt: Date.now(),
-  };
-  await writeFileAtomic(join(s.jobDir, "job.json"), JSON.stringify(state, null, 2) + "\n");
-  const t = target(s, state, creds);
+  const host = s.network === "user" ? "127.0.0.1" : await findAddress(s, vm, signal);
+  state = { ...state, host, port: hostPort, user: creds.user };
+  await writeState(jobDir, state);
+  const t = target(s, jobDir, state, creds);
   info(`waiting for SSH on ${host}:${hostPort} as ${creds.user} (timeout ${seconds(s.timeoutMs)})`);
   const waited = await waitForSsh(t, {
     timeoutMs: Math.max(5000, s.timeoutMs - (Date.now() - tClone)),
     signal,
     onWait: (ms, last) => info(`still waiting for SSH after ${seconds(ms)} (${last})`),
-    alive: async () => (await domainState(s.vmName, s.connect)) === "running",
+    alive: async () => (await domainState(vm, s.connect)) === "running",
   });
   info(`SSH is up after ${seconds(waited)}; prepare took ${seconds(Date.now() - t0)}`);
 
@@ -454,7 +633,8 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     }
     info(`running prepare-script ${s.prepareScript}`);
     const q = (v: string | undefined) => `'${(v ?? "").replaceAll("'", "'\\''")}'`;
-    const prologue = `export CI_JOB_ID=${q(env.CUSTOM_ENV_CI_JOB_ID)} CI_JOB_IMAGE=${q(image)} ` +
+    // The job id is the response file's; the project path is informative only (a variable).
+    const prologue = `export CI_JOB_ID=${q(String(s.jobId))} CI_JOB_IMAGE=${q(image)} ` +
       `CI_PROJECT_PATH=${q(env.CUSTOM_ENV_CI_PROJECT_PATH)}\n`;
     const stdin = new Uint8Array([...new TextEncoder().encode(prologue), ...script]);
     const r = await sshRun(t, ["bash", "-s"], { stdin, inherit: true, signal });
@@ -464,18 +644,18 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
   }
 }
 
-async function findAddress(s: JobSettings, signal?: AbortSignal): Promise<string> {
+async function findAddress(s: JobSettings, vm: string, signal?: AbortSignal): Promise<string> {
   const deadline = Date.now() + s.timeoutMs;
   while (Date.now() < deadline) {
     for (const source of ["lease", "arp", "agent"] as const) {
-      const ips = await domainAddresses(s.vmName, source, s.connect);
+      const ips = await domainAddresses(vm, source, s.connect);
       if (ips.length) return ips[0];
     }
     await sleep(1000, signal);
   }
   throw fail(
     "network",
-    `no IP address for ${s.vmName} after ${seconds(s.timeoutMs)}`,
+    `no IP address for ${vm} after ${seconds(s.timeoutMs)}`,
     "does the VM get a DHCP lease from a libvirt network? (or use network = user)",
   );
 }
@@ -494,9 +674,12 @@ export async function runStage(
   hooks: { onSpawn?: (child: Deno.ChildProcess) => void } = {},
 ): Promise<RunOutcome> {
   const s = await jobSettings(env);
-  const state = await readState(s);
-  if ((await domainState(s.vmName, s.connect)) !== "running") {
-    return { kind: "system", message: `the job VM ${s.vmName} is not running any more` };
+  const vm = await ownVmName(env);
+  if (!vm) return { kind: "system", message: "no VM was prepared for this job" };
+  const jobDir = join(s.clonedir, vm);
+  const state = await readState(jobDir);
+  if ((await domainState(vm, s.connect)) !== "running") {
+    return { kind: "system", message: `the job VM ${vm} is not running any more` };
   }
   let script: Uint8Array;
   try {
@@ -508,7 +691,7 @@ export async function runStage(
     };
   }
   const creds = await credentials(s, state.image);
-  const t = target(s, state, creds);
+  const t = target(s, jobDir, state, creds);
   const r = await sshRun(t, ["bash", "-s"], {
     stdin: script,
     inherit: true,
@@ -518,40 +701,54 @@ export async function runStage(
   // 255 is ssh's own failure, 1–6 may be sshpass's (5: password refused, 6: host key changed);
   // a script can exit with those too, so ask the guest whether it still lets us in.
   if (r.code === 255 || (t.password !== undefined && r.code <= 6)) {
-    const alive = (await domainState(s.vmName, s.connect)) === "running" &&
+    const alive = (await domainState(vm, s.connect)) === "running" &&
       (await sshRun(t, ["true"]).catch(() => ({ code: 255 }))).code === 0;
     if (!alive) {
       return {
         kind: "system",
-        message:
-          `lost the connection to the job VM ${s.vmName} during ${stage} (ssh exit ${r.code})`,
+        message: `lost the connection to the job VM ${vm} during ${stage} (ssh exit ${r.code})`,
       };
     }
   }
   return { kind: "build", code: r.code };
 }
 
+/** The settings cleanup can still use when the job's are unreadable: the INI's, or defaults. */
+async function fallbackSettings(): Promise<Omit<JobSettings, "jobId" | "jobPullPolicy">> {
+  try {
+    return iniSettings(await executorConfig());
+  } catch {
+    return iniSettings({});
+  }
+}
+
 /** `cleanup`: destroy the job VM and its overlays; also reap old job VMs. Never fails. */
 export async function cleanupStage(env: Env): Promise<void> {
-  let s: JobSettings;
+  let s: Omit<JobSettings, "jobId" | "jobPullPolicy">;
   try {
     s = await jobSettings(env);
   } catch (err) {
-    // Without usable settings, fall back to the defaults so the VM still goes.
-    warn(`cleanup: ${describeError(err)}; using default folders`);
-    const vmdir = defaultVmdir();
-    const vmName = jobVmName(env);
-    s = {
-      vmName,
-      jobDir: join(vmdir, vmName),
-      clonedir: vmdir,
-      connect: {},
-      maxJobAgeMs: 24 * 3600_000,
-    } as JobSettings;
+    warn(`cleanup: ${describeError(err)}; using the [DEFAULT] settings`);
+    s = await fallbackSettings();
   }
-  await removeJobVm(s.vmName, s.jobDir, s.connect);
-  info(`removed job VM ${s.vmName}`);
-  await reapOldJobs(s);
+  let vm: string | undefined;
+  try {
+    vm = await ownVmName(env);
+  } catch (err) {
+    warn(`cleanup: ${describeError(err)}`);
+  }
+  if (vm && await removeJobVm(vm, join(s.clonedir, vm), s.connect)) info(`removed job VM ${vm}`);
+  await reapOldJobs(s, vm);
+}
+
+/** Destroys this job's VM at once (the job was cancelled); returns its name if there was one. */
+export async function destroyJobVm(env: Env): Promise<string | undefined> {
+  const vm = await ownVmName(env);
+  if (!vm) return undefined;
+  const { connect } = await jobSettings(env).catch(fallbackSettings);
+  if (!await domainExists(vm, connect)) return undefined;
+  await destroy(vm, connect);
+  return vm;
 }
 
 /** Exit codes the runner gave us. */

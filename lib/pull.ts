@@ -19,6 +19,8 @@ export interface PullOptions {
   source?: Reference;
   /** Stops both the download and the import. */
   signal?: AbortSignal;
+  /** Called once the registry has sent the manifest (the image exists), before any blob. */
+  onManifest?: () => void;
 }
 
 /**
@@ -40,6 +42,7 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
     signal,
     target,
     onManifest(image) {
+      options.onManifest?.();
       importing = importImage(image, formatLocalName(target), {
         ...options.import,
         ocidir: options.fetch.ocidir,

@@ -12,7 +12,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { ensureJobImage, type JobImages } from "./support/job_image.ts";
+import { ensureJobImage, GUEST_USER, type JobImages } from "./support/job_image.ts";
 import { run, tempDir } from "./support/images.ts";
 import {
   callOf,
@@ -22,6 +22,7 @@ import {
   runJob,
   type RunJobOptions,
 } from "./support/runner.ts";
+import { startBlackHole, startFaultyProxy } from "./support/registry.ts";
 import { ensureLibvirtd, makeVmDir, removeVmDir, shTry, TEST_URI } from "./support/vms.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -61,8 +62,8 @@ async function filesContaining(needle: string, dirs: string[]): Promise<string[]
   return r.stdout.split("\n").filter(Boolean);
 }
 
-/** A test's own folders and INI. */
-interface Workspace {
+/** A test's own folders and INI, and the jobs run in them; `await using` cleans up. */
+interface Workspace extends AsyncDisposable {
   root: string;
   ini: string;
   ocidir: string;
@@ -72,18 +73,21 @@ interface Workspace {
   env: Record<string, string>;
   /** The job VM's folder. */
   jobDir(job: JobResult | string): string;
-  /** Destroys/undefines every VM of these folders and of `jobs`, removes the folders. */
-  dispose(jobs?: JobResult[]): Promise<void>;
+  /** Runs a job with this INI and {@link jobOptions}' limits; cleaned up with the workspace. */
+  run(o: RunJobOptions): Promise<JobResult>;
+  /** Destroys/undefines every VM of these folders and of the jobs run, removes the folders. */
+  dispose(): Promise<void>;
 }
 
 /**
  * Writes an INI with `[DEFAULT]` (our folders, qemu:///system, user networking, restrict,
  * domain-type qemu, timeout 90s, guest builds/cache dirs, max-job-age 2h) plus `defaults`
- * (extra `key = value` lines for [DEFAULT]) and `sections` (verbatim text appended).
+ * (extra `key = value` lines for [DEFAULT]; `undefined` leaves a key out) and `sections`
+ * (verbatim text appended).
  */
 async function workspace(
   name: string,
-  defaults: Record<string, string> = {},
+  defaults: Record<string, string | undefined> = {},
   sections = "",
 ): Promise<Workspace> {
   await ensureLibvirtd();
@@ -91,7 +95,7 @@ async function workspace(
   const ocidir = join(root, "oci");
   const vmdir = join(root, "vms");
   const clonedir = join(root, "jobs");
-  const values: Record<string, string> = {
+  const values: Record<string, string | undefined> = {
     connect: TEST_URI,
     ocidir,
     vmdir,
@@ -108,41 +112,51 @@ async function workspace(
   const ini = join(root, "executor.ini");
   await Deno.writeTextFile(
     ini,
-    "[DEFAULT]\n" + Object.entries(values).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n\n" +
-      sections,
+    "[DEFAULT]\n" +
+      Object.entries(values).filter(([, v]) => v !== undefined).map(([k, v]) => `${k} = ${v}`)
+        .join("\n") +
+      "\n\n" + sections,
   );
   const jobDir = (job: JobResult | string) =>
     join(clonedir, typeof job === "string" ? job : job.vmName);
+  const env = { GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: ini };
+  const jobs: JobResult[] = [];
+  const dispose = async () => {
+    const list = await virsh("list", "--all", "--name");
+    const names = list.stdout.split("\n").map((s) => s.trim()).filter(Boolean);
+    for (const n of names) {
+      let ours = jobs.some((j) => j.vmName === n);
+      if (!ours) {
+        const xml = await virsh("dumpxml", "--domain", n, "--inactive");
+        ours = xml.code === 0 && xml.stdout.includes(root + "/");
+      }
+      if (ours) {
+        await virsh("destroy", "--domain", n);
+        await virsh("undefine", "--domain", n, "--nvram");
+        await virsh("undefine", "--domain", n);
+      }
+    }
+    await removeVmDir(root);
+  };
   return {
     root,
     ini,
     ocidir,
     vmdir,
     clonedir,
-    env: { GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: ini },
+    env,
     jobDir,
-    dispose: async (jobs = []) => {
-      const list = await virsh("list", "--all", "--name");
-      const names = list.stdout.split("\n").map((s) => s.trim()).filter(Boolean);
-      for (const n of names) {
-        let ours = jobs.some((j) => j.vmName === n);
-        if (!ours) {
-          const xml = await virsh("dumpxml", "--domain", n, "--inactive");
-          ours = xml.code === 0 && xml.stdout.includes(root + "/");
-        }
-        if (ours) {
-          await virsh("destroy", "--domain", n);
-          await virsh("undefine", "--domain", n, "--nvram");
-          await virsh("undefine", "--domain", n);
-        }
-      }
-      await removeVmDir(root);
+    run: async (o) => {
+      const job = await runJob(jobOptions(env, o));
+      return job;
     },
+    dispose,
+    [Symbol.asyncDispose]: dispose,
   };
 }
 
 /** Sensible limits so that a hanging executor fails the test instead of hanging it. */
-function jobOptions(ws: Workspace, o: RunJobOptions): RunJobOptions {
+function jobOptions(env: Record<string, string>, o: RunJobOptions): RunJobOptions {
   return {
     configTimeoutMs: 60_000,
     prepareTimeoutMs: 300_000,
@@ -151,7 +165,7 @@ function jobOptions(ws: Workspace, o: RunJobOptions): RunJobOptions {
     afterScriptTimeoutMs: 120_000,
     gracefulKillTimeoutMs: 30_000,
     ...o,
-    env: { ...ws.env, ...(o.env ?? {}) },
+    env: { ...env, ...(o.env ?? {}) },
   };
 }
 
@@ -160,8 +174,8 @@ async function assertNothingLeft(ws: Workspace, job: JobResult) {
   assert.equal(await domState(job.vmName), "gone", `VM ${job.vmName} still exists`);
   assert.ok(!(await exists(ws.jobDir(job))), `clone folder ${ws.jobDir(job)} still exists`);
   const leftovers = (await virsh("list", "--all", "--name")).stdout.split("\n")
-    .filter((n) => n.startsWith(`sarde-job-${job.runnerShortToken}-`));
-  assert.deepEqual(leftovers, [], `job VMs of this runner left: ${leftovers.join(" ")}`);
+    .filter((n) => n.startsWith(`sarde-job-${job.jobId}-`));
+  assert.deepEqual(leftovers, [], `VMs of job ${job.jobId} left: ${leftovers.join(" ")}`);
 }
 
 function timing(label: string, ms: number | undefined) {
@@ -364,113 +378,106 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("pass");
-    const jobs: JobResult[] = [];
-    try {
-      const prepareScript = join(ws.root, "prepare.sh");
-      await Deno.writeTextFile(
-        prepareScript,
-        "echo PREPARE-SCRIPT-RAN job=$CI_JOB_ID\necho prepared >/root/prepared-by-script\n",
-      );
-      await Deno.writeTextFile(ws.ini, `\n[${img.image}]\nprepare-script = ${prepareScript}\n`, {
-        append: true,
-      });
+    await using ws = await workspace("pass");
+    const prepareScript = join(ws.root, "prepare.sh");
+    await Deno.writeTextFile(
+      prepareScript,
+      "echo PREPARE-SCRIPT-RAN job=$CI_JOB_ID\necho prepared >/root/prepared-by-script\n",
+    );
+    await Deno.writeTextFile(ws.ini, `\n[${img.image}]\nprepare-script = ${prepareScript}\n`, {
+      append: true,
+    });
 
-      const leaks: string[] = [];
-      let stateWhileRunning = "";
-      const jobToken = `glcbt-sardefake_${crypto.randomUUID().replaceAll("-", "")}`;
-      const job = await runJob(jobOptions(ws, {
-        image: img.image,
-        jobToken,
-        script: [
-          "echo JOB-MARKER-$CI_JOB_ID",
-          "uname -a",
-          "cat /proc/cmdline",
-          "cat /root/prepared-by-script",
-          'echo "token-length ${#CI_JOB_TOKEN}"',
-          "pwd",
-        ],
-        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
-        beforeCleanup: async (ctx) => {
-          stateWhileRunning = await domState(ctx.vmName);
-          // The token is in every run script; it must not end up on the host's disks.
-          for (const f of await filesContaining(jobToken, [ws.jobDir(ctx.vmName), ws.vmdir])) {
-            leaks.push(f);
-          }
-          const xml = await virsh("dumpxml", "--domain", ctx.vmName);
-          if (xml.stdout.includes(jobToken)) leaks.push(`domain XML of ${ctx.vmName}`);
-        },
-      }));
-      jobs.push(job);
-      assert.equal(job.jobToken, jobToken);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "success", info);
+    const leaks: string[] = [];
+    let stateWhileRunning = "";
+    const jobToken = `glcbt-sardefake_${crypto.randomUUID().replaceAll("-", "")}`;
+    const job = await ws.run({
+      image: img.image,
+      jobToken,
+      script: [
+        "echo JOB-MARKER-$CI_JOB_ID",
+        "uname -a",
+        "cat /proc/cmdline",
+        "cat /root/prepared-by-script",
+        'echo "token-length ${#CI_JOB_TOKEN}"',
+        "pwd",
+      ],
+      afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+      beforeCleanup: async (ctx) => {
+        stateWhileRunning = await domState(ctx.vmName);
+        // The token is in every run script; it must not end up on the host's disks.
+        for (const f of await filesContaining(jobToken, [ws.jobDir(ctx.vmName), ws.vmdir])) {
+          leaks.push(f);
+        }
+        const xml = await virsh("dumpxml", "--domain", ctx.vmName);
+        if (xml.stdout.includes(jobToken)) leaks.push(`domain XML of ${ctx.vmName}`);
+      },
+    });
+    assert.equal(job.jobToken, jobToken);
+    const info = describeJob(job);
+    assert.equal(job.outcome, "success", info);
 
-      // config
-      const cfg = job.config!;
-      assert.ok(cfg, info);
-      assert.equal(cfg.builds_dir, BUILDS_DIR);
-      assert.equal(cfg.cache_dir, CACHE_DIR);
-      assert.equal(cfg.builds_dir_is_shared, false);
-      assert.equal(typeof cfg.hostname, "string");
-      assert.ok(cfg.hostname!.length > 0);
-      assert.equal(cfg.driver?.name, "sarde");
-      assert.match(cfg.driver?.version ?? "", /libvirt/i);
-      assert.match(cfg.driver?.version ?? "", /qemu/i);
-      assert.equal(cfg.shell, "bash");
-      assert.deepEqual(JSON.parse(job.configRaw!), cfg, "stdout of config is only the JSON");
+    // config
+    const cfg = job.config!;
+    assert.ok(cfg, info);
+    assert.equal(cfg.builds_dir, BUILDS_DIR);
+    assert.equal(cfg.cache_dir, CACHE_DIR);
+    assert.equal(cfg.builds_dir_is_shared, false);
+    assert.equal(typeof cfg.hostname, "string");
+    assert.ok(cfg.hostname!.length > 0);
+    assert.equal(cfg.driver?.name, "sarde");
+    assert.match(cfg.driver?.version ?? "", /libvirt/i);
+    assert.match(cfg.driver?.version ?? "", /qemu/i);
+    assert.equal(cfg.shell, "bash");
+    assert.deepEqual(JSON.parse(job.configRaw!), cfg, "stdout of config is only the JSON");
 
-      // the job ran in the guest, output on stdout
-      const build = callOf(job, "build_script");
-      assert.match(build.stdout, new RegExp(`JOB-MARKER-${job.jobId}`), info);
-      assert.match(build.stdout, /Linux sarde-tiny /, "uname -a of the guest");
-      assert.match(build.stdout, /sarde\.root=\/dev\/vda/, "the guest's kernel command line");
-      assert.match(build.stdout, /^prepared$/m, "prepare-script ran in the guest before the job");
-      assert.match(build.stdout, new RegExp(`token-length ${jobToken.length}`));
-      assert.match(build.stdout, new RegExp(`^${job.projectDir}$`, "m"), "cd into the project");
-      assert.match(callOf(job, "prepare").output, /PREPARE-SCRIPT-RAN/);
-      assert.match(callOf(job, "prepare_script").stdout, /Running on sarde-tiny via /);
-      assert.match(callOf(job, "after_script").stdout, /AFTER-MARKER success/);
-      assert.equal(stateWhileRunning, "running", "the VM ran until cleanup");
+    // the job ran in the guest, output on stdout
+    const build = callOf(job, "build_script");
+    assert.match(build.stdout, new RegExp(`JOB-MARKER-${job.jobId}`), info);
+    assert.match(build.stdout, /Linux sarde-tiny /, "uname -a of the guest");
+    assert.match(build.stdout, /sarde\.root=\/dev\/vda/, "the guest's kernel command line");
+    assert.match(build.stdout, /^prepared$/m, "prepare-script ran in the guest before the job");
+    assert.match(build.stdout, new RegExp(`token-length ${jobToken.length}`));
+    assert.match(build.stdout, new RegExp(`^${job.projectDir}$`, "m"), "cd into the project");
+    assert.match(callOf(job, "prepare").output, /PREPARE-SCRIPT-RAN/);
+    assert.match(callOf(job, "prepare_script").stdout, /Running on sarde-tiny via /);
+    assert.match(callOf(job, "after_script").stdout, /AFTER-MARKER success/);
+    assert.equal(stateWhileRunning, "running", "the VM ran until cleanup");
 
-      // secrets
-      for (const c of job.calls.filter((c) => c.kind !== "run")) {
-        assert.ok(!c.stderr.includes(jobToken), `token in stderr of ${c.stage}:\n${c.stderr}`);
-        assert.ok(!c.stdout.includes(jobToken), `token in stdout of ${c.stage}:\n${c.stdout}`);
-      }
-      assert.deepEqual(leaks, [], `the job token was written to: ${leaks.join(", ")}`);
-
-      // nothing left
-      assert.equal(job.cleanupCode, 0, info);
-      await assertNothingLeft(ws, job);
-
-      // warm: same image again, trivial stages
-      const warm = await runJob(jobOptions(ws, { image: img.image, script: ["true"] }));
-      jobs.push(warm);
-      assert.equal(warm.outcome, "success", describeJob(warm));
-      assert.doesNotMatch(callOf(warm, "prepare").stderr, /importing/);
-      assert.doesNotMatch(callOf(warm, "prepare").stderr, /pulling/);
-      await assertNothingLeft(ws, warm);
-
-      timing("image build (guest + define + 3 exports + 3 pushes, once per process)", img.buildMs);
-      timing("config (cold)", job.timings.configMs);
-      timing(
-        "prepare cold (pull + import + clone + boot + SSH + prepare-script)",
-        job.timings.prepareMs,
-      );
-      printPhases("prepare cold", job);
-      timing("config (warm)", warm.timings.configMs);
-      timing("prepare warm (clone + boot + SSH)", warm.timings.prepareMs);
-      printPhases("prepare warm", warm);
-      for (const [stage, ms] of Object.entries(warm.timings.stages)) {
-        timing(`run stage ${stage} (trivial)`, ms);
-      }
-      timing("cleanup (cold job)", job.timings.cleanupMs);
-      timing("cleanup (warm job)", warm.timings.cleanupMs);
-      timing("whole warm job", warm.timings.totalMs);
-    } finally {
-      await ws.dispose(jobs);
+    // secrets
+    for (const c of job.calls.filter((c) => c.kind !== "run")) {
+      assert.ok(!c.stderr.includes(jobToken), `token in stderr of ${c.stage}:\n${c.stderr}`);
+      assert.ok(!c.stdout.includes(jobToken), `token in stdout of ${c.stage}:\n${c.stdout}`);
     }
+    assert.deepEqual(leaks, [], `the job token was written to: ${leaks.join(", ")}`);
+
+    // nothing left
+    assert.equal(job.cleanupCode, 0, info);
+    await assertNothingLeft(ws, job);
+
+    // warm: same image again, trivial stages
+    const warm = await ws.run({ image: img.image, script: ["true"] });
+    assert.equal(warm.outcome, "success", describeJob(warm));
+    assert.doesNotMatch(callOf(warm, "prepare").stderr, /importing/);
+    assert.doesNotMatch(callOf(warm, "prepare").stderr, /pulling/);
+    await assertNothingLeft(ws, warm);
+
+    timing("image build (guest + define + 3 exports + 3 pushes, once per process)", img.buildMs);
+    timing("config (cold)", job.timings.configMs);
+    timing(
+      "prepare cold (pull + import + clone + boot + SSH + prepare-script)",
+      job.timings.prepareMs,
+    );
+    printPhases("prepare cold", job);
+    timing("config (warm)", warm.timings.configMs);
+    timing("prepare warm (clone + boot + SSH)", warm.timings.prepareMs);
+    printPhases("prepare warm", warm);
+    for (const [stage, ms] of Object.entries(warm.timings.stages)) {
+      timing(`run stage ${stage} (trivial)`, ms);
+    }
+    timing("cleanup (cold job)", job.timings.cleanupMs);
+    timing("cleanup (warm job)", warm.timings.cleanupMs);
+    timing("whole warm job", warm.timings.totalMs);
   },
 });
 
@@ -479,71 +486,266 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("fail");
-    const jobs: JobResult[] = [];
-    try {
-      const job = await runJob(jobOptions(ws, {
-        image: img.image,
-        script: ["echo BEFORE-FAIL", "exit 7", "echo NOT-REACHED"],
-        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
-      }));
-      jobs.push(job);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "script_failure", info);
-      assert.equal(job.exitCode, 7, info);
-      assert.equal(job.buildExitCodeFile?.trim(), "7", "BUILD_EXIT_CODE_FILE holds 7");
-      const build = callOf(job, "build_script");
-      assert.equal(build.code, 1, "BUILD_FAILURE_EXIT_CODE");
-      assert.match(build.stdout, /BEFORE-FAIL/);
-      assert.doesNotMatch(build.output, /NOT-REACHED/);
-      const after = callOf(job, "after_script");
-      assert.equal(after.code, 0, info);
-      assert.match(after.stdout, /AFTER-MARKER failed/);
-      await assertNothingLeft(ws, job);
-    } finally {
-      await ws.dispose(jobs);
-    }
+    await using ws = await workspace("fail");
+    const job = await ws.run({
+      image: img.image,
+      script: ["echo BEFORE-FAIL", "exit 7", "echo NOT-REACHED"],
+      afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+    });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "script_failure", info);
+    assert.equal(job.exitCode, 7, info);
+    assert.equal(job.buildExitCodeFile?.trim(), "7", "BUILD_EXIT_CODE_FILE holds 7");
+    const build = callOf(job, "build_script");
+    assert.equal(build.code, 1, "BUILD_FAILURE_EXIT_CODE");
+    assert.match(build.stdout, /BEFORE-FAIL/);
+    assert.doesNotMatch(build.output, /NOT-REACHED/);
+    const after = callOf(job, "after_script");
+    assert.equal(after.code, 0, info);
+    assert.match(after.stdout, /AFTER-MARKER failed/);
+    await assertNothingLeft(ws, job);
   },
 });
 
 Deno.test({
-  name: "executor: an image outside allowed-images → system failure at once, no VM",
+  name: "executor: job-author errors → build failure at once (no retry, no VM); 5xx → system",
   ...opts,
   fn: async () => {
     const img = await jobImages();
     const host = img.registry.host;
-    const ws = await workspace("allowed", {
-      "allowed-images": `${host}/sardines/tiny:*, ${host}/other/*`,
+    await using ws = await workspace("jobfault", {
+      "allowed-images": "127.0.0.1:*/sardines/*",
+      "pull-policy": "if-not-present, always",
+      "retry-timeout": "3s",
     });
-    const jobs: JobResult[] = [];
-    try {
+    const cases: { what: string; o: RunJobOptions; message: RegExp }[] = [
+      { what: "no image", o: {}, message: /names no image/ },
+      {
+        what: "an image outside allowed-images",
+        o: { image: `${host}/other/tiny:latest` },
+        message: /not allowed/,
+      },
+      { what: "an invalid reference", o: { image: "UPPER//x::y" }, message: /invalid image/ },
+      {
+        what: "a pull policy the runner does not allow",
+        o: { image: img.image, pullPolicy: ["never"] },
+        message: /pull policy 'never'.*allows only/,
+      },
+      {
+        what: "an image the registry does not have",
+        o: { image: `${host}/sardines/tiny:no-such-tag` },
+        message: /not found/,
+      },
+    ];
+    for (const c of cases) {
       let seenDuringPrepare = "";
-      const job = await runJob(jobOptions(ws, {
-        image: img.noUserImage,
-        afterCall: async (c, ctx) => {
-          if (c.stage === "prepare") seenDuringPrepare = await domState(ctx.vmName);
+      const job = await ws.run({
+        ...c.o,
+        prepareAttempts: 3,
+        prepareRetryIntervalMs: 50,
+        afterCall: async (call, ctx) => {
+          if (call.stage === "prepare") seenDuringPrepare = await domState(ctx.vmName);
         },
-      }));
-      jobs.push(job);
+      });
+      const info = `${c.what}:\n${describeJob(job)}`;
+      assert.equal(job.outcome, "script_failure", info);
+      assert.equal(job.failedStage, "prepare", info);
+      assert.equal(callsOf(job, "prepare").length, 1, `prepare is not retried: ${info}`);
+      const prep = callOf(job, "prepare");
+      assert.equal(prep.code, 1, `BUILD_FAILURE_EXIT_CODE: ${info}`);
+      assert.match(prep.stderr, c.message, info);
+      assert.doesNotMatch(prep.stderr, /unexpected failure|\n\s+at /, info);
+      assert.ok(job.log.includes(prep.stderr.trim().split("\n")[0]), "the message is in the log");
+      assert.equal(seenDuringPrepare, "gone", `no VM was created: ${info}`);
+      assert.equal(job.cleanupCode, 0, "cleanup is fine with nothing to clean");
+      assert.doesNotMatch(job.runnerLog, /removed job VM/, `nothing was removed: ${info}`);
+      await assertNothingLeft(ws, job);
+    }
+    assert.ok(
+      !(await exists(join(ws.ocidir, host, "sardines", "tiny"))),
+      "nothing was pulled for the job that asked for a policy it may not use",
+    );
+
+    // The registry's own failure is the runner's problem: a system failure, retried.
+    await using proxy = await startFaultyProxy(
+      { url: `http://${host}` },
+      { kind: "status", status: 503, times: 1_000_000 },
+    );
+    const sys = await ws.run({
+      image: `${proxy.host}/sardines/tiny:latest`,
+      prepareAttempts: 2,
+      prepareRetryIntervalMs: 50,
+    });
+    const info = describeJob(sys);
+    assert.equal(sys.outcome, "system_failure", info);
+    assert.equal(callsOf(sys, "prepare").length, 2, `a system failure is retried: ${info}`);
+    assert.match(callOf(sys, "prepare").stderr, /503/, info);
+    await assertNothingLeft(ws, sys);
+  },
+});
+
+Deno.test({
+  name: "executor: a job forging another's CI_JOB_ID and runner token cannot reach that job's VM",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    await using ws = await workspace("forge");
+    const secret = `VICTIM-SECRET-${crypto.randomUUID()}`;
+    let forger: JobResult | undefined;
+    let victimVmAfterForger = "";
+    const victim = await ws.run({
+      image: img.image,
+      runnerShortToken: "stvictim",
+      getSources: [`echo ${secret} >/root/victim-secret`],
+      script: ["echo VICTIM-BUILD", "cat /root/victim-secret"],
+      afterCall: async (c, ctx) => {
+        if (c.stage !== "get_sources") return;
+        // The victim's VM is up and between two stages: a whole job of the forger runs now,
+        // posing as the victim through its variables (GitLab lets them shadow predefined ones).
+        forger = await ws.run({
+          image: img.image,
+          runnerShortToken: "stforger",
+          variables: { CI_JOB_ID: String(ctx.jobId), CI_RUNNER_SHORT_TOKEN: "stvictim" },
+          script: ["echo FORGER-BUILD", "cat /root/victim-secret || echo NO-SECRET-HERE"],
+        });
+        victimVmAfterForger = await domState(ctx.vmName);
+      },
+    });
+    const info = describeJob(victim);
+    assert.ok(forger, `the forger never ran:\n${info}`);
+    const forgerInfo = describeJob(forger);
+    assert.equal(
+      victimVmAfterForger,
+      "running",
+      `the forger's job hit the victim's VM:\n${forgerInfo}`,
+    );
+    assert.notEqual(forger.vmName, victim.vmName);
+    assert.equal(victim.outcome, "success", info);
+    const build = callOf(victim, "build_script");
+    assert.match(build.stdout, /VICTIM-BUILD/, info);
+    assert.ok(build.stdout.includes(secret), "the victim's VM is the one it prepared");
+    assert.equal(forger.outcome, "success", forgerInfo);
+    assert.match(callOf(forger, "build_script").stdout, /FORGER-BUILD[\s\S]*NO-SECRET-HERE/);
+    for (const c of forger.calls) {
+      assert.ok(!c.output.includes(secret), `the forger saw the victim's secret in ${c.stage}`);
+    }
+    assert.ok(!forger.runnerLog.includes(victim.vmName), forger.runnerLog);
+    assert.ok(!victim.log.includes("FORGER-BUILD"), "no forger script ran in the victim's VM");
+    for (const job of [victim, forger]) await assertNothingLeft(ws, job);
+  },
+});
+
+Deno.test({
+  name: "executor: without guest-builds-dir the runner's builds_dir/cache_dir apply (non-root)",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    await using ws = await workspace("userdirs", {
+      "guest-builds-dir": undefined,
+      "guest-cache-dir": undefined,
+    });
+    const job = await ws.run({
+      image: img.userImage,
+      runnerBuildsDir: `/home/${GUEST_USER}/builds`,
+      runnerCacheDir: `/home/${GUEST_USER}/cache`,
+      cache: true,
+      script: ["id -un", "pwd", "touch made-by-the-job", "ls made-by-the-job"],
+    });
+    const info = describeJob(job);
+    const raw = JSON.parse(job.configRaw ?? "{}");
+    assert.ok(!("builds_dir" in raw) && !("cache_dir" in raw), `config printed ${job.configRaw}`);
+    assert.equal(job.outcome, "success", info);
+    const build = callOf(job, "build_script").stdout;
+    assert.match(build, new RegExp(`^${GUEST_USER}$`, "m"), "the job runs as the image's user");
+    assert.match(build, new RegExp(`^/home/${GUEST_USER}/builds/sarde/ci-test$`, "m"), info);
+    assert.match(build, /^made-by-the-job$/m, info);
+    await assertNothingLeft(ws, job);
+  },
+});
+
+Deno.test({
+  name: "executor: a registry that never answers fails prepare within its timeout (system failure)",
+  ...opts,
+  fn: async () => {
+    await using hole = startBlackHole();
+    // [slow] has a long timeout, but short response-timeout/retry-timeout: those bound it.
+    await using ws = await workspace(
+      "blackhole",
+      { timeout: "8s" },
+      `[${hole.host}/sardines/slow:*]\ntimeout = 5m\nresponse-timeout = 2s\nretry-timeout = 5s\n`,
+    );
+    for (
+      const [repo, deadlineMs] of [["tiny", 8_000], ["slow", 5_000 + 2_000]] as const
+    ) {
+      const job = await ws.run({
+        image: `${hole.host}/sardines/${repo}:latest`,
+        prepareTimeoutMs: 100_000,
+      });
       const info = describeJob(job);
       assert.equal(job.outcome, "system_failure", info);
       assert.equal(job.failedStage, "prepare", info);
       const prep = callOf(job, "prepare");
       assert.equal(prep.code, 2, info);
-      assert.match(prep.stderr, /not allowed/i);
-      assert.ok(prep.ms < 15_000, `refusing took ${prep.ms} ms`);
-      assert.equal(seenDuringPrepare, "gone", "no VM was created");
-      assert.equal(callsOf(job, "cleanup").length, 1, "cleanup ran after the failed attempt");
-      assert.equal(job.cleanupCode, 0, "cleanup is fine with nothing to clean");
-      assert.ok(
-        !(await filesContaining("tiny-nouser", [ws.ocidir])).length &&
-          !(await exists(join(ws.ocidir, host, "sardines", "tiny-nouser"))),
-        "nothing was pulled",
+      assert.match(prep.stderr, /no answer/, info);
+      // Generous: process start-up and the stage's own work come on top of the deadline.
+      assert.ok(prep.ms < deadlineMs + 20_000, `prepare took ${prep.ms} ms:\n${info}`);
+      await assertNothingLeft(ws, job);
+      timing(`prepare against a black hole (${repo})`, prep.ms);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: a cold prepare imports behind the download, not after it",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    // Blob downloads (but the small XML and config ones) stop half-way until released.
+    const release = Promise.withResolvers<void>();
+    await using proxy = await startFaultyProxy({ url: `http://${img.registry.host}` }, {
+      kind: "pause-blob",
+      afterBytes: 64 << 10,
+      until: release.promise,
+    });
+    await using ws = await workspace("pipelined");
+    const image = img.image.replace(img.registry.host, proxy.host);
+    const index = join(ws.ocidir, image.replace(/:latest$/, ""), "index.json");
+    // The old way (fetch, then import) would never import while the blobs are held: let go.
+    let gaveUp = false;
+    const fallback = setTimeout(() => {
+      gaveUp = true;
+      release.resolve();
+    }, 60_000);
+    let importingBeforeFetched: boolean | undefined;
+    try {
+      const job = await ws.run({
+        image,
+        script: ["echo PIPELINED-JOB"],
+        onOutput: (call, _stream, text) => {
+          if (call.stage !== "prepare" || importingBeforeFetched !== undefined) return;
+          if (!/importing/.test(text)) return;
+          // The fetch records the image in index.json last, once every blob is in.
+          let fetched = false;
+          try {
+            fetched = JSON.parse(Deno.readTextFileSync(index)).manifests?.length > 0;
+          } catch { /* not yet there */ }
+          importingBeforeFetched = !fetched && !gaveUp && proxy.faults() > 0;
+          release.resolve();
+        },
+      });
+      const info = describeJob(job);
+      assert.equal(job.outcome, "success", info);
+      assert.match(callOf(job, "build_script").stdout, /PIPELINED-JOB/);
+      assert.equal(
+        importingBeforeFetched,
+        true,
+        `the import did not start while blobs were still downloading:\n${info}`,
       );
       await assertNothingLeft(ws, job);
-      timing("prepare refusing a disallowed image", prep.ms);
+      printPhases("prepare with held blobs", job);
     } finally {
-      await ws.dispose(jobs);
+      clearTimeout(fallback);
+      release.resolve();
     }
   },
 });
@@ -553,37 +755,30 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace(
+    await using ws = await workspace(
       "creds",
       { timeout: "40s" },
       `[${img.noUserImage}]\nusername = root\npassword = wrong\n`,
     );
-    const jobs: JobResult[] = [];
-    try {
-      const job = await runJob(jobOptions(ws, { image: img.noUserImage, script: ["true"] }));
-      jobs.push(job);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "system_failure", info);
-      assert.equal(job.failedStage, "prepare", info);
-      const prep = callOf(job, "prepare");
-      assert.equal(prep.code, 2, info);
-      assert.ok(prep.ms < 40_000 + 30_000, `prepare took ${prep.ms} ms with timeout = 40s`);
-      await assertNothingLeft(ws, job);
-      timing("prepare with a wrong password until failure (timeout = 40s)", prep.ms);
+    const job = await ws.run({ image: img.noUserImage, script: ["true"] });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "system_failure", info);
+    assert.equal(job.failedStage, "prepare", info);
+    const prep = callOf(job, "prepare");
+    assert.equal(prep.code, 2, info);
+    assert.ok(prep.ms < 40_000 + 30_000, `prepare took ${prep.ms} ms with timeout = 40s`);
+    await assertNothingLeft(ws, job);
+    timing("prepare with a wrong password until failure (timeout = 40s)", prep.ms);
 
-      // The same image with the right password from the INI: the failure was the password.
-      await Deno.writeTextFile(
-        ws.ini,
-        (await Deno.readTextFile(ws.ini)).replace("password = wrong", `password = ${img.password}`),
-      );
-      const good = await runJob(jobOptions(ws, { image: img.noUserImage, script: ["id -un"] }));
-      jobs.push(good);
-      assert.equal(good.outcome, "success", describeJob(good));
-      assert.match(callOf(good, "build_script").stdout, /^root$/m);
-      await assertNothingLeft(ws, good);
-    } finally {
-      await ws.dispose(jobs);
-    }
+    // The same image with the right password from the INI: the failure was the password.
+    await Deno.writeTextFile(
+      ws.ini,
+      (await Deno.readTextFile(ws.ini)).replace("password = wrong", `password = ${img.password}`),
+    );
+    const good = await ws.run({ image: img.noUserImage, script: ["id -un"] });
+    assert.equal(good.outcome, "success", describeJob(good));
+    assert.match(callOf(good, "build_script").stdout, /^root$/m);
+    await assertNothingLeft(ws, good);
   },
 });
 
@@ -592,23 +787,17 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("deaf", { timeout: "20s" });
-    const jobs: JobResult[] = [];
-    try {
-      const job = await runJob(jobOptions(ws, { image: img.badPortImage, script: ["true"] }));
-      jobs.push(job);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "system_failure", info);
-      assert.equal(job.failedStage, "prepare", info);
-      const prep = callOf(job, "prepare");
-      assert.equal(prep.code, 2, info);
-      assert.ok(prep.ms < 60_000, `prepare took ${prep.ms} ms with timeout = 20s`);
-      await assertNothingLeft(ws, job);
-      timing("prepare of a deaf guest until failure (timeout = 20s)", prep.ms);
-      printPhases("prepare of a deaf guest", job);
-    } finally {
-      await ws.dispose(jobs);
-    }
+    await using ws = await workspace("deaf", { timeout: "20s" });
+    const job = await ws.run({ image: img.badPortImage, script: ["true"] });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "system_failure", info);
+    assert.equal(job.failedStage, "prepare", info);
+    const prep = callOf(job, "prepare");
+    assert.equal(prep.code, 2, info);
+    assert.ok(prep.ms < 60_000, `prepare took ${prep.ms} ms with timeout = 20s`);
+    await assertNothingLeft(ws, job);
+    timing("prepare of a deaf guest until failure (timeout = 20s)", prep.ms);
+    printPhases("prepare of a deaf guest", job);
   },
 });
 
@@ -617,38 +806,32 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("two");
-    const jobs: JobResult[] = [];
-    try {
-      const both = await Promise.all([0, 1].map((i) =>
-        runJob(jobOptions(ws, {
-          image: img.image,
-          concurrentId: i,
-          script: [`echo CONCURRENT-${i}-$CI_JOB_ID`],
-        }))
-      ));
-      jobs.push(...both);
-      for (const [i, job] of both.entries()) {
-        assert.equal(job.outcome, "success", describeJob(job));
-        assert.match(
-          callOf(job, "build_script").stdout,
-          new RegExp(`CONCURRENT-${i}-${job.jobId}`),
-        );
-      }
-      assert.notEqual(both[0].vmName, both[1].vmName);
-      const importing = both.filter((j) => /importing/.test(callOf(j, "prepare").stderr));
-      assert.equal(
-        importing.length,
-        1,
-        `prepare stderr with 'importing':\n${
-          both.map((j) => `--- ${j.vmName}\n${callOf(j, "prepare").stderr}`).join("\n")
-        }`,
+    await using ws = await workspace("two");
+    const both = await Promise.all([0, 1].map((i) =>
+      ws.run({
+        image: img.image,
+        concurrentId: i,
+        script: [`echo CONCURRENT-${i}-$CI_JOB_ID`],
+      })
+    ));
+    for (const [i, job] of both.entries()) {
+      assert.equal(job.outcome, "success", describeJob(job));
+      assert.match(
+        callOf(job, "build_script").stdout,
+        new RegExp(`CONCURRENT-${i}-${job.jobId}`),
       );
-      for (const job of both) await assertNothingLeft(ws, job);
-      both.forEach((j, i) => timing(`prepare of concurrent job ${i}`, j.timings.prepareMs));
-    } finally {
-      await ws.dispose(jobs);
     }
+    assert.notEqual(both[0].vmName, both[1].vmName);
+    const importing = both.filter((j) => /importing/.test(callOf(j, "prepare").stderr));
+    assert.equal(
+      importing.length,
+      1,
+      `prepare stderr with 'importing':\n${
+        both.map((j) => `--- ${j.vmName}\n${callOf(j, "prepare").stderr}`).join("\n")
+      }`,
+    );
+    for (const job of both) await assertNothingLeft(ws, job);
+    both.forEach((j, i) => timing(`prepare of concurrent job ${i}`, j.timings.prepareMs));
   },
 });
 
@@ -657,59 +840,53 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("cancel");
-    const jobs: JobResult[] = [];
-    try {
-      let stateAfterCancel = "";
-      let settled = "";
-      const job = await runJob(jobOptions(ws, {
-        image: img.image,
-        script: ["echo SLEEPING-NOW", "sleep 600"],
-        afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
-        cancelDuringStage: "build_script",
-        cancelWhenOutput: /SLEEPING-NOW/,
-        cancelAfterMs: 1000,
-        afterCall: async (c, ctx) => {
-          if (c.stage !== "build_script") return;
-          stateAfterCancel = await domState(ctx.vmName);
-          // A destroy still in progress shows as "in shutdown"; give it a moment to finish.
-          const until = performance.now() + 10_000;
-          settled = stateAfterCancel;
-          while (settled === "in shutdown" && performance.now() < until) {
-            await new Promise((r) => setTimeout(r, 200));
-            settled = await domState(ctx.vmName);
-          }
-        },
-      }));
-      jobs.push(job);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "canceled", info);
-      const build = callOf(job, "build_script");
-      assert.equal(build.terminated, "cancel", info);
-      assert.notEqual(build.code, 0);
-      assert.ok(!build.killed, `the executor needed SIGKILL:\n${info}`);
-      assert.ok(build.exitAfterTermMs! < 10_000, `run took ${build.exitAfterTermMs} ms to end`);
-      console.log(`VM state right after the cancelled run call: ${stateAfterCancel}`);
-      assert.ok(
-        ["gone", "shut off", "in shutdown"].includes(stateAfterCancel),
-        `VM state right after the cancelled run call: ${stateAfterCancel}\n${info}`,
-      );
-      assert.ok(
-        settled === "gone" || settled === "shut off",
-        `VM state 10 s after the cancelled run call: ${settled}`,
-      );
-      // after_script is still called (GitLab does), on a VM that is gone: a quick system failure.
-      const after = callOf(job, "after_script");
-      assert.equal(after.code, 2, `after_script on a destroyed VM:\n${info}`);
-      assert.ok(after.ms < 60_000, `after_script took ${after.ms} ms`);
-      assert.equal(callsOf(job, "cleanup").length, 1);
-      await assertNothingLeft(ws, job);
-      timing("run call: SIGTERM → exit", build.exitAfterTermMs);
-      timing("after_script on the destroyed VM", after.ms);
-      timing("cleanup after cancel", job.timings.cleanupMs);
-    } finally {
-      await ws.dispose(jobs);
-    }
+    await using ws = await workspace("cancel");
+    let stateAfterCancel = "";
+    let settled = "";
+    const job = await ws.run({
+      image: img.image,
+      script: ["echo SLEEPING-NOW", "sleep 600"],
+      afterScript: ["echo AFTER-MARKER $CI_JOB_STATUS"],
+      cancelDuringStage: "build_script",
+      cancelWhenOutput: /SLEEPING-NOW/,
+      cancelAfterMs: 1000,
+      afterCall: async (c, ctx) => {
+        if (c.stage !== "build_script") return;
+        stateAfterCancel = await domState(ctx.vmName);
+        // A destroy still in progress shows as "in shutdown"; give it a moment to finish.
+        const until = performance.now() + 10_000;
+        settled = stateAfterCancel;
+        while (settled === "in shutdown" && performance.now() < until) {
+          await new Promise((r) => setTimeout(r, 200));
+          settled = await domState(ctx.vmName);
+        }
+      },
+    });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "canceled", info);
+    const build = callOf(job, "build_script");
+    assert.equal(build.terminated, "cancel", info);
+    assert.notEqual(build.code, 0);
+    assert.ok(!build.killed, `the executor needed SIGKILL:\n${info}`);
+    assert.ok(build.exitAfterTermMs! < 10_000, `run took ${build.exitAfterTermMs} ms to end`);
+    console.log(`VM state right after the cancelled run call: ${stateAfterCancel}`);
+    assert.ok(
+      ["gone", "shut off", "in shutdown"].includes(stateAfterCancel),
+      `VM state right after the cancelled run call: ${stateAfterCancel}\n${info}`,
+    );
+    assert.ok(
+      settled === "gone" || settled === "shut off",
+      `VM state 10 s after the cancelled run call: ${settled}`,
+    );
+    // after_script is still called (GitLab does), on a VM that is gone: a quick system failure.
+    const after = callOf(job, "after_script");
+    assert.equal(after.code, 2, `after_script on a destroyed VM:\n${info}`);
+    assert.ok(after.ms < 60_000, `after_script took ${after.ms} ms`);
+    assert.equal(callsOf(job, "cleanup").length, 1);
+    await assertNothingLeft(ws, job);
+    timing("run call: SIGTERM → exit", build.exitAfterTermMs);
+    timing("after_script on the destroyed VM", after.ms);
+    timing("cleanup after cancel", job.timings.cleanupMs);
   },
 });
 
@@ -718,36 +895,30 @@ Deno.test({
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    const ws = await workspace("cancelprep");
-    const jobs: JobResult[] = [];
-    try {
-      let stateAfterCancel = "";
-      // 6 s into a cold prepare: pulling/importing is over, the VM is booting or being cloned.
-      const job = await runJob(jobOptions(ws, {
-        image: img.image,
-        script: ["echo SHOULD-NOT-RUN"],
-        cancelDuringStage: "prepare",
-        cancelAfterMs: 6000,
-        afterCall: async (c, ctx) => {
-          if (c.stage === "prepare") stateAfterCancel = await domState(ctx.vmName);
-        },
-      }));
-      jobs.push(job);
-      const info = describeJob(job);
-      assert.equal(job.outcome, "canceled", info);
-      const prep = callOf(job, "prepare");
-      assert.equal(prep.terminated, "cancel", info);
-      assert.ok(!prep.killed, `the executor needed SIGKILL:\n${info}`);
-      assert.ok(prep.exitAfterTermMs! < 10_000, `prepare took ${prep.exitAfterTermMs} ms to end`);
-      assert.equal(job.calls.filter((c) => c.kind === "run").length, 0, info);
-      assert.equal(callsOf(job, "cleanup").length, 1);
-      console.log(`VM state right after the cancelled prepare call: ${stateAfterCancel}`);
-      await assertNothingLeft(ws, job);
-      timing("prepare call: SIGTERM → exit", prep.exitAfterTermMs);
-      timing("cleanup after a cancelled prepare", job.timings.cleanupMs);
-    } finally {
-      await ws.dispose(jobs);
-    }
+    await using ws = await workspace("cancelprep");
+    let stateAfterCancel = "";
+    // 6 s into a cold prepare: pulling/importing is over, the VM is booting or being cloned.
+    const job = await ws.run({
+      image: img.image,
+      script: ["echo SHOULD-NOT-RUN"],
+      cancelDuringStage: "prepare",
+      cancelAfterMs: 6000,
+      afterCall: async (c, ctx) => {
+        if (c.stage === "prepare") stateAfterCancel = await domState(ctx.vmName);
+      },
+    });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "canceled", info);
+    const prep = callOf(job, "prepare");
+    assert.equal(prep.terminated, "cancel", info);
+    assert.ok(!prep.killed, `the executor needed SIGKILL:\n${info}`);
+    assert.ok(prep.exitAfterTermMs! < 10_000, `prepare took ${prep.exitAfterTermMs} ms to end`);
+    assert.equal(job.calls.filter((c) => c.kind === "run").length, 0, info);
+    assert.equal(callsOf(job, "cleanup").length, 1);
+    console.log(`VM state right after the cancelled prepare call: ${stateAfterCancel}`);
+    await assertNothingLeft(ws, job);
+    timing("prepare call: SIGTERM → exit", prep.exitAfterTermMs);
+    timing("cleanup after a cancelled prepare", job.timings.cleanupMs);
   },
 });
 
