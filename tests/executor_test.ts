@@ -585,11 +585,20 @@ Deno.test({
 });
 
 Deno.test({
-  name: "executor: a job forging another's CI_JOB_ID and runner token cannot reach that job's VM",
+  name:
+    "executor: a job forging another's CI_JOB_ID and runner token, or the reaper, cannot hit it",
   ...opts,
   fn: async () => {
     const img = await jobImages();
-    await using ws = await workspace("forge");
+    // Every job is "old" at once: only whether its job is over may protect it from the reaper.
+    await using ws = await workspace("forge", { "max-job-age": "1s" });
+    // Two job folders the reaper finds: one whose runner TMPDIR is gone, one whose is there.
+    const leftover = join(ws.clonedir, "sarde-job-1-00000000000000aa");
+    const liveOwner = join(ws.clonedir, "sarde-job-2-00000000000000bb");
+    for (const [dir, tmpDir] of [[leftover, join(ws.root, "gone")], [liveOwner, ws.root]]) {
+      await Deno.mkdir(dir, { recursive: true });
+      await Deno.writeTextFile(join(dir, "job.json"), JSON.stringify({ createdAt: 1, tmpDir }));
+    }
     const secret = `VICTIM-SECRET-${crypto.randomUUID()}`;
     let forger: JobResult | undefined;
     let victimVmAfterForger = "";
@@ -632,6 +641,8 @@ Deno.test({
     assert.ok(!forger.runnerLog.includes(victim.vmName), forger.runnerLog);
     assert.ok(!victim.log.includes("FORGER-BUILD"), "no forger script ran in the victim's VM");
     for (const job of [victim, forger]) await assertNothingLeft(ws, job);
+    assert.ok(!(await exists(leftover)), "the reaper removed the job VM left behind");
+    assert.ok(await exists(liveOwner), "the reaper left the job whose runner TMPDIR is there");
   },
 });
 
