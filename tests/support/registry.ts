@@ -117,7 +117,7 @@ async function run(cmd: string, args: string[], cwd?: string): Promise<void> {
  * IP:127.0.0.1 + DNS:localhost) in `dir`. A separate leaf is needed: rustls (Deno's fetch)
  * rejects a CA certificate used as the server certificate (`CaUsedAsEndEntity`).
  */
-async function makeTlsFiles(dir: string): Promise<void> {
+export async function makeTlsFiles(dir: string): Promise<void> {
   await run("openssl", [
     "req",
     "-x509",

@@ -1,0 +1,72 @@
+/**
+ * lib/http.ts: the response timeout covers connecting and the TLS handshake, and never cuts a
+ * request that keeps making progress.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { createHttpClient, type HttpClient } from "../lib/http.ts";
+import { startBlackHole } from "./support/proxy.ts";
+import { makeTlsFiles } from "./support/registry.ts";
+
+const TIMEOUT_MS = 2000;
+
+async function elapsedOf(fn: () => Promise<unknown>): Promise<[number, unknown]> {
+  const t0 = performance.now();
+  try {
+    return [performance.now() - t0, await fn()];
+  } catch (err) {
+    return [performance.now() - t0, err];
+  }
+}
+
+Deno.test("http: a server that accepts and never answers (nor the TLS handshake) times out once", async () => {
+  await using hole = startBlackHole();
+  for (const scheme of ["http", "https"]) {
+    const client = createHttpClient({ responseTimeoutMs: TIMEOUT_MS });
+    const [ms, err] = await elapsedOf(() =>
+      client.send({ method: "GET", url: new URL(`${scheme}://${hole.host}/v2/`) })
+    );
+    client.close();
+    assert.match(String(err), /no answer within 2 s \(response timeout\)/, scheme);
+    // Deno's node:https armed the socket timer only after the handshake: 2× the timeout.
+    assert.ok(ms < TIMEOUT_MS * 1.6, `${scheme}: gave up after ${ms.toFixed(0)} ms`);
+  }
+});
+
+Deno.test("http: a slow upload that keeps sending is not cut by the timeout (fresh and kept-alive sockets)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sarde-http-" });
+  await makeTlsFiles(dir);
+  const [cert, key, ca] = ["server.crt", "server.key", "ca.crt"].map((f) =>
+    Deno.readTextFileSync(join(dir, f))
+  );
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, cert, key, onListen() {} },
+    async (req) => new Response(`got ${(await req.arrayBuffer()).byteLength}`),
+  );
+  const client: HttpClient = createHttpClient({ responseTimeoutMs: TIMEOUT_MS, caCerts: [ca] });
+  try {
+    for (const round of ["fresh socket", "kept-alive socket"]) {
+      // Five pieces 0.6 s apart: 3 s in all, longer than the timeout, never idle that long.
+      const body = {
+        length: 5,
+        async *stream() {
+          for (let i = 0; i < 5; i++) {
+            await new Promise((r) => setTimeout(r, TIMEOUT_MS * 0.3));
+            yield new Uint8Array([i]);
+          }
+        },
+      };
+      const res = await client.send({
+        method: "PUT",
+        url: new URL(`https://127.0.0.1:${server.addr.port}/upload`),
+        body,
+      });
+      assert.equal(res.status, 200, round);
+      assert.equal(new TextDecoder().decode(await res.bytes(100)), "got 5", round);
+    }
+  } finally {
+    client.close();
+    await server.shutdown();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
