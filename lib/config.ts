@@ -24,6 +24,7 @@
  */
 
 import { fail, SardeError } from "./errors.ts";
+import { warn } from "./log.ts";
 import { parseBoolean, parseSize } from "./units.ts";
 
 /** The section every other section inherits from. Case-sensitive, as in configparser. */
@@ -533,7 +534,25 @@ export interface IniSchema {
   aliases?: ReadonlyMap<string, string>;
   /** Where the keys are explained, for the error's hint. */
   hint: string;
+  /**
+   * Keys sardinecake 0.4 read that mean nothing here, with the reason: a warning, not an error,
+   * so that 0.4's files keep working.
+   */
+  ignored?: ReadonlyMap<string, string>;
 }
+
+/** Keys of sardinecake 0.4's `sarde` that sarde has no use for. */
+const SARDE_IGNORED_KEYS: ReadonlyMap<string, string> = new Map([
+  ["raw", "sarde has no --raw: images are always read from and written to the store"],
+  ["no-run", "sarde has no --no-run"],
+]);
+
+/** Keys of sardinecake 0.4's executor that this executor has no use for. */
+const EXECUTOR_IGNORED_KEYS: ReadonlyMap<string, string> = new Map([
+  ["omit-backingstore", "job VMs always get their backing chain from the overlays"],
+  ["verbosity", "0.4 ignored it in INI files too; use -v/-q in the runner's *_args"],
+  ["no-run", "the executor has no --no-run"],
+]);
 
 /** Edit distance with adjacent transpositions (optimal string alignment), for suggestions. */
 function editDistance(a: string, b: string): number {
@@ -582,6 +601,13 @@ export function checkIni(data: IniData, schema: IniSchema): void {
     }
     for (const [key, entry] of entries) {
       if (keys.includes(key)) continue;
+      const ignored = schema.ignored?.get(key);
+      if (ignored !== undefined) {
+        warn(
+          `${entry.file}:${entry.line}: '${key}' (a sardinecake 0.4 key) is ignored: ${ignored}`,
+        );
+        continue;
+      }
       const guess = closest(key, keys);
       const elsewhere = [...schema.sections]
         .filter(([s, ks]) => s !== DEFAULT_SECTION && ks.includes(key))
@@ -644,6 +670,7 @@ export async function sardeConfig(
     sections,
     aliases,
     hint: "keys are the long options of the section's command (sarde <command> --help)",
+    ignored: SARDE_IGNORED_KEYS,
   });
   return sectionValues(data, command);
 }
@@ -659,6 +686,7 @@ export async function executorConfig(image?: string): Promise<Record<string, str
     sections: new Map([[DEFAULT_SECTION, EXECUTOR_KEYS]]),
     otherSections: EXECUTOR_KEYS,
     hint: "examples/gitlab-sardinecake-executor.ini documents every key",
+    ignored: EXECUTOR_IGNORED_KEYS,
   });
   return image === undefined
     ? sectionValues(data, DEFAULT_SECTION)

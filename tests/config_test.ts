@@ -437,6 +437,18 @@ Deno.test("config: sarde refuses unknown sections and keys, naming file:line and
   });
 });
 
+Deno.test("config: keys of sardinecake 0.4 that mean nothing here are ignored, not errors", async () => {
+  // 0.4's own example files and docs use these; refusing them would break working setups.
+  const sarde04 = await load("[DEFAULT]\nraw = false\n[import]\nno_run = 1\nprint_uuid = true\n");
+  await withEnv({ SARDE_CONF_FILES: sarde04.files[0] }, async () => {
+    assert.equal(getBoolean(await sardeConfig("import", sardeKeys), "print-uuid"), true);
+  });
+  const executor04 = await load("[DEFAULT]\nverbosity = 2\n[x/*]\nomit_backingstore = yes\n");
+  await withEnv({ GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: executor04.files[0] }, async () => {
+    await executorConfig("x/y");
+  });
+});
+
 Deno.test("config: EXECUTOR_KEYS has every key lib/executor.ts reads", async () => {
   const source = await Deno.readTextFile(new URL("../lib/executor.ts", import.meta.url));
   const read = [...source.matchAll(/\bget[A-Z]\w*\(ini, "([^"]+)"/g)].map((m) => m[1]);
