@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { digestFile } from "../lib/digest.ts";
 import * as api from "../mod.ts";
-import { listFiles, makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
+import { listFiles, makeImage, run, sarde, spawnSarde, tempDir } from "./support/images.ts";
 import {
   freePort,
   startBlackHole,
@@ -758,30 +758,14 @@ Deno.test("retries: a refused connection to a loopback registry is retried (no -
   assert.equal((await sarde(["push", "-d", join(work, "s"), `${reg.host}/late/img:v1`])).code, 0);
   // Nothing listens on `port` until the fetch said it will retry; then a forwarder starts there.
   const port = freePort();
-  const child = new Deno.Command(SARDE, {
-    args: ["fetch", "-d", join(work, "f"), `127.0.0.1:${port}/late/img:v1`],
+  const fetch = spawnSarde(["fetch", "-d", join(work, "f"), `127.0.0.1:${port}/late/img:v1`], {
     env: { SARDE_RETRY_BASE_MS: "1000" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stdout = new Response(child.stdout).text();
-  let stderr = "";
-  let forwarder: Awaited<ReturnType<typeof startForwarder>> | undefined;
-  try {
-    for await (const piece of child.stderr.pipeThrough(new TextDecoderStream())) {
-      stderr += piece;
-      if (!forwarder && /refused; retrying/.test(stderr)) {
-        forwarder = await startForwarder(reg, port);
-      }
-    }
-    const status = await child.status;
-    assert.ok(forwarder, `the refused connection was retried: ${stderr}`);
-    assert.equal(status.code, 0, stderr);
-    assert.equal((await stdout).trim(), img.manifestDigest);
-  } finally {
-    await forwarder?.stop();
-  }
+  });
+  await fetch.stderrMatches(/refused; retrying/);
+  await using _forwarder = await startForwarder(reg, port);
+  const r = await fetch.done();
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout.trim(), img.manifestDigest);
   await Deno.remove(work, { recursive: true });
 });
 
