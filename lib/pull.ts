@@ -6,6 +6,7 @@
  */
 
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
+import { checkVmName } from "./libvirt.ts";
 import { formatLocalName, type Reference } from "./reference.ts";
 import { fetchImage, type TransferOptions, type TransferResult } from "./transfer.ts";
 
@@ -30,6 +31,8 @@ export interface PullOptions {
  * complete in the store; a failure on either side stops the other and is the error thrown.
  */
 export async function pullImage(target: Reference, options: PullOptions): Promise<ImportResult> {
+  // A bad name is refused before the download, not after the first manifest of many GB.
+  if (options.import.name !== undefined) checkVmName(options.import.name);
   const source = options.source ?? target;
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;

@@ -378,6 +378,10 @@ Deno.test("bad input: malformed reference, missing tag, refused connection", asy
   const missingDigest = await sarde(["fetch", "-d", work, `${reg.host}/nothing/here@${zero}`]);
   assert.equal(missingDigest.code, 3, missingDigest.stderr);
   assert.match(missingDigest.stderr, new RegExp(`nothing/here@${zero}`), "named as written");
+  // A bad VM name is refused before any download (nothing listens on port 1).
+  const badName = await sarde(["pull", "-d", work, "-n", "n".repeat(300), "127.0.0.1:1/x:v1"]);
+  assert.equal(badName.code, 2, badName.stderr);
+  assert.match(badName.stderr, /invalid VM name .*300 bytes long/);
 
   const refused = await sarde(["fetch", "-d", work, "127.0.0.1:1/nothing/here:v9"], {
     env: FAST_RETRY,
