@@ -8,7 +8,7 @@ import { createHttpClient, type HttpClient } from "../lib/http.ts";
 import { startBlackHole } from "./support/proxy.ts";
 import { makeTlsFiles } from "./support/registry.ts";
 
-const TIMEOUT_MS = 2000;
+const TIMEOUT_MS = 3000;
 
 async function elapsedOf(fn: () => Promise<unknown>): Promise<[number, unknown]> {
   const t0 = performance.now();
@@ -27,9 +27,10 @@ Deno.test("http: a server that accepts and never answers (nor the TLS handshake)
       client.send({ method: "GET", url: new URL(`${scheme}://${hole.host}/v2/`) })
     );
     client.close();
-    assert.match(String(err), /no answer within 2 s \(response timeout\)/, scheme);
-    // Deno's node:https armed the socket timer only after the handshake: 2× the timeout.
-    assert.ok(ms < TIMEOUT_MS * 1.6, `${scheme}: gave up after ${ms.toFixed(0)} ms`);
+    assert.match(String(err), /no answer within 3 s \(response timeout\)/, scheme);
+    // Deno's node:https armed the socket timer only after the handshake: 2× the timeout. The
+    // slack (1.5 s) is for a loaded machine; the fault doubles the time.
+    assert.ok(ms < TIMEOUT_MS * 1.5, `${scheme}: gave up after ${ms.toFixed(0)} ms`);
   }
 });
 
