@@ -468,6 +468,12 @@ Deno.test("config: the example sarde.ini parses, and its documented keys have th
     // Every documented key is a known key of its section.
     for (const { name } of sardeKeys) await sardeConfig(name, sardeKeys);
   });
+  // And every key of every command is documented, in [DEFAULT] or in the command's section.
+  for (const { name, keys } of sardeKeys) {
+    const documented = sectionValues(on, name);
+    const missing = keys.filter((k) => !(k in documented));
+    assert.deepEqual(missing, [], `[${name}] keys missing in examples/sarde.ini`);
+  }
   await withEnv({ HOME: "/home/s" }, () => {
     const d = sectionValues(on, DEFAULT_SECTION);
     for (
