@@ -88,13 +88,16 @@ export interface HttpClient {
   close(): void;
 }
 
+/** Connections an {@link HttpClient} opens to one host at most; more requests wait for one. */
+export const MAX_SOCKETS = 16;
+
 /** Creates an {@link HttpClient} for the given TLS settings. */
 export function createHttpClient(options: TransportOptions = {}): HttpClient {
   const timeoutMs = options.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS;
-  const httpAgent = new http.Agent({ keepAlive: true, maxSockets: 16 });
+  const httpAgent = new http.Agent({ keepAlive: true, maxSockets: MAX_SOCKETS });
   const httpsAgent = new https.Agent({
     keepAlive: true,
-    maxSockets: 16,
+    maxSockets: MAX_SOCKETS,
     rejectUnauthorized: options.tlsVerify !== false,
     ...(options.caCerts?.length ? { ca: options.caCerts } : {}),
   });
@@ -242,15 +245,15 @@ function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<H
     cr.setTimeout(timeoutMs, () => cr.destroy(new TimeoutError(timeoutMs, settled)));
     // Deno's node:https arms that timer only once the TLS handshake is done, so a server that
     // accepts and never answers the handshake was waited for twice as long (measured: 4.1 s
-    // for 2 s); a timer of our own covers connecting and the handshake.
-    const connecting = setTimeout(
-      () => cr.destroy(new TimeoutError(timeoutMs, false)),
-      timeoutMs,
-    );
+    // for 2 s); a timer of our own covers connecting and the handshake. It starts when the agent
+    // hands out a socket, not before: a request queued behind the agent's busy sockets (more
+    // than 16 at once with a high -j) is not late.
+    let connecting: ReturnType<typeof setTimeout> | undefined;
     const connected = () => clearTimeout(connecting);
     cr.once("socket", (socket) => {
       // A kept-alive socket is connected (and past its handshake) already.
-      if (!(socket as { connecting?: boolean }).connecting) return connected();
+      if (!(socket as { connecting?: boolean }).connecting || settled) return;
+      connecting = setTimeout(() => cr.destroy(new TimeoutError(timeoutMs, false)), timeoutMs);
       socket.once(isHttps ? "secureConnect" : "connect", connected);
     });
     cr.once("response", connected);

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { createHttpClient, type HttpClient } from "../lib/http.ts";
+import { createHttpClient, type HttpClient, MAX_SOCKETS } from "../lib/http.ts";
 import { startBlackHole } from "./support/proxy.ts";
 import { makeTlsFiles } from "./support/registry.ts";
 
@@ -69,5 +69,42 @@ Deno.test("http: a slow upload that keeps sending is not cut by the timeout (fre
     client.close();
     await server.shutdown();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("http: requests queued behind busy sockets (more slow uploads than sockets) are not timed out", async () => {
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    async (req) => new Response(`got ${(await req.arrayBuffer()).byteLength}`),
+  );
+  const client = createHttpClient({ responseTimeoutMs: TIMEOUT_MS });
+  try {
+    // Each upload keeps sending for 1.2× the timeout, so the ones waiting for a socket start
+    // their own after more than the timeout: the timeout must count from their socket.
+    const slowBody = {
+      length: 4,
+      async *stream() {
+        for (let i = 0; i < 4; i++) {
+          await new Promise((r) => setTimeout(r, TIMEOUT_MS * 0.3));
+          yield new Uint8Array([i]);
+        }
+      },
+    };
+    const answers = await Promise.allSettled(
+      Array.from({ length: MAX_SOCKETS + 4 }, async () => {
+        const res = await client.send({
+          method: "PUT",
+          url: new URL(`http://127.0.0.1:${server.addr.port}/upload`),
+          body: slowBody,
+        });
+        return new TextDecoder().decode(await res.bytes(100));
+      }),
+    );
+    const failed = answers.flatMap((a) => a.status === "rejected" ? [String(a.reason)] : []);
+    assert.deepEqual(failed, [], "every upload got its answer");
+    assert.ok(answers.every((a) => a.status === "fulfilled" && a.value === "got 4"));
+  } finally {
+    client.close();
+    await server.shutdown();
   }
 });
