@@ -6,6 +6,7 @@
 
 import { basename, dirname, isAbsolute, join } from "node:path";
 import { fail } from "./errors.ts";
+import { debug } from "./log.ts";
 
 /** A temp-file name beside `path`, hidden and unique, so a rename into place is atomic. */
 export function tempPathBeside(path: string): string {
@@ -88,8 +89,10 @@ export interface LockOptions {
    */
   folderMustExist?: boolean;
   /**
-   * Go on without a lock when the lock file cannot be made for lack of permission (a store
-   * this user may only read: nobody removes anything from it on this user's behalf).
+   * Go on without a lock when the lock file cannot be made for lack of permission or on a
+   * read-only file system but its folder exists (a store this user may only read: nobody
+   * removes anything from it on this user's behalf). Without it, that is an `io` error naming
+   * the lock file.
    */
   optional?: boolean;
 }
@@ -120,13 +123,20 @@ async function acquire(
     let file: Deno.FsFile;
     try {
       if (!options.folderMustExist) await Deno.mkdir(dirname(path), { recursive: true });
-      file = await Deno.open(path, { read: true, write: true, create: true }).catch((err) =>
-        // flock works on a file opened for reading too.
-        isPermissionError(err) ? Deno.open(path, { read: true }) : Promise.reject(err)
-      );
+      file = await openLockFile(path);
     } catch (err) {
-      if (options.optional && isPermissionError(err)) return unlocked;
-      if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
+      let missing = err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory;
+      if (options.optional && isPermissionError(err)) {
+        // A folder this user may only read (or on a read-only mount): nobody removes anything
+        // from it on this user's behalf, so it is used unlocked, without writing into it.
+        const there = await exists(dirname(path)).catch(() => undefined);
+        if (there) {
+          debug(`using ${dirname(path)} unlocked: cannot make ${path} (${osReason(err)})`);
+          return unlocked;
+        }
+        missing = there === false;
+      }
+      if (missing) {
         // The folder went between mkdir and open (a removal racing us): make it again.
         if (!options.folderMustExist && attempt < 100) continue;
         throw fail("not-found", `cannot lock ${path}: ${dirname(path)} does not exist`);
@@ -153,6 +163,25 @@ async function acquire(
   }
 }
 
+/**
+ * Opens a lock file, made if needed. One this user may not write is opened for reading (flock
+ * works on that too); one it may not make either fails with the reason it cannot be made, never
+ * as "not found", which would say the folder is gone.
+ */
+async function openLockFile(path: string): Promise<Deno.FsFile> {
+  try {
+    return await Deno.open(path, { read: true, write: true, create: true });
+  } catch (err) {
+    if (!isPermissionError(err)) throw err;
+    try {
+      return await Deno.open(path, { read: true });
+    } catch (readErr) {
+      throw readErr instanceof Deno.errors.NotFound ? err : readErr;
+    }
+  }
+}
+
+/** Lack of permission (EACCES, EPERM) or a read-only file system (EROFS). */
 function isPermissionError(err: unknown): boolean {
   return err instanceof Deno.errors.PermissionDenied ||
     (err as { code?: string })?.code === "EROFS";

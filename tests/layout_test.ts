@@ -19,7 +19,7 @@ import {
   writeIndex,
 } from "../lib/layout.ts";
 import { type Descriptor, type ImageIndex, MediaType, REF_NAME_ANNOTATION } from "../lib/oci.ts";
-import { listFiles, makeImage, sarde, tempDir } from "./support/images.ts";
+import { listFiles, makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
 
 async function tempLayout() {
@@ -194,6 +194,147 @@ Deno.test({
         assert.match(r.stderr, expected, args.join(" "));
         assert.doesNotMatch(r.stderr, /bug|\n\s+at /, `${args[0]}: no stack trace`);
         assert.ok(r.stderr.trim().split("\n").length <= 2, `${args[0]}: one line plus a hint`);
+      }
+    } finally {
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+/** Runs the sarde CLI as the unprivileged user `nobody`, with a Deno cache folder it owns. */
+async function sardeAsNobody(args: string[], denoDir: string) {
+  return await run(
+    "setpriv",
+    ["--reuid=65534", "--regid=65534", "--clear-groups", SARDE, ...args],
+    { env: { DENO_DIR: denoDir, HOME: denoDir } },
+  );
+}
+
+function assertOneLineError(r: { code: number; stderr: string }, expected: RegExp, what: string) {
+  assert.notEqual(r.code, 0, `${what} must fail`);
+  assert.match(r.stderr, expected, what);
+  assert.doesNotMatch(r.stderr, /bug|\n\s+at /, `${what}: no stack trace`);
+  assert.ok(r.stderr.trim().split("\n").length <= 2, `${what}: one line plus a hint: ${r.stderr}`);
+}
+
+Deno.test({
+  name:
+    "a store this user may only read: list, getconfig and push read it unlocked; fetch and rm fail naming the lock",
+  ignore: Deno.uid() !== 0, // needs to own the store and run as another user
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const work = await tempDir("readonly");
+    const denoDir = await tempDir("nobody-deno");
+    await using reg = await startRegistry("plain");
+    try {
+      await Deno.chmod(work, 0o755); // readable, not writable, by others
+      await Deno.chown(denoDir, 65534, 65534);
+      const ref = `${reg.host}/sardines/readonly:v1`;
+      const made = await makeImage(work, ref, [{ size: 4096 }]);
+      assert.equal((await sarde(["push", "-d", work, ref])).code, 0);
+      // As skopeo, sardinecake 0.4 or an older sarde leave a layout: no lock files.
+      for (const f of [".sarde.use", ".sarde.lock"]) {
+        await Deno.remove(join(made.dir, f)).catch(() => {});
+      }
+      const before = await listFiles(work);
+      const asNobody = (args: string[]) => sardeAsNobody(args, denoDir);
+      const version = await asNobody(["--version"]);
+      assert.equal(
+        version.code,
+        0,
+        `user nobody cannot run ${SARDE} (the checkout and its Deno must be readable by others): ${version.stderr}`,
+      );
+
+      for (const round of ["no lock files", "lock files made by root"]) {
+        const ls = await asNobody(["list", "-d", work, "--format", "json"]);
+        assert.equal(ls.code, 0, `${round}: ${ls.stderr}`);
+        assert.deepEqual(
+          JSON.parse(ls.stdout).map((e: { name: string; tag: string }) => `${e.name}:${e.tag}`),
+          [`${reg.host}/sardines/readonly:v1`],
+          round,
+        );
+        assert.equal(ls.stderr, "", round);
+        const cfg = await asNobody(["getconfig", "-d", work, ref]);
+        assert.equal(cfg.code, 0, `${round}: ${cfg.stderr}`);
+        assert.deepEqual(JSON.parse(cfg.stdout).users, [{ username: "root", password: "sarde" }]);
+        const push = await asNobody(["push", "-d", work, ref]);
+        assert.equal(push.code, 0, `${round}: ${push.stderr}`);
+
+        const fetch = await asNobody(["fetch", "-d", work, ref]);
+        assertOneLineError(
+          fetch,
+          new RegExp(`${made.dir}/\\S+: permission denied`),
+          `fetch, ${round}`,
+        );
+        const rm = await asNobody(["rm", "-d", work, ref]);
+        assertOneLineError(rm, new RegExp(`${made.dir}/\\S+: permission denied`), `rm, ${round}`);
+        if (round === "no lock files") {
+          assert.deepEqual(await listFiles(work), before, "the readers wrote nothing");
+          assert.match(fetch.stderr, /cannot lock .*\/\.sarde\.use: permission denied/);
+        }
+        // Root's commands make the lock files (0644): nobody's readers then lock them read-only.
+        assert.equal((await sarde(["fetch", "-d", work, ref])).code, 0);
+        assert.equal((await sarde(["list", "-d", work])).code, 0);
+      }
+    } finally {
+      await Deno.remove(work, { recursive: true });
+      await Deno.remove(denoDir, { recursive: true });
+    }
+  },
+});
+
+/** Whether this process may mount file systems (root with CAP_SYS_ADMIN, not in every container). */
+async function canMount(): Promise<boolean> {
+  if (Deno.uid() !== 0) return false;
+  const dir = await Deno.makeTempDir({ prefix: "sarde-mount-probe-" });
+  try {
+    const r = await run("mount", ["-t", "tmpfs", "-o", "ro,size=4k", "tmpfs", dir]);
+    if (r.code !== 0) return false;
+    await run("umount", [dir], { check: true });
+    return true;
+  } finally {
+    await Deno.remove(dir);
+  }
+}
+
+Deno.test({
+  name:
+    "a store on a read-only mount: list and getconfig read it unlocked; fetch fails naming the lock",
+  ignore: !await canMount(),
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const work = await tempDir("rofs");
+    await using reg = await startRegistry("plain");
+    const store = join(work, "store");
+    const mounted = join(work, "mounted");
+    try {
+      const ref = `${reg.host}/sardines/rofs:v1`;
+      const made = await makeImage(store, ref, [{ size: 4096 }]);
+      assert.equal((await sarde(["push", "-d", store, ref])).code, 0);
+      for (const f of [".sarde.use", ".sarde.lock"]) {
+        await Deno.remove(join(made.dir, f)).catch(() => {});
+      }
+      await Deno.mkdir(mounted);
+      await run("mount", ["--bind", "-o", "ro", store, mounted], { check: true });
+      try {
+        const ls = await sarde(["list", "-d", mounted, "--format", "json"]);
+        assert.equal(ls.code, 0, ls.stderr);
+        assert.deepEqual(JSON.parse(ls.stdout).map((e: { name: string }) => e.name), [
+          `${reg.host}/sardines/rofs`,
+        ]);
+        assert.equal(ls.stderr, "");
+        const cfg = await sarde(["getconfig", "-d", mounted, ref]);
+        assert.equal(cfg.code, 0, cfg.stderr);
+        assert.deepEqual(JSON.parse(cfg.stdout).users, [{ username: "root", password: "sarde" }]);
+        assertOneLineError(
+          await sarde(["fetch", "-d", mounted, ref]),
+          /cannot lock .*rofs\/\.sarde\.use: read-only file system/,
+          "fetch",
+        );
+      } finally {
+        await run("umount", [mounted], { check: true });
       }
     } finally {
       await Deno.remove(work, { recursive: true });
