@@ -10,6 +10,7 @@ import { join, relative, resolve, sep } from "node:path";
 import { fail } from "./errors.ts";
 import { checkDir } from "./fsutil.ts";
 import { isLayout } from "./layout.ts";
+import { warn } from "./log.ts";
 import type { Reference } from "./reference.ts";
 
 /**
@@ -48,12 +49,16 @@ export async function findLayouts(ocidir: string): Promise<{ name: string; dir: 
   const found: { name: string; dir: string }[] = [];
   if (!await checkDir(root, "the local store", "choose another one with --ocidir")) return found;
   const walk = async (dir: string, depth: number) => {
-    if (await isLayout(dir)) found.push({ name: relative(root, dir) || ".", dir });
-    if (depth > 16) return;
     let entries: Deno.DirEntry[] = [];
     try {
+      if (await isLayout(dir)) found.push({ name: relative(root, dir) || ".", dir });
+      if (depth > 16) return;
       for await (const e of Deno.readDir(dir)) entries.push(e);
-    } catch {
+    } catch (err) {
+      // Another user's folder in a shared store: the rest of the store is still worth listing.
+      if (err instanceof Deno.errors.PermissionDenied) {
+        warn(`skipping ${dir}: permission denied`);
+      }
       return;
     }
     entries = entries.filter((e) => e.isDirectory && e.name !== "blobs" && !e.name.startsWith("."));

@@ -277,6 +277,16 @@ Deno.test({
         assert.equal((await sarde(["fetch", "-d", work, ref])).code, 0);
         assert.equal((await sarde(["list", "-d", work])).code, 0);
       }
+      // Another user's private repository in a shared store: skipped with a warning.
+      await makeImage(work, "private/hidden:v1", [{ size: 4096 }]);
+      await Deno.chmod(join(work, "private"), 0o700);
+      const ls = await asNobody(["list", "-d", work, "--format", "json"]);
+      assert.equal(ls.code, 0, ls.stderr);
+      assert.deepEqual(JSON.parse(ls.stdout).map((e: { name: string }) => e.name), [
+        `${reg.host}/sardines/readonly`,
+      ]);
+      assert.match(ls.stderr, /skipping .*\/private: permission denied/);
+      assert.doesNotMatch(ls.stderr, /bug|\n\s+at /, "no stack trace");
     } finally {
       await Deno.remove(work, { recursive: true });
       await Deno.remove(denoDir, { recursive: true });
