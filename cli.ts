@@ -15,6 +15,7 @@ import {
   expandHome,
   getString,
   parseDuration,
+  parsePositiveDuration,
   sardeConfig,
 } from "./lib/config.ts";
 import { SardeError } from "./lib/errors.ts";
@@ -66,13 +67,6 @@ function counterOption(flags: string, description: string): Option {
     .default(0);
   parsers.set(option, (text, what) => parseIntInRange(text, what, 0));
   return option;
-}
-
-/** A duration in milliseconds that must not be zero. */
-function parsePositiveDuration(text: string, what: string): number {
-  const ms = parseDuration(text, what);
-  if (ms > 0) return ms;
-  throw new SardeError("usage", `invalid ${what} '${text}' (must be longer than 0)`);
 }
 
 /**

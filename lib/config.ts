@@ -475,6 +475,16 @@ export function parseDuration(text: string, what = "duration"): number {
   return ms;
 }
 
+/**
+ * A duration in milliseconds (see {@link parseDuration}) that must not be zero: a timeout of 0
+ * would fail every request at once. `sarde`'s options and the executor's INI keys share it.
+ */
+export function parsePositiveDuration(text: string, what = "duration"): number {
+  const ms = parseDuration(text, what);
+  if (ms > 0) return ms;
+  throw fail("usage", `invalid ${what} '${text}' (must be longer than 0)`);
+}
+
 /** A duration in **milliseconds** (see {@link parseDuration}). Unset or empty gives `fallback`. */
 export function getDuration(values: Record<string, string>, key: string): number | undefined;
 /** A duration in milliseconds, or `fallback` (also in milliseconds) when unset or empty. */

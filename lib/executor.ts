@@ -20,13 +20,15 @@
 import { isAbsolute, join } from "node:path";
 import { cloneVm } from "./clone.ts";
 import {
+  atOrigin,
   executorConfig,
   fnmatch,
   getBoolean,
-  getDuration,
   getList,
   getPath,
   getString,
+  parseDuration,
+  parsePositiveDuration,
 } from "./config.ts";
 import { childElement, childElements, type DomainDoc, QEMU_NS, removeElement } from "./domain.ts";
 import { describeError, fail, SardeError } from "./errors.ts";
@@ -168,21 +170,45 @@ function readJobResponse(env: Env): JobResponse {
   };
 }
 
+/** Refuses an INI value, naming its `file:line` and section as `sarde`'s INI errors do. */
+function badValue(ini: Record<string, string>, key: string, why: (what: string) => string): never {
+  return atOrigin(ini, key, (what) => {
+    throw fail("usage", why(what));
+  });
+}
+
+/**
+ * A duration key through the parser of `sarde`'s option of the same name: timeouts must be longer
+ * than 0 (`Math.min(…, 0)` would fail every registry request at once), `retry-timeout` may be 0
+ * (no retries). Unset or empty: undefined.
+ */
+function durationValue(
+  ini: Record<string, string>,
+  key: string,
+  parse: (text: string, what: string) => number = parsePositiveDuration,
+): number | undefined {
+  const text = getString(ini, key)?.trim();
+  return text ? atOrigin(ini, key, (what) => parse(text, what)) : undefined;
+}
+
 /** The INI values of the executor as {@link JobSettings} (without the job's own values). */
 function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "jobPullPolicy"> {
   const vmdir = getPath(ini, "vmdir") ?? defaultVmdir();
-  const policies = (getList(ini, "pull-policy") ?? ["if-not-present"]).map((p) => p.toLowerCase());
+  const listed = getList(ini, "pull-policy")?.map((p) => p.toLowerCase());
+  // Empty means "not set", as for every other key.
+  const policies = listed?.length ? listed : ["if-not-present"];
   for (const p of policies) {
     if (!(PULL_POLICIES as readonly string[]).includes(p)) {
-      throw fail(
-        "usage",
-        `invalid pull-policy '${p}' in the executor INI (if-not-present, always or never)`,
+      badValue(
+        ini,
+        "pull-policy",
+        (what) => `invalid ${what} '${p}' (${PULL_POLICIES.join(", ")})`,
       );
     }
   }
-  const network = (getString(ini, "network") ?? "libvirt").toLowerCase();
+  const network = (getString(ini, "network")?.trim() || "libvirt").toLowerCase();
   if (!["user", "libvirt", "default"].includes(network)) {
-    throw fail("usage", `invalid network '${network}' in the executor INI (user or libvirt)`);
+    badValue(ini, "network", (what) => `invalid ${what} '${network}' (user or libvirt)`);
   }
   return {
     image: getString(ini, "image") || undefined,
@@ -190,9 +216,9 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     ocidir: getPath(ini, "ocidir") ?? defaultOcidir(),
     vmdir,
     clonedir: getPath(ini, "clonedir") ?? vmdir,
-    timeoutMs: getDuration(ini, "timeout") ?? 300_000,
-    responseTimeoutMs: getDuration(ini, "response-timeout"),
-    retryTimeoutMs: getDuration(ini, "retry-timeout"),
+    timeoutMs: durationValue(ini, "timeout") ?? 300_000,
+    responseTimeoutMs: durationValue(ini, "response-timeout"),
+    retryTimeoutMs: durationValue(ini, "retry-timeout", parseDuration),
     prepareScript: getPath(ini, "prepare-script"),
     username: getString(ini, "username"),
     password: getString(ini, "password"),
@@ -203,7 +229,7 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     pullPolicies: policies as PullPolicy[],
     network: network === "user" ? "user" : "libvirt",
     networkRestrict: getBoolean(ini, "network-restrict") ?? false,
-    maxJobAgeMs: getDuration(ini, "max-job-age") ?? MAX_JOB_AGE_MS,
+    maxJobAgeMs: durationValue(ini, "max-job-age") ?? MAX_JOB_AGE_MS,
     domainType: getString(ini, "domain-type") || undefined,
     authfile: getPath(ini, "authfile"),
     insecure: getBoolean(ini, "insecure"),

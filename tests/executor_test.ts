@@ -934,6 +934,41 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "executor: bad INI values (0 timeouts, unknown pull-policy or network) fail config at file:line",
+  ...opts,
+  fn: async () => {
+    const cases: [string, string, RegExp][] = [
+      ["timeout", "0", /invalid \[DEFAULT\] timeout '0' \(must be longer than 0\)/],
+      ["response-timeout", "0s", /invalid \[DEFAULT\] response-timeout '0s' \(must be longer/],
+      ["max-job-age", "0m", /invalid \[DEFAULT\] max-job-age '0m' \(must be longer than 0\)/],
+      ["timeout", "soon", /invalid \[DEFAULT\] timeout 'soon'/],
+      ["pull-policy", "always, sometimes", /invalid \[DEFAULT\] pull-policy 'sometimes'/],
+      ["network", "bridge", /invalid \[DEFAULT\] network 'bridge'/],
+    ];
+    for (const [key, value, message] of cases) {
+      await using ws = await workspace("badini", { [key]: value });
+      const line = (await Deno.readTextFile(ws.ini)).split("\n")
+        .findIndex((l) => l.startsWith(`${key} = `)) + 1;
+      const job = await ws.run({ image: "127.0.0.1:1/sardines/tiny:latest" });
+      const info = `${key} = ${value}:\n${describeJob(job)}`;
+      assert.equal(job.outcome, "system_failure", info);
+      assert.equal(job.failedStage, "config", info);
+      const config = callOf(job, "config");
+      assert.equal(config.code, 2, info);
+      assert.ok(config.stderr.includes(`${ws.ini}:${line}: `), `file:line in ${info}`);
+      assert.match(config.stderr, message, info);
+      assert.doesNotMatch(config.stderr, /\n\s+at /, info);
+    }
+    // retry-timeout = 0 means "no retries": config accepts it (prepare fails on the missing image).
+    await using ws = await workspace("badini", { "retry-timeout": "0" });
+    const job = await ws.run({});
+    assert.equal(job.outcome, "script_failure", describeJob(job));
+    assert.match(callOf(job, "prepare").stderr, /names no image/);
+  },
+});
+
+Deno.test({
   name: "executor: (teardown) stop the job images' registry",
   ...opts,
   fn: async () => {
