@@ -118,8 +118,8 @@ const MAX_JOB_AGE_MS = 24 * 3600_000;
 
 /**
  * Errors the job's author made (no or a refused image, a bad reference, a pull policy the runner
- * does not allow, an image the registry does not have): build failures, which the runner does
- * not retry, rather than system failures.
+ * does not allow, an image the registry does not have or will not give): build failures, which
+ * the runner does not retry, rather than system failures.
  */
 const jobFaults = new WeakSet<object>();
 
@@ -513,7 +513,8 @@ const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
 /**
  * The job image's base VM: imported from the local store, or pulled first (download and import
- * at once) as the pull policy says. An image the registry does not have is the job's fault.
+ * at once) as the pull policy says. An image the registry does not have, or refuses to give
+ * before its manifest, is the job's fault.
  */
 async function baseVm(
   s: JobSettings,
@@ -569,7 +570,18 @@ async function baseVm(
     });
     return pulled.name;
   } catch (err) {
-    if (!found && err instanceof SardeError && err.kind === "not-found") throw jobFault(err);
+    if (found || !(err instanceof SardeError)) throw err;
+    if (err.kind === "not-found") throw jobFault(err);
+    // Docker Hub, GHCR and anonymous Harbor refuse (401/403) repositories that do not exist
+    // rather than say so: a refusal before the manifest is most likely a wrong image name.
+    if (err.kind === "auth") {
+      throw jobFault(
+        new SardeError("auth", err.message, {
+          hint: "does the image exist, and may this runner pull it?",
+          cause: err,
+        }),
+      );
+    }
     throw err;
   }
 }

@@ -22,7 +22,7 @@ import {
   runJob,
   type RunJobOptions,
 } from "./support/runner.ts";
-import { startBlackHole, startFaultyProxy } from "./support/registry.ts";
+import { startBlackHole, startFaultyProxy, startRegistry } from "./support/registry.ts";
 import { ensureLibvirtd, makeVmDir, removeVmDir, shTry, TEST_URI } from "./support/vms.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -965,6 +965,35 @@ Deno.test({
     const job = await ws.run({});
     assert.equal(job.outcome, "script_failure", describeJob(job));
     assert.match(callOf(job, "prepare").stderr, /names no image/);
+  },
+});
+
+Deno.test({
+  name: "executor: a registry that refuses the job's image (401, no credentials) → build failure",
+  ...opts,
+  fn: async () => {
+    // Docker Hub, GHCR and anonymous Harbor answer 401/403 for repositories that do not exist.
+    await using reg = await startRegistry("htpasswd-tls");
+    await using ws = await workspace("denied", {
+      "cert-dir": reg.certDir,
+      authfile: "/nonexistent/auth.json",
+    });
+    const job = await ws.run({
+      image: `${reg.host}/sardines/no-such-image:latest`,
+      prepareAttempts: 3,
+      prepareRetryIntervalMs: 50,
+      env: { SARDE_REGISTRY_HOST: "", SARDE_REGISTRY_USERNAME: "", SARDE_REGISTRY_PASSWORD: "" },
+    });
+    const info = describeJob(job);
+    assert.equal(job.outcome, "script_failure", info);
+    assert.equal(job.failedStage, "prepare", info);
+    assert.equal(callsOf(job, "prepare").length, 1, `not retried: ${info}`);
+    const prep = callOf(job, "prepare");
+    assert.equal(prep.code, 1, info);
+    assert.match(prep.stderr, /requires authentication|access denied/, info);
+    assert.match(prep.stderr, /hint: does the image exist, and may this runner pull it\?/, info);
+    assert.ok(job.log.includes("does the image exist"), "the hint is in the job log");
+    await assertNothingLeft(ws, job);
   },
 });
 
