@@ -252,11 +252,15 @@ const VM_NAME = /^sarde-job-\d+-[0-9a-f]{16}$/;
 /**
  * The runner's per-job TMPDIR, where this job's VM name is kept. It must be a folder only this
  * user can write (the runner makes it with mode 0700 and removes it after cleanup), so that
- * nobody else can plant a name there.
+ * nobody else can plant a name there. Run as root through `sudo -E`, the folder is the runner
+ * user's: `SUDO_UID` names that user. sudo sets it to the uid of its caller, the runner, and jobs
+ * cannot set it (their variables arrive as `CUSTOM_ENV_*`); root trusts that user's folder as the
+ * runner itself does.
  */
 async function jobTmpDir(env: Env): Promise<string> {
   const dir = env.TMPDIR;
-  const hint = "gitlab-runner gives every job its own TMPDIR (mode 0700)";
+  const hint =
+    "gitlab-runner gives every job its own TMPDIR (mode 0700); as root through sudo, keep SUDO_UID";
   if (!dir || !isAbsolute(dir)) throw fail("io", "TMPDIR is not the runner's per-job folder", hint);
   let st: Deno.FileInfo;
   try {
@@ -264,8 +268,15 @@ async function jobTmpDir(env: Env): Promise<string> {
   } catch (err) {
     throw fail("io", `cannot use TMPDIR ${dir}: ${describeError(err)}`, hint);
   }
-  if (!st.isDirectory || st.uid !== Deno.uid() || ((st.mode ?? 0) & 0o022) !== 0) {
-    throw fail("io", `TMPDIR ${dir} is not a folder only this user can write`, hint);
+  const owners = [Deno.uid()];
+  if (Deno.uid() === 0 && /^\d+$/.test(env.SUDO_UID ?? "")) owners.push(Number(env.SUDO_UID));
+  if (!st.isDirectory || !owners.includes(st.uid) || ((st.mode ?? 0) & 0o022) !== 0) {
+    const mode = ((st.mode ?? 0) & 0o7777).toString(8).padStart(4, "0");
+    throw fail(
+      "io",
+      `TMPDIR ${dir} (owner uid ${st.uid}, mode ${mode}) is not a folder only this user can write`,
+      hint,
+    );
   }
   return dir;
 }

@@ -998,6 +998,49 @@ Deno.test({
 });
 
 Deno.test({
+  name: "executor: as root through sudo -E, the TMPDIR of SUDO_UID's user is accepted",
+  ...opts,
+  fn: async () => {
+    assert.equal(Deno.uid(), 0, "needs root");
+    await using ws = await workspace("sudo");
+    const other = 65534;
+    // The runner runs as `other`, the executor as root; no image, so prepare fails at once.
+    const cases: { what: string; o: RunJobOptions; accepted: boolean }[] = [
+      { what: "another user's TMPDIR", o: { env: { SUDO_UID: "" } }, accepted: false },
+      { what: "SUDO_UID of a third user", o: { env: { SUDO_UID: "1000" } }, accepted: false },
+      {
+        what: "SUDO_UID forged by a job variable",
+        o: { env: { SUDO_UID: "" }, variables: { SUDO_UID: String(other) } },
+        accepted: false,
+      },
+      {
+        what: "a group-writable TMPDIR of SUDO_UID's user",
+        o: { env: { SUDO_UID: String(other) }, tmpMode: 0o770 },
+        accepted: false,
+      },
+      { what: "SUDO_UID's TMPDIR", o: { env: { SUDO_UID: String(other) } }, accepted: true },
+    ];
+    for (const c of cases) {
+      const job = await ws.run({ ...c.o, tmpUid: other });
+      const info = `${c.what}:\n${describeJob(job)}`;
+      if (c.accepted) {
+        assert.equal(job.outcome, "script_failure", info);
+        assert.equal(callOf(job, "config").code, 0, info);
+        assert.match(callOf(job, "prepare").stderr, /names no image/, info);
+      } else {
+        assert.equal(job.outcome, "system_failure", info);
+        assert.equal(job.failedStage, "config", info);
+        assert.match(
+          callOf(job, "config").stderr,
+          /TMPDIR .* is not a folder only this user/,
+          info,
+        );
+      }
+    }
+  },
+});
+
+Deno.test({
   name: "executor: (teardown) stop the job images' registry",
   ...opts,
   fn: async () => {

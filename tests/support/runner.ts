@@ -283,6 +283,13 @@ export interface RunJobOptions {
   keepTmp?: boolean;
   /** Parent of the TMPDIRs. Default `Deno.makeTempDir`'s. */
   tmpRoot?: string;
+  /**
+   * Owner (uid) of the TMPDIRs, as when the runner runs as that user and the executor as root
+   * through `sudo -E` (needs root). Default: this process's user.
+   */
+  tmpUid?: number;
+  /** Mode of the TMPDIRs. Default 0700 (the runner's). */
+  tmpMode?: number;
   /** Echo every call's output live to stderr. Default: `SARDE_TEST_VERBOSE=1`. */
   verbose?: boolean;
 }
@@ -919,6 +926,11 @@ export async function runJob(opts: RunJobOptions = {}): Promise<JobResult> {
       JSON.stringify(jobResponse(opts, jobId, token, vars, masked)),
       { mode: 0o600 },
     );
+    if (opts.tmpUid !== undefined) {
+      await Deno.chown(tmpDir, opts.tmpUid, null);
+      await Deno.chown(join(tmpDir, "response.json"), opts.tmpUid, null);
+    }
+    if (opts.tmpMode !== undefined) await Deno.chmod(tmpDir, opts.tmpMode);
   };
   const removeTmp = async () => {
     if (!opts.keepTmp) await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
