@@ -108,6 +108,8 @@ interface JobState {
   image: string;
   /** The runner's per-job TMPDIR: the job is over once the runner removed it. */
   tmpDir: string;
+  /** The runner process: the job is over once it is gone (it never removes a TMPDIR then). */
+  runner?: ProcessId;
   host?: string;
   port?: number;
   user?: string;
@@ -115,6 +117,63 @@ interface JobState {
 }
 
 const MAX_JOB_AGE_MS = 24 * 3600_000;
+
+/** A process, told apart from a later one with the same PID by its start time. */
+interface ProcessId {
+  pid: number;
+  /** Field 22 of `/proc/<pid>/stat`: clock ticks after boot. */
+  startTime: number;
+}
+
+/** What `/proc/<pid>/stat` says about a process; undefined when there is no such process. */
+async function procStat(
+  pid: number,
+): Promise<{ comm: string; ppid: number; startTime: number } | undefined> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(`/proc/${pid}/stat`);
+  } catch {
+    return undefined;
+  }
+  // The name (field 2) is in parentheses and may hold spaces and ')': the rest follows the last.
+  const close = text.lastIndexOf(")");
+  const rest = text.slice(close + 2).split(" "); // from field 3 on
+  return {
+    comm: text.slice(text.indexOf("(") + 1, close),
+    ppid: Number(rest[4 - 3]),
+    startTime: Number(rest[22 - 3]),
+  };
+}
+
+/**
+ * Programs that may stand between the runner and the executor while a stage runs (`sudo -E`, a
+ * shell that did not `exec`), and end with the stage: the runner is the first ancestor that is
+ * none of them. bin/gitlab-sardinecake-executor `exec`s Deno, so it is not one of the ancestors.
+ */
+const LAUNCHERS = new Set(["sudo", "doas", "su", "runuser", "timeout", "sh", "bash", "dash"]);
+
+/** The runner process that started this stage, if /proc tells. */
+async function runnerProcess(): Promise<ProcessId | undefined> {
+  let pid = Deno.ppid;
+  for (let depth = 0; depth < 8 && pid > 0; depth++) {
+    const st = await procStat(pid);
+    if (!st) return undefined;
+    if (!LAUNCHERS.has(st.comm)) return { pid, startTime: st.startTime };
+    pid = st.ppid;
+  }
+  return undefined;
+}
+
+/**
+ * Whether the runner recorded in a job's state still runs: the same PID with the same start time.
+ * Unknown (no runner recorded, or no /proc to look in) counts as running: only the TMPDIR decides.
+ */
+async function runnerAlive(runner: unknown): Promise<boolean> {
+  const r = runner as Partial<ProcessId> | undefined;
+  if (typeof r?.pid !== "number" || typeof r.startTime !== "number") return true;
+  if (!await procStat(Deno.pid)) return true;
+  return (await procStat(r.pid))?.startTime === r.startTime;
+}
 
 /**
  * Errors the job's author made (no or a refused image, a bad reference, a pull policy the runner
@@ -458,9 +517,11 @@ async function removeJobVm(
  * Removes job VMs (and their folders) that crashed runners or failed cleanups left in clonedir.
  * A job VM is left behind only when both hold:
  * - it is older than `max-job-age`, and
- * - the runner's TMPDIR of its job is gone: the runner removes that folder after the job's
- *   cleanup, so no stage of that job will come any more. A job that runs longer than
- *   `max-job-age` still has its TMPDIR and is never touched.
+ * - its job is over: either the runner's TMPDIR of the job is gone (the runner removes that
+ *   folder after the job's cleanup, so no stage of that job will come any more), or the runner
+ *   process that ran the job is gone, or another process holds its PID now (a killed or OOM'd
+ *   runner never removes the TMPDIR, and /tmp is only cleaned at boot). A job that runs longer
+ *   than `max-job-age` still has its TMPDIR and its runner, and is never touched.
  * Folders without `job.json` are skipped: not a job's, or a prepare between clone and state.
  * Job VMs of earlier sarde versions recorded no TMPDIR; they go by age alone, as before.
  */
@@ -490,7 +551,10 @@ async function reapOldJobs(
     }
     const age = now - (state.createdAt ?? now);
     if (age <= s.maxJobAgeMs) continue;
-    if (typeof state.tmpDir === "string" && await exists(state.tmpDir)) continue;
+    if (
+      typeof state.tmpDir === "string" && await exists(state.tmpDir) &&
+      await runnerAlive(state.runner)
+    ) continue;
     info(`removing job VM ${name}, left behind ${Math.round(age / 60000)} min ago`);
     await removeJobVm(name, folder, s.connect).catch((err) =>
       warn(`reaping ${name}: ${describeError(err)}`)
@@ -650,6 +714,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     jobId: s.jobId,
     image,
     tmpDir: await Deno.realPath(await jobTmpDir(env)),
+    runner: await runnerProcess(),
     createdAt: Date.now(),
   };
   await writeState(jobDir, state);

@@ -16,8 +16,11 @@ import { ensureJobImage, GUEST_USER, type JobImages } from "./support/job_image.
 import { run, tempDir } from "./support/images.ts";
 import {
   callOf,
+  type CallResult,
   callsOf,
   describeJob,
+  EXECUTOR,
+  type JobContext,
   type JobResult,
   runJob,
   type RunJobOptions,
@@ -40,6 +43,12 @@ async function virsh(...args: string[]) {
 async function domState(name: string): Promise<string> {
   const r = await virsh("domstate", "--domain", name);
   return r.code === 0 ? r.stdout.trim() : "gone";
+}
+
+/** Field 22 of /proc/<pid>/stat: when the process started, in clock ticks after boot. */
+async function procStartTime(pid: number): Promise<number> {
+  const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[22 - 3]);
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -592,22 +601,69 @@ Deno.test({
     const img = await jobImages();
     // Every job is "old" at once: only whether its job is over may protect it from the reaper.
     await using ws = await workspace("forge", { "max-job-age": "1s" });
-    // Two job folders the reaper finds: one whose runner TMPDIR is gone, one whose is there.
-    const leftover = join(ws.clonedir, "sarde-job-1-00000000000000aa");
-    const liveOwner = join(ws.clonedir, "sarde-job-2-00000000000000bb");
-    for (const [dir, tmpDir] of [[leftover, join(ws.root, "gone")], [liveOwner, ws.root]]) {
-      await Deno.mkdir(dir, { recursive: true });
-      await Deno.writeTextFile(join(dir, "job.json"), JSON.stringify({ createdAt: 1, tmpDir }));
+    // Job folders the reaper finds. The runner of the live ones is this process (the fake
+    // runner); a dead runner is a process that has exited, a replaced one has our PID but
+    // another start time (the PID was reused).
+    const dead = new Deno.Command("true").spawn();
+    await dead.status;
+    const self = await procStartTime(Deno.pid);
+    const liveRunner = { pid: Deno.pid, startTime: self };
+    const jobFolders = {
+      // The runner removed the TMPDIR: the job is over.
+      tmpDirGone: { tmpDir: join(ws.root, "gone"), runner: liveRunner, reaped: true },
+      // The runner and the TMPDIR are there: a long job, never touched.
+      live: { tmpDir: ws.root, runner: liveRunner, reaped: false },
+      // An earlier sarde recorded no runner: the TMPDIR alone decides.
+      noRunner: { tmpDir: ws.root, runner: undefined, reaped: false },
+      // A killed runner leaves its TMPDIR behind: the job is over all the same.
+      runnerDead: {
+        tmpDir: ws.root,
+        runner: { pid: dead.pid, startTime: self },
+        reaped: true,
+      },
+      runnerReplaced: {
+        tmpDir: ws.root,
+        runner: { pid: Deno.pid, startTime: self + 1 },
+        reaped: true,
+      },
+    };
+    const folders = Object.entries(jobFolders).map(([what, f], i) => ({
+      what,
+      ...f,
+      dir: join(ws.clonedir, `sarde-job-${i + 1}-${String(i).padStart(16, "0")}`),
+    }));
+    for (const f of folders) {
+      await Deno.mkdir(f.dir, { recursive: true });
+      await Deno.writeTextFile(
+        join(f.dir, "job.json"),
+        JSON.stringify({ createdAt: 1, tmpDir: f.tmpDir, runner: f.runner }),
+      );
     }
+    // The runner each job's job.json names, read while the job runs.
+    const recorded: Record<string, unknown> = {};
+    const readRunner = (who: string) => async (c: CallResult, ctx: JobContext) => {
+      if (c.stage !== "get_sources") return;
+      const state = JSON.parse(await Deno.readTextFile(join(ws.jobDir(ctx.vmName), "job.json")));
+      recorded[who] = state.runner;
+    };
+    // The victim's stages run through `timeout`, which stays their parent as `sudo -E` does:
+    // the runner is the first ancestor that is no such launcher.
+    const throughLauncher = ["600", EXECUTOR];
     const secret = `VICTIM-SECRET-${crypto.randomUUID()}`;
     let forger: JobResult | undefined;
     let victimVmAfterForger = "";
     const victim = await ws.run({
       image: img.image,
       runnerShortToken: "stvictim",
+      executor: "timeout",
+      configArgs: throughLauncher,
+      prepareArgs: throughLauncher,
+      runArgs: throughLauncher,
+      cleanupArgs: throughLauncher,
       getSources: [`echo ${secret} >/root/victim-secret`],
       script: ["echo VICTIM-BUILD", "cat /root/victim-secret"],
       afterCall: async (c, ctx) => {
+        await readRunner("victim")(c, ctx);
         if (c.stage !== "get_sources") return;
         // The victim's VM is up and between two stages: a whole job of the forger runs now,
         // posing as the victim through its variables (GitLab lets them shadow predefined ones).
@@ -616,6 +672,7 @@ Deno.test({
           runnerShortToken: "stforger",
           variables: { CI_JOB_ID: String(ctx.jobId), CI_RUNNER_SHORT_TOKEN: "stvictim" },
           script: ["echo FORGER-BUILD", "cat /root/victim-secret || echo NO-SECRET-HERE"],
+          afterCall: readRunner("forger"),
         });
         victimVmAfterForger = await domState(ctx.vmName);
       },
@@ -641,8 +698,12 @@ Deno.test({
     assert.ok(!forger.runnerLog.includes(victim.vmName), forger.runnerLog);
     assert.ok(!victim.log.includes("FORGER-BUILD"), "no forger script ran in the victim's VM");
     for (const job of [victim, forger]) await assertNothingLeft(ws, job);
-    assert.ok(!(await exists(leftover)), "the reaper removed the job VM left behind");
-    assert.ok(await exists(liveOwner), "the reaper left the job whose runner TMPDIR is there");
+    for (const f of folders) {
+      assert.equal(!(await exists(f.dir)), f.reaped, `reaped ${f.what}: ${f.reaped}`);
+    }
+    // The runner is this process: the executor's parent (bin/gitlab-sardinecake-executor
+    // execs Deno), or the parent of the launcher in between.
+    assert.deepEqual(recorded, { victim: liveRunner, forger: liveRunner }, "the runner process");
   },
 });
 
