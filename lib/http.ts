@@ -242,7 +242,7 @@ function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<H
       resolve(wrapResponse(res, req.url));
     });
     // The socket's idle timer: while waiting for the answer, then for each piece of the body.
-    cr.setTimeout(timeoutMs, () => cr.destroy(new TimeoutError(timeoutMs, settled)));
+    cr.setTimeout(timeoutMs, () => abandon(cr, new TimeoutError(timeoutMs, settled)));
     // Deno's node:https arms that timer only once the TLS handshake is done, so a server that
     // accepts and never answers the handshake was waited for twice as long (measured: 4.1 s
     // for 2 s); a timer of our own covers connecting and the handshake. It starts when the agent
@@ -253,24 +253,36 @@ function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<H
     cr.once("socket", (socket) => {
       // A kept-alive socket is connected (and past its handshake) already.
       if (!(socket as { connecting?: boolean }).connecting || settled) return;
-      connecting = setTimeout(() => cr.destroy(new TimeoutError(timeoutMs, false)), timeoutMs);
+      connecting = setTimeout(() => abandon(cr, new TimeoutError(timeoutMs, false)), timeoutMs);
       socket.once(isHttps ? "secureConnect" : "connect", connected);
     });
     cr.once("response", connected);
     cr.once("close", connected);
     cr.on("error", onError);
     if (req.signal) {
-      if (req.signal.aborted) cr.destroy(new Error("aborted"));
-      req.signal.addEventListener("abort", () => cr.destroy(new AbortError()), { once: true });
+      if (req.signal.aborted) abandon(cr, new AbortError());
+      req.signal.addEventListener("abort", () => abandon(cr, new AbortError()), { once: true });
     }
     if (typeof body === "string" || body instanceof Uint8Array) {
       cr.end(body);
     } else if (body) {
-      writeStream(cr, body.stream()).catch((err) => cr.destroy(err));
+      writeStream(cr, body.stream()).catch((err) => abandon(cr, err));
     } else {
       cr.end();
     }
   });
+}
+
+/**
+ * Ends a request for good (timeout, interruption, a failed body). Deno's node:http sends a request
+ * again on a new connection when a kept-alive one closes before the answer (meant for one the
+ * server closed meanwhile), and takes a destroy of ours for that: the copy (also of a POST or a
+ * PUT) was sent at once and waited for without any timeout. `_retrying` is the flag with which
+ * it allows one such retry per request.
+ */
+function abandon(cr: http.ClientRequest, err: Error): void {
+  (cr as { _retrying?: boolean })._retrying = true;
+  cr.destroy(err);
 }
 
 /**

@@ -108,3 +108,42 @@ Deno.test("http: requests queued behind busy sockets (more slow uploads than soc
     await server.shutdown();
   }
 });
+
+Deno.test("http: a request timed out on a kept-alive socket fails once and is not sent again", async () => {
+  const seen: string[] = [];
+  const late = Promise.withResolvers<void>();
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
+    const path = new URL(req.url).pathname;
+    seen.push(`${req.method} ${path}`);
+    await req.body?.cancel();
+    if (path !== "/quick") await late.promise;
+    return new Response("ok");
+  });
+  // Slow answers come when the test ends, or long after the timeout should the client wait.
+  const lateTimer = setTimeout(late.resolve, TIMEOUT_MS * 4);
+  const client = createHttpClient({ responseTimeoutMs: TIMEOUT_MS });
+  const url = (path: string) => new URL(`http://127.0.0.1:${server.addr.port}${path}`);
+  try {
+    for (const method of ["POST", "GET"]) {
+      // A quick request first, so that the slow one goes out on a kept-alive socket: Deno's
+      // node:http sent it again on a new connection once it timed out, and waited for that one
+      // without any timeout.
+      await (await client.send({ method: "GET", url: url("/quick") })).discard();
+      const [ms, err] = await elapsedOf(() =>
+        client.send({ method, url: url("/slow"), body: method === "POST" ? "x" : undefined })
+      );
+      assert.match(String(err), new RegExp(`no answer within ${TIMEOUT_MS / 1000} s`), method);
+      assert.ok(ms < TIMEOUT_MS * 1.5, `${method}: gave up after ${ms.toFixed(0)} ms`);
+    }
+    assert.deepEqual(
+      seen,
+      ["GET /quick", "POST /slow", "GET /quick", "GET /slow"],
+      "each request reached the server once",
+    );
+  } finally {
+    client.close();
+    clearTimeout(lateTimer);
+    late.resolve();
+    await server.shutdown();
+  }
+});
