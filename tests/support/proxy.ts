@@ -1,9 +1,10 @@
 /**
  * In-process HTTP reverse proxies on 127.0.0.1 for registry tests: a body-size limiter (like a
  * reverse proxy with `client_max_body_size`), a fault injector (corrupted, cut or stalled blob
- * downloads, error statuses, HTML pages instead of registry answers) and a plain forwarder on a
- * chosen port; plus servers that are no registry at all: one answering `200` with HTML to
- * everything, and a black hole that accepts connections and never answers.
+ * downloads, error statuses, HTML pages instead of registry answers, rewritten or late answers)
+ * and a plain forwarder on a chosen port; plus servers that are no registry at all: one answering
+ * HTML (`200`, or another status) to everything, and a black hole that accepts connections and
+ * never answers. Every proxy and web server logs the requests it saw (`requests()`).
  *
  * The forwarder passes method, path, query, headers and bodies through (streamed), uses
  * `redirect: "manual"`, and rewrites `Location` headers that point at the upstream to the proxy.
@@ -30,11 +31,58 @@ export interface RunningProxy {
   port: number;
   /** Number of requests the proxy has seen so far. */
   hits(): number;
+  /** The requests seen so far, oldest first. */
+  requests(): SeenRequest[];
   /** Number of faults injected so far ({@link startFaultyProxy}; 0 for other proxies). */
   faults(): number;
   /** Stops the proxy (waits for open connections to finish). Idempotent. */
   stop(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** A request a proxy saw. */
+export interface SeenRequest {
+  method: string;
+  /** Path and query, e.g. `/v2/a/blobs/uploads/?mount=sha256:…&from=b`. */
+  path: string;
+  /** The request's `Content-Length` (undefined when it had none). */
+  contentLength?: number;
+}
+
+function seen(req: Request): SeenRequest {
+  const url = new URL(req.url);
+  const length = req.headers.get("content-length");
+  return {
+    method: req.method,
+    path: url.pathname + url.search,
+    ...(length === null ? {} : { contentLength: Number(length) }),
+  };
+}
+
+/**
+ * Kinds of registry requests a fault can be aimed at:
+ * - `blob-head`: `HEAD /v2/…/blobs/<digest>`
+ * - `manifest-put`: `PUT /v2/…/manifests/<reference>`
+ * - `mount`: `POST /v2/…/blobs/uploads/?mount=<digest>&from=<repository>`
+ * - `blob-commit`: the closing `PUT /v2/…/blobs/uploads/…?digest=<digest>` of an upload
+ */
+export type RequestKind = "blob-head" | "manifest-put" | "mount" | "blob-commit";
+
+/** Whether `req` is a request of `kind`. */
+export function isRequestOf(req: Request, kind: RequestKind): boolean {
+  const url = new URL(req.url);
+  switch (kind) {
+    case "blob-head":
+      return req.method === "HEAD" && BLOB_PATH.test(url.pathname);
+    case "manifest-put":
+      return req.method === "PUT" && /^\/v2\/.+\/manifests\/[^/]+$/.test(url.pathname);
+    case "mount":
+      return req.method === "POST" && /\/blobs\/uploads\/$/.test(url.pathname) &&
+        url.searchParams.has("mount");
+    case "blob-commit":
+      return req.method === "PUT" && /\/blobs\/uploads\/[^/]+$/.test(url.pathname) &&
+        url.searchParams.has("digest");
+  }
 }
 
 /** Faults {@link startFaultyProxy} can inject. */
@@ -50,8 +98,17 @@ export type Fault =
    * resume.
    */
   | { kind: "cut-blob"; afterBytes: number; times: number }
-  /** Answer the first `times` requests (of any kind) with `status` (and `Retry-After`). */
-  | { kind: "status"; status: number; times: number; retryAfter?: number }
+  /**
+   * Answer the first `times` requests (of any kind, or of the kind `requests`) with `status` (and
+   * `Retry-After`).
+   */
+  | {
+    kind: "status";
+    status: number;
+    times: number;
+    retryAfter?: number;
+    requests?: RequestKind;
+  }
   /**
    * Stop sending (without closing the connection) after `afterBytes` body bytes of a blob GET
    * response, for the first `times` responses longer than that. `Range` requests are forwarded.
@@ -66,7 +123,22 @@ export type Fault =
    * Hold every blob GET response longer than `afterBytes` after that many body bytes until
    * `until` resolves, then send the rest: a download surely in flight while a test acts.
    */
-  | { kind: "pause-blob"; afterBytes: number; until: Promise<void> };
+  | { kind: "pause-blob"; afterBytes: number; until: Promise<void> }
+  /**
+   * Forward requests of the kind `requests` and change the registry's answer: `status` replaces
+   * its status, `headers` sets (a string) or removes (null) headers.
+   */
+  | {
+    kind: "rewrite";
+    requests: RequestKind;
+    status?: number;
+    headers?: Record<string, string | null>;
+  }
+  /**
+   * Forward the first `times` requests of the kind `requests` at once (the registry acts on
+   * them) and hold back the registry's answer for `delayMs`.
+   */
+  | { kind: "late-answer"; requests: RequestKind; delayMs: number; times: number };
 
 /** Hooks of the generic forwarder. */
 interface ProxyHooks {
@@ -78,6 +150,8 @@ interface ProxyHooks {
   requestBody?(req: Request, body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array>;
   /** Turn a forwarding error into a response (e.g. 413 after a counting stream gave up). */
   onError?(req: Request, err: unknown): Response | undefined;
+  /** Change (or hold back) an upstream answer's status and headers before the client gets it. */
+  answer?(req: Request, res: { status: number; headers: Headers }): void | Promise<void>;
   /** Replace the response body stream before it goes to the client. */
   responseBody?(
     req: Request,
@@ -110,9 +184,9 @@ export function isBlobGet(req: Request): boolean {
 }
 
 /** A page a web server (not a registry) answers with. */
-function htmlPage(): Response {
+function htmlPage(status = 200): Response {
   return new Response("<!DOCTYPE html><html><body><h1>Welcome</h1></body></html>\n", {
-    status: 200,
+    status,
     headers: { "content-type": "text/html; charset=utf-8" },
   });
 }
@@ -137,11 +211,11 @@ async function startProxy(
   const client = target.caFile
     ? Deno.createHttpClient({ caCerts: [await Deno.readTextFile(target.caFile)] })
     : undefined;
-  let hits = 0;
+  const log: SeenRequest[] = [];
   let self = "";
 
   const handle = async (req: Request): Promise<Response> => {
-    hits++;
+    log.push(seen(req));
     const direct = hooks.intercept?.(req);
     if (direct) {
       await req.body?.cancel().catch(() => {});
@@ -182,17 +256,19 @@ async function startProxy(
         outHeaders.set("location", self + abs.pathname + abs.search + abs.hash);
       }
     }
+    const out = { status: res.status, headers: outHeaders };
+    await hooks.answer?.(req, out);
     let outBody: ReadableStream<Uint8Array> | null = res.body;
-    if (req.method === "HEAD" || NULL_BODY_STATUS.has(res.status)) {
+    if (req.method === "HEAD" || NULL_BODY_STATUS.has(out.status)) {
       await res.body?.cancel().catch(() => {});
       outBody = null;
     } else if (outBody && hooks.responseBody) {
       outBody = hooks.responseBody(req, res, outBody);
     }
     return new Response(outBody, {
-      status: res.status,
-      statusText: res.statusText,
-      headers: outHeaders,
+      status: out.status,
+      statusText: out.status === res.status ? res.statusText : "",
+      headers: out.headers,
     });
   };
 
@@ -211,7 +287,8 @@ async function startProxy(
     host: `127.0.0.1:${addr.port}`,
     url: self,
     port: addr.port,
-    hits: () => hits,
+    hits: () => log.length,
+    requests: () => [...log],
     faults: () => faults,
     stop,
     [Symbol.asyncDispose]: stop,
@@ -223,18 +300,21 @@ export function startForwarder(target: ProxyTarget, port: number): Promise<Runni
   return startProxy(target, () => ({ port }));
 }
 
-/** Starts a web server on 127.0.0.1 that answers every request with `200` and an HTML page. */
-export async function startHtmlServer(): Promise<RunningProxy> {
-  let hits = 0;
+/**
+ * Starts a web server on 127.0.0.1 that answers every request with an HTML page and `status`
+ * (default `200`; e.g. `404` for a web server that has no `/v2/`).
+ */
+export async function startHtmlServer(status = 200): Promise<RunningProxy> {
+  const log: SeenRequest[] = [];
   const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
     hostname: "127.0.0.1",
     port: 0,
     onListen: (addr) => resolve(addr as Deno.NetAddr),
   }, async (req) => {
-    hits++;
+    log.push(seen(req));
     await req.body?.cancel().catch(() => {});
-    return htmlPage();
+    return htmlPage(status);
   });
   const { port } = await listening;
   let stopped: Promise<void> | undefined;
@@ -243,7 +323,8 @@ export async function startHtmlServer(): Promise<RunningProxy> {
     host: `127.0.0.1:${port}`,
     url: `http://127.0.0.1:${port}`,
     port,
-    hits: () => hits,
+    hits: () => log.length,
+    requests: () => [...log],
     faults: () => 0,
     stop,
     [Symbol.asyncDispose]: stop,
@@ -458,14 +539,6 @@ function pauseAfter(
   });
 }
 
-/** Whether a request is the kind an `html` fault answers. */
-function htmlTarget(req: Request, requests: "blob-head" | "manifest-put"): boolean {
-  const path = new URL(req.url).pathname;
-  return requests === "blob-head"
-    ? req.method === "HEAD" && BLOB_PATH.test(path)
-    : req.method === "PUT" && /^\/v2\/.+\/manifests\/[^/]+$/.test(path);
-}
-
 /**
  * Starts a fault-injecting proxy in front of `target` (a {@link ProxyTarget}, e.g. a
  * `TestRegistry`). `hits()` counts every request the proxy saw, including faulted ones;
@@ -475,11 +548,14 @@ function htmlTarget(req: Request, requests: "blob-head" | "manifest-put"): boole
  * - `cut-blob`: the first `times` blob GET responses longer than `afterBytes` are cut after
  *   `afterBytes` body bytes (the connection is dropped); `Range: bytes=N-` is forwarded.
  * - `stall-blob`: as `cut-blob`, but the connection stays open and silent instead.
- * - `status`: the first `times` requests are answered with `status` (and `Retry-After:
- *   retryAfter` when given); later requests are forwarded.
+ * - `status`: the first `times` requests (of the kind `requests`, if given) are answered with
+ *   `status` (and `Retry-After: retryAfter` when given); later requests are forwarded.
  * - `html`: blob HEADs or manifest PUTs get `200` with an HTML page.
  * - `pause-blob`: blob GET responses longer than `afterBytes` stop there until `until` resolves
  *   (`faults()` counts the responses held).
+ * - `rewrite`: answers to requests of the kind `requests` get another status and headers.
+ * - `late-answer`: the registry's answers to the first `times` requests of the kind `requests`
+ *   reach the client `delayMs` late.
  */
 export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<RunningProxy> {
   switch (fault.kind) {
@@ -519,8 +595,9 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
     case "status": {
       let answered = 0;
       return startProxy(target, (counted) => ({
-        intercept() {
+        intercept(req) {
           if (answered >= fault.times) return undefined;
+          if (fault.requests && !isRequestOf(req, fault.requests)) return undefined;
           answered++;
           counted();
           const headers = new Headers({ "content-type": "application/json" });
@@ -543,10 +620,33 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
     case "html":
       return startProxy(target, (counted) => ({
         intercept(req) {
-          if (!htmlTarget(req, fault.requests)) return undefined;
+          if (!isRequestOf(req, fault.requests)) return undefined;
           counted();
           return htmlPage();
         },
       }));
+    case "rewrite":
+      return startProxy(target, (counted) => ({
+        answer(req, res) {
+          if (!isRequestOf(req, fault.requests)) return;
+          counted();
+          res.status = fault.status ?? res.status;
+          for (const [name, value] of Object.entries(fault.headers ?? {})) {
+            if (value === null) res.headers.delete(name);
+            else res.headers.set(name, value);
+          }
+        },
+      }));
+    case "late-answer": {
+      let remaining = fault.times;
+      return startProxy(target, (counted) => ({
+        async answer(req) {
+          if (remaining <= 0 || !isRequestOf(req, fault.requests)) return;
+          remaining--;
+          counted();
+          await new Promise((r) => setTimeout(r, fault.delayMs));
+        },
+      }));
+    }
   }
 }
