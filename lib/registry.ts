@@ -87,8 +87,9 @@ export interface RegistryClient {
     mediaType: string,
   ): Promise<string>;
   /**
-   * Whether the repository has the blob; an answer whose size or digest does not match the blob
-   * is an error (a server that says yes to everything must not make a push skip its blobs).
+   * Whether the repository has the blob. A yes must prove it with the blob's exact
+   * `Docker-Content-Digest`, or without one its size as `Content-Length`; anything else is an
+   * error (a server that says yes to everything must not make a push skip its blobs).
    */
   hasBlob(repository: string, blob: Descriptor): Promise<boolean>;
   /** Tries a cross-repository mount from `from`; true when the blob is now in `repository`. */
@@ -119,8 +120,11 @@ interface CallOptions {
   scopes: string[];
   /** Follow redirects (blob downloads); never forwards `Authorization` to another host. */
   follow?: boolean;
-  /** Statuses returned to the caller as-is instead of being turned into errors. */
-  accept: number[];
+  /**
+   * Statuses returned to the caller as-is instead of being turned into errors: a list, or a test
+   * (retryable statuses it accepts are not retried).
+   */
+  accept: number[] | ((status: number) => boolean);
   /** Retry on transport errors / 5xx (false for non-idempotent upload steps handled by caller). */
   retry?: boolean;
   /** A large download: `bulk` of lib/http.ts. */
@@ -136,6 +140,11 @@ function notARegistry(registry: string, detail: string): SardeError {
     `${registry} does not behave like an OCI registry: ${detail}`,
     { hint: "check the registry address and port: is a web server or proxy answering instead?" },
   );
+}
+
+/** Whether a call takes `status` as an answer (rather than retrying it or failing). */
+function accepts(o: CallOptions, status: number): boolean {
+  return Array.isArray(o.accept) ? o.accept.includes(status) : o.accept(status);
 }
 
 /** Whether two digests use one algorithm (only then can they be compared). */
@@ -189,7 +198,9 @@ export function createRegistryClient(
         url: new URL("/v2/", root),
         scopes: [],
         follow: true,
-        accept: [200, 401, 403],
+        // Every final answer: checkApiAnswer tells a registry from a host that is none (a 404
+        // from a web server is not "image not found"); 5xx and 429 are retried first.
+        accept: (status) => !isRetryableStatus(status),
         probe: true,
       }, "registry check");
     let res: HttpResponse;
@@ -206,11 +217,15 @@ export function createRegistryClient(
   }
 
   /**
-   * A `200` to `GET /v2/` must come from a registry: the `Docker-Distribution-API-Version`
-   * header (optional in the OCI spec, sent by distribution, Zot, Harbor, GHCR, GitLab…) or at
-   * least a JSON body. `401`/`403` are left to authentication.
+   * `GET /v2/` must answer `200`, `401` or `403` (the last two are left to authentication), and a
+   * `200` must come from a registry: the `Docker-Distribution-API-Version` header (optional in
+   * the OCI spec, sent by distribution, Zot, Harbor, GHCR, GitLab…) or at least a JSON body.
    */
   async function checkApiAnswer(res: HttpResponse): Promise<void> {
+    if (![200, 401, 403].includes(res.status)) {
+      await res.discard();
+      throw notARegistry(registry, `GET /v2/ answered HTTP ${res.status}`);
+    }
     if (
       res.status !== 200 ||
       /^registry\/2\./.test(res.headers.get("docker-distribution-api-version") ?? "")
@@ -318,7 +333,7 @@ export function createRegistryClient(
         debug(`${what}: redirected to ${url.origin}`);
         continue;
       }
-      if (o.retry !== false && isRetryableStatus(res.status) && !o.accept.includes(res.status)) {
+      if (o.retry !== false && isRetryableStatus(res.status) && !accepts(o, res.status)) {
         const ms = retries.next(retryAfterDelay(policy, res.headers.get("retry-after")));
         if (ms === undefined) throw retries.exhausted(await errorFor(res, what));
         await res.discard();
@@ -328,13 +343,41 @@ export function createRegistryClient(
         await sleep(ms, options.signal);
         continue;
       }
-      if (o.accept.includes(res.status)) return res;
+      if (accepts(o, res.status)) return res;
       throw await errorFor(res, what);
     }
   }
 
   const pull = (repo: string) => [repositoryScope(repo, ["pull"])];
   const push = (repo: string) => [repositoryScope(repo, ["pull", "push"])];
+
+  async function hasBlob(repository: string, blob: Descriptor): Promise<boolean> {
+    const what = `blob ${blob.digest.slice(0, 19)}`;
+    const res = await call({
+      method: "HEAD",
+      url: await api(`${repository}/blobs/${blob.digest}`),
+      scopes: push(repository),
+      follow: true,
+      accept: [200, 404],
+    }, what);
+    await res.discard();
+    if (res.status !== 200) return false;
+    // The exact digest is proof enough (proxies and CDNs strip or zero a HEAD's
+    // Content-Length). Without it (older registries, storage redirects) the size must match.
+    const digest = res.headers.get("docker-content-digest");
+    if (digest === blob.digest) return true;
+    if (digest !== null && sameAlgorithm(digest, blob.digest)) {
+      throw notARegistry(registry, `HEAD of ${what} answered Docker-Content-Digest ${digest}`);
+    }
+    const length = res.headers.get("content-length");
+    if (length === null || Number(length) !== blob.size) {
+      throw notARegistry(
+        registry,
+        `HEAD of ${what} answered Content-Length ${length ?? "(none)"} for ${blob.size} bytes`,
+      );
+    }
+    return true;
+  }
 
   async function uploadOnce(
     repository: string,
@@ -466,32 +509,7 @@ export function createRegistryClient(
       return digest;
     },
 
-    async hasBlob(repository, blob) {
-      const what = `blob ${blob.digest.slice(0, 19)}`;
-      const res = await call({
-        method: "HEAD",
-        url: await api(`${repository}/blobs/${blob.digest}`),
-        scopes: push(repository),
-        follow: true,
-        accept: [200, 404],
-      }, what);
-      await res.discard();
-      if (res.status !== 200) return false;
-      // Docker-Content-Digest may be missing (older registries, storage redirects); the size
-      // must then be there, as the spec requires.
-      const digest = res.headers.get("docker-content-digest");
-      const length = res.headers.get("content-length");
-      if (digest !== null && sameAlgorithm(digest, blob.digest) && digest !== blob.digest) {
-        throw notARegistry(registry, `HEAD of ${what} answered Docker-Content-Digest ${digest}`);
-      }
-      if (length === null ? digest === null : Number(length) !== blob.size) {
-        throw notARegistry(
-          registry,
-          `HEAD of ${what} answered Content-Length ${length ?? "(none)"} for ${blob.size} bytes`,
-        );
-      }
-      return true;
-    },
+    hasBlob,
 
     async mountBlob(repository, digest, from) {
       const url = await api(`${repository}/blobs/uploads/`);

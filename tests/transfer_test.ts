@@ -8,6 +8,7 @@ import { digestFile } from "../lib/digest.ts";
 import * as api from "../mod.ts";
 import { listFiles, makeImage, run, sarde, spawnSarde, tempDir } from "./support/images.ts";
 import {
+  type Fault,
   freePort,
   startBlackHole,
   startFaultyProxy,
@@ -669,6 +670,78 @@ Deno.test("fake registry: a web server answering 200 with HTML to everything get
   assert.match(l.stderr, /does not behave like an OCI registry/);
   assert.doesNotMatch(l.stderr, /Login succeeded/);
   assert.equal((await listFiles(work)).includes("auth.json"), false, "no credentials stored");
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("fake registry: a host answering GET /v2/ with 404, 405 or 400 is no registry (exit 5, not 'not found')", async () => {
+  const work = await tempDir("no-v2");
+  await makeImage(join(work, "s"), "local/img:v1", [{ size: 1 << 20 }]);
+  for (const status of [404, 405, 400]) {
+    await using web = await startHtmlServer(status);
+    const f = await sarde(["fetch", "-d", join(work, "f"), `${web.host}/sardines/img:v1`]);
+    assert.equal(f.code, 5, f.stderr);
+    assert.match(
+      f.stderr,
+      new RegExp(`does not behave like an OCI registry: GET /v2/ answered HTTP ${status}`),
+    );
+    const p = await sarde([
+      "push",
+      "-d",
+      join(work, "s"),
+      "local/img:v1",
+      "-t",
+      `${web.host}/a:v1`,
+    ]);
+    assert.equal(p.code, 5, p.stderr);
+    assert.match(p.stderr, /does not behave like an OCI registry/);
+    assert.ok(web.requests().every((r) => r.path === "/v2/"), "nothing but the API check sent");
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("registry answers that prove enough: blob HEADs with the digest or the size, manifest PUTs answered 200/202 with the digest", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("proofs");
+  const ocidir = join(work, "s");
+  const img = await makeImage(ocidir, "local/img:v1", [{ size: 1 << 20 }]);
+  const blobCount = img.layers.length + 1;
+  assert.equal(
+    (await api.push("local/img:v1", { ocidir, target: `${reg.host}/p/img:v1` })).digest,
+    img.manifestDigest,
+  );
+  const cases: [string, Fault][] = [
+    // Proxies and CDNs strip or zero a HEAD's Content-Length (Deno's server turns a missing one
+    // into 0): the exact digest proves the blob.
+    ["HEAD with the digest and Content-Length 0", {
+      kind: "rewrite",
+      requests: "blob-head",
+      headers: { "content-length": "0" },
+    }],
+    ["HEAD with the size and no digest", {
+      kind: "rewrite",
+      requests: "blob-head",
+      headers: { "docker-content-digest": null },
+    }],
+    ["manifest PUT answered 202 with the digest", {
+      kind: "rewrite",
+      requests: "manifest-put",
+      status: 202,
+    }],
+    ["manifest PUT answered 200 with the digest", {
+      kind: "rewrite",
+      requests: "manifest-put",
+      status: 200,
+    }],
+  ];
+  for (const [what, fault] of cases) {
+    await using proxy = await startFaultyProxy(reg, fault);
+    const r = await api.push("local/img:v1", { ocidir, target: `${proxy.host}/p/img:v1` }).catch(
+      (e) => assert.fail(`${what}: ${e}`),
+    );
+    assert.equal(r.digest, img.manifestDigest, what);
+    assert.equal(r.blobsSkipped, blobCount, `${what}: the registry's blobs were believed`);
+    assert.ok(proxy.faults() > 0, `${what}: the answers were rewritten`);
+  }
   await Deno.remove(work, { recursive: true });
 });
 
