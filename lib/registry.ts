@@ -92,7 +92,10 @@ export interface RegistryClient {
    * error (a server that says yes to everything must not make a push skip its blobs).
    */
   hasBlob(repository: string, blob: Descriptor): Promise<boolean>;
-  /** Tries a cross-repository mount from `from`; true when the blob is now in `repository`. */
+  /**
+   * Tries a cross-repository mount from `from`; true when the blob is now in `repository`, false
+   * when the registry refused (any 4xx, or no right to read `from`: an upload does without it).
+   */
   mountBlob(repository: string, digest: string, from: string): Promise<boolean>;
   /** Downloads a blob into `sink`, resuming with `Range` after a cut connection. */
   downloadBlob(
@@ -521,15 +524,19 @@ export function createRegistryClient(
           method: "POST",
           url,
           scopes: [...push(repository), repositoryScope(from, ["pull"])],
-          accept: [201, 202],
+          // A 4xx (an unknown `from`, a registry without mounts…) only means no mount.
+          accept: (s) => s === 201 || s === 202 || (s >= 400 && s < 500 && !isRetryableStatus(s)),
         }, `mount of ${digest.slice(0, 19)}`);
       } catch (err) {
-        // No right to read `from`: an upload does without it.
         if (!(err instanceof SardeError) || err.kind !== "auth") throw err;
         debug(`cannot mount from ${from}: ${err.message}`);
         return false;
       }
       await res.discard();
+      if (res.status >= 400) {
+        debug(`cannot mount from ${from}: ${registry} answered HTTP ${res.status}`);
+        return false;
+      }
       if (res.status === 202) {
         // Mount refused; the registry opened an upload session instead. Cancel it politely.
         const loc = res.headers.get("location");

@@ -276,11 +276,16 @@ export async function pushImage(
   ].filter((repository) => repository !== target.repository);
   const client = await clientFor(target.registry, options);
   try {
-    const missing: Descriptor[] = [];
+    const present = new Set<string>();
     await forEachConcurrent(blobs, 8, async (b) => {
-      if (options.uploaded?.has(b.digest)) return;
-      if (!await client.hasBlob(target.repository, b)) missing.push(b);
+      if (options.uploaded?.has(b.digest) || await client.hasBlob(target.repository, b)) {
+        present.add(b.digest);
+      }
     });
+    // Layers in manifest order, the config last: it changes with every version of an image, so
+    // as the first blob a mount source is asked for, it would make a source that holds an older
+    // version look useless (see mounter).
+    const missing = [...blobs.slice(1), blobs[0]].filter((b) => !present.has(b.digest));
     const total = missing.reduce((n, b) => n + b.size, 0);
     info(
       `pushing ${formatReference(target)}: ${missing.length} of ${blobs.length} blobs to upload, ${
@@ -288,17 +293,17 @@ export async function pushImage(
       }`,
     );
     const progress = startProgress("push", total);
+    const mount = mounter(client, target.repository, mountFrom);
     let sent = 0;
     let mounted = 0;
     try {
       await forEachConcurrent(missing, options.concurrency ?? 4, async (b) => {
-        for (const from of mountFrom) {
-          if (await client.mountBlob(target.repository, b.digest, from)) {
-            debug(`mounted ${b.digest} from ${from}`);
-            mounted++;
-            progress.add(b.size);
-            return;
-          }
+        const from = await mount(b.digest);
+        if (from !== undefined) {
+          debug(`mounted ${b.digest} from ${from}`);
+          mounted++;
+          progress.add(b.size);
+          return;
         }
         await client.uploadBlob(
           target.repository,
@@ -331,6 +336,46 @@ export async function pushImage(
   } finally {
     client.close();
   }
+}
+
+/**
+ * Cross-repository mounts into `repository` for one push, from the repositories `froms` in turn;
+ * the function returns the one a blob was mounted from. A repository that refuses its first
+ * mount (unknown, unreadable, or without our blobs) is not asked again: every refusal costs
+ * requests, thousands for a 1,600-layer image. One that mounted a blob has the image, so its
+ * refusal only means that blob is new, and it is still asked. Until it has mounted one, it is
+ * asked for one blob at a time.
+ */
+function mounter(
+  client: RegistryClient,
+  repository: string,
+  froms: string[],
+): (digest: string) => Promise<string | undefined> {
+  const sources = froms.map((from) => ({
+    from,
+    proven: false,
+    refused: false,
+    asking: undefined as Promise<unknown> | undefined,
+  }));
+  return async (digest) => {
+    for (const s of sources) {
+      while (s.asking) await s.asking;
+      if (s.refused) continue;
+      const first = !s.proven;
+      const attempt = client.mountBlob(repository, digest, s.from);
+      if (first) s.asking = attempt.catch(() => {});
+      try {
+        if (await attempt) {
+          s.proven = true;
+          return s.from;
+        }
+        if (first) s.refused = true;
+      } finally {
+        if (first) s.asking = undefined;
+      }
+    }
+    return undefined;
+  };
 }
 
 /**

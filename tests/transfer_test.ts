@@ -745,6 +745,71 @@ Deno.test("registry answers that prove enough: blob HEADs with the digest or the
   await Deno.remove(work, { recursive: true });
 });
 
+Deno.test("push -t: a mount source the registry does not know (202 or 404 to a mount) is asked once, and the blobs are uploaded", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("mount-refused");
+  for (const answer of ["registry", 404] as const) {
+    // Refused mounts: distribution opens an upload instead (202), other registries say 404.
+    await using proxy = answer === "registry"
+      ? await startForwarder(reg, freePort())
+      : await startFaultyProxy(reg, {
+        kind: "status",
+        status: 404,
+        times: 1000,
+        requests: "mount",
+      });
+    const ocidir = join(work, `s-${answer}`);
+    // The local name and the recorded origin name two repositories that do not exist.
+    const img = await makeImage(ocidir, `${proxy.host}/ghost/img:v1`, [
+      { size: 1 << 20 },
+      { size: 1 << 20 },
+      { size: 1 << 20 },
+    ]);
+    await Deno.writeTextFile(
+      join(img.dir, ".sarde-origin.json"),
+      JSON.stringify({ registry: proxy.host, repository: "gone/repo" }),
+    );
+    const r = await api.push(`${proxy.host}/ghost/img:v1`, {
+      ocidir,
+      target: `${proxy.host}/real-${answer}/img:v1`,
+      concurrency: 4,
+    });
+    assert.equal(r.digest, img.manifestDigest, `${answer}`);
+    assert.equal(r.blobsTransferred, img.layers.length + 1, `${answer}: all uploaded`);
+    assert.equal(r.blobsMounted, 0);
+    const mounts = proxy.requests().filter((q) => q.method === "POST" && q.path.includes("mount="));
+    assert.deepEqual(
+      mounts.map((q) => new URL(q.path, "http://x").searchParams.get("from")).sort(),
+      ["ghost/img", "gone/repo"],
+      `${answer}: one mount attempt per source, not one per blob`,
+    );
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
+Deno.test("push -t: a mount source holding an older version mounts the shared layers (new config and layers are uploaded)", async () => {
+  await using reg = await startRegistry("plain");
+  await using proxy = await startForwarder(reg, freePort());
+  const work = await tempDir("mount-partial");
+  const ocidir = join(work, "s");
+  const ref = `${proxy.host}/src/img:v1`;
+  const img = await makeImage(ocidir, ref, [{ size: 1 << 20 }, { size: 1 << 20 }]);
+  await api.push(ref, { ocidir });
+  // The source lacks the config and a layer in the middle, as if it held an older version.
+  const [config, changed] = [img.configDigest, img.layers[1].digest];
+  for (const digest of [config, changed]) {
+    const del = await fetch(`${reg.url}/v2/src/img/blobs/${digest}`, { method: "DELETE" });
+    await del.body?.cancel();
+    assert.equal(del.status, 202);
+  }
+  const r = await api.push(ref, { ocidir, target: `${proxy.host}/dst/img:v1` });
+  assert.equal(r.blobsMounted, img.layers.length - 1, "the shared layers mounted");
+  assert.equal(r.blobsTransferred, 2, "the new config and layer uploaded");
+  const mounts = proxy.requests().filter((q) => q.method === "POST" && q.path.includes("mount="));
+  assert.equal(mounts.length, img.layers.length + 1, "every blob was asked for");
+  await Deno.remove(work, { recursive: true });
+});
+
 Deno.test("fake registry: a blob HEAD or a manifest PUT answered with an HTML page fails the push", async () => {
   await using reg = await startRegistry("plain");
   const work = await tempDir("html-proxy");
