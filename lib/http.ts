@@ -57,6 +57,11 @@ export interface HttpRequest {
   /** Aborts the request (Ctrl-C). */
   signal?: AbortSignal;
   /**
+   * How long (ms) to wait for this request's answer once it is sent, when that is longer than
+   * the response timeout (an upload's closing PUT). Connecting keeps the response timeout.
+   */
+  answerTimeoutMs?: number;
+  /**
    * A large download (a blob GET): read with `fetch` in 1 MiB pieces where TLS settings allow.
    * Each piece of `body` is valid only until the next one is requested.
    */
@@ -242,7 +247,8 @@ function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<H
       resolve(wrapResponse(res, req.url));
     });
     // The socket's idle timer: while waiting for the answer, then for each piece of the body.
-    cr.setTimeout(timeoutMs, () => abandon(cr, new TimeoutError(timeoutMs, settled)));
+    const answerMs = Math.max(timeoutMs, req.answerTimeoutMs ?? 0);
+    cr.setTimeout(answerMs, () => abandon(cr, new TimeoutError(answerMs, settled)));
     // Deno's node:https arms that timer only once the TLS handshake is done, so a server that
     // accepts and never answers the handshake was waited for twice as long (measured: 4.1 s
     // for 2 s); a timer of our own covers connecting and the handshake. It starts when the agent

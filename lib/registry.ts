@@ -11,6 +11,7 @@ import type { Credentials } from "./credentials.ts";
 import { fail, SardeError } from "./errors.ts";
 import {
   createHttpClient,
+  DEFAULT_RESPONSE_TIMEOUT_MS,
   type HttpResponse,
   isNetworkError,
   isNoTlsError,
@@ -104,7 +105,10 @@ export interface RegistryClient {
     sink: BlobSink,
     progress?: ProgressFn,
   ): Promise<void>;
-  /** Uploads a blob (POST → PATCH… → PUT `?digest=`), restarting on failure. */
+  /**
+   * Uploads a blob (POST → PATCH… → PUT `?digest=`), restarting on failure unless the registry
+   * turns out to have the blob (a `HEAD` after a failed PATCH or PUT).
+   */
   uploadBlob(
     repository: string,
     descriptor: Descriptor,
@@ -132,6 +136,8 @@ interface CallOptions {
   retry?: boolean;
   /** A large download: `bulk` of lib/http.ts. */
   bulk?: boolean;
+  /** A longer wait for the answer: `answerTimeoutMs` of lib/http.ts. */
+  answerTimeoutMs?: number;
   /** The API check itself: `url` is absolute, no authentication. */
   probe?: boolean;
 }
@@ -299,6 +305,7 @@ export function createRegistryClient(
           body: o.body,
           signal: options.signal,
           bulk: o.bulk,
+          answerTimeoutMs: o.answerTimeoutMs,
         });
       } catch (err) {
         if (o.retry === false || !isNetworkError(err)) throw err;
@@ -354,6 +361,14 @@ export function createRegistryClient(
   const pull = (repo: string) => [repositoryScope(repo, ["pull"])];
   const push = (repo: string) => [repositoryScope(repo, ["pull", "push"])];
 
+  /**
+   * How long an upload's closing PUT may take to answer: registries on object storage (S3, GCS)
+   * copy or assemble the blob before they answer, which takes minutes for blobs of several GB.
+   * Six response timeouts (3 min by default) plus a second per 50 MB.
+   */
+  const commitTimeoutMs = (size: number) =>
+    6 * (options.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS) + Math.ceil(size / 50_000);
+
   async function hasBlob(repository: string, blob: Descriptor): Promise<boolean> {
     const what = `blob ${blob.digest.slice(0, 19)}`;
     const res = await call({
@@ -403,31 +418,46 @@ export function createRegistryClient(
     const size = descriptor.size;
     const chunk = options.chunkSize && options.chunkSize > 0 ? options.chunkSize : size;
     let offset = 0;
-    while (offset < size) {
-      const length = Math.min(chunk, size - offset);
-      const from = offset;
-      const res = await call({
-        method: "PATCH",
-        url: location,
-        headers: {
-          "content-type": "application/octet-stream",
-          ...(options.chunkSize ? { "content-range": `${from}-${from + length - 1}` } : {}),
-        },
-        body: { length, stream: () => counted(source(from, length), progress) },
+    let done: HttpResponse;
+    try {
+      while (offset < size) {
+        const length = Math.min(chunk, size - offset);
+        const from = offset;
+        const res = await call({
+          method: "PATCH",
+          url: location,
+          headers: {
+            "content-type": "application/octet-stream",
+            ...(options.chunkSize ? { "content-range": `${from}-${from + length - 1}` } : {}),
+          },
+          body: { length, stream: () => counted(source(from, length), progress) },
+          scopes: push(repository),
+          accept: [202, 201, 204],
+          retry: false,
+        }, what);
+        await res.discard();
+        location = uploadLocation(res, location, what);
+        offset += length;
+      }
+      const put = new URL(location);
+      put.searchParams.set("digest", descriptor.digest);
+      done = await call({
+        method: "PUT",
+        url: put,
         scopes: push(repository),
-        accept: [202, 201, 204],
+        accept: [201, 204],
         retry: false,
+        answerTimeoutMs: commitTimeoutMs(size),
       }, what);
-      await res.discard();
-      location = uploadLocation(res, location, what);
-      offset += length;
+    } catch (err) {
+      // The registry may have the blob all the same (a commit that outlasted our wait, an answer
+      // a proxy lost, another push of the same blob): asking is cheaper than sending it again.
+      if (retryableUploadError(err) && await hasBlob(repository, descriptor).catch(() => false)) {
+        debug(`${what}: the registry has the blob after all (${(err as Error).message})`);
+        return;
+      }
+      throw err;
     }
-    const put = new URL(location);
-    put.searchParams.set("digest", descriptor.digest);
-    const done = await call(
-      { method: "PUT", url: put, scopes: push(repository), accept: [201, 204], retry: false },
-      what,
-    );
     await done.discard();
     const stored = done.headers.get("docker-content-digest");
     if (stored && sameAlgorithm(stored, descriptor.digest) && stored !== descriptor.digest) {
@@ -627,10 +657,7 @@ export function createRegistryClient(
           return await uploadOnce(repository, descriptor, source, track);
         } catch (err) {
           progress?.(-sent);
-          const retryable = isNetworkError(err) ||
-            (err instanceof SardeError && err.kind === "registry" &&
-              /HTTP 5\d\d|HTTP 429/.test(err.message));
-          if (!retryable || gaveUp(err)) throw err;
+          if (!retryableUploadError(err) || gaveUp(err)) throw err;
           retries ??= startRetries(policy);
           const ms = retries.next();
           if (ms === undefined) throw retries.exhausted(err);
@@ -642,6 +669,13 @@ export function createRegistryClient(
 
     close: () => http.close(),
   };
+}
+
+/** Whether an upload that failed with `err` is worth starting again. */
+function retryableUploadError(err: unknown): boolean {
+  return isNetworkError(err) ||
+    (err instanceof SardeError && err.kind === "registry" &&
+      /HTTP 5\d\d|HTTP 429/.test(err.message));
 }
 
 function uploadLocation(res: HttpResponse, base: URL, what: string): URL {

@@ -893,6 +893,45 @@ Deno.test("deadlines: a download that stalls mid-blob is resumed after the respo
   await Deno.remove(work, { recursive: true });
 });
 
+Deno.test("deadlines: a blob commit (closing PUT) that answers late is waited for or found with HEAD, not uploaded again", async () => {
+  await using reg = await startRegistry("plain");
+  const work = await tempDir("late-commit");
+  const ocidir = join(work, "s");
+  const img = await makeImage(ocidir, "local/img:v1", [{ size: 2 << 20 }, { size: 1 << 20 }]);
+  const blobs = img.layers.length + 1;
+  const config = await Deno.stat(join(img.dir, "blobs", "sha256", img.configDigest.slice(7)));
+  const bytes = img.layers.reduce((n, l) => n + l.size, config.size);
+  // The closing PUT's answer comes after 2.5 response timeouts (waited for: a commit may take
+  // 6), then after 9 (given up; a HEAD finds the blob the registry stored meanwhile).
+  for (const delayMs of [2500, 9000]) {
+    await using proxy = await startFaultyProxy(reg, {
+      kind: "late-answer",
+      requests: "blob-commit",
+      delayMs,
+      times: 1,
+    });
+    const r = await api.push("local/img:v1", {
+      ocidir,
+      target: `${proxy.host}/late-${delayMs}/img:v1`,
+      responseTimeoutMs: 1000,
+    });
+    assert.equal(r.digest, img.manifestDigest);
+    assert.equal(proxy.faults(), 1, "one commit answered late");
+    const seen = proxy.requests();
+    const uploads = seen.filter((q) => q.method === "POST" && /\/blobs\/uploads\/$/.test(q.path));
+    assert.equal(uploads.length, blobs, `${delayMs} ms: one upload per blob, none restarted`);
+    const sent = seen.filter((q) => q.method === "PATCH").reduce((n, q) => n + q.contentLength!, 0);
+    assert.equal(sent, bytes, `${delayMs} ms: every byte sent once`);
+    const heads = seen.filter((q) => q.method === "HEAD").length;
+    assert.equal(
+      heads,
+      blobs + (delayMs > 6000 ? 1 : 0),
+      `${delayMs} ms: HEAD only after a timeout`,
+    );
+  }
+  await Deno.remove(work, { recursive: true });
+});
+
 Deno.test("retries: a refused connection to a loopback registry is retried (no --insecure)", async () => {
   await using reg = await startRegistry("plain");
   const work = await tempDir("refused-retry");
