@@ -9,6 +9,7 @@ import { fail, SardeError } from "./errors.ts";
 import type { Credentials } from "./credentials.ts";
 import type { HttpClient } from "./http.ts";
 import { debug } from "./log.ts";
+import { isLoopbackRegistry, registryEndpointHost } from "./reference.ts";
 
 /** One parsed challenge, e.g. `Bearer realm="…",service="…",scope="…"`. */
 export interface Challenge {
@@ -53,6 +54,25 @@ export function repositoryScope(repository: string, actions: string[]): string {
   return `repository:${repository}:${actions.join(",")}`;
 }
 
+/**
+ * Why credentials must not go to the token realm `realm` of `registry` (`host[:port]`, reached
+ * over plain http when `plainRegistry`), or undefined when they may. Over https they may. Over
+ * plain http only when the registry is reached that way too (its own traffic is in clear text
+ * already), and then only to the registry's own host or a loopback address: a challenge must not
+ * send passwords in clear text across the network to whatever host it names.
+ */
+export function cleartextRefusal(
+  realm: URL,
+  registry: string,
+  plainRegistry: boolean,
+): string | undefined {
+  if (realm.protocol !== "http:") return undefined;
+  if (!plainRegistry) return "as the registry itself uses https";
+  const registryHost = new URL(`http://${registryEndpointHost(registry)}`).hostname;
+  if (realm.hostname === registryHost || isLoopbackRegistry(realm.host)) return undefined;
+  return "as that is neither the registry's host nor a loopback address";
+}
+
 interface CachedToken {
   value: string;
   expiresAt: number;
@@ -78,7 +98,8 @@ export interface Authenticator {
 
 /**
  * Creates an {@link Authenticator} for one registry. `plainRegistry` tells whether the registry
- * itself is reached over plain http: only then may credentials go to a plain-http token realm.
+ * itself is reached over plain http: only then may credentials go to a plain-http token realm
+ * (see {@link cleartextRefusal}).
  */
 export function createAuthenticator(
   http: HttpClient,
@@ -110,13 +131,12 @@ export function createAuthenticator(
     if (url.protocol !== "https:" && url.protocol !== "http:") {
       throw fail("auth", `${registry} sent an invalid token realm '${realm}'`);
     }
-    // The realm is whatever the registry's challenge says: a registry reached over https must
-    // not make sarde send passwords or tokens in clear text, to its own host or another.
-    if (credentials && url.protocol === "http:" && !plainRegistry()) {
+    // The realm is whatever the registry's challenge says.
+    const refusal = credentials && cleartextRefusal(url, registry, plainRegistry());
+    if (refusal) {
       throw new SardeError(
         "auth",
-        `${registry} wants the credentials sent to ${url.origin} over plain http; ` +
-          `refused, as the registry itself uses https`,
+        `${registry} wants the credentials sent to ${url.origin} over plain http; refused, ${refusal}`,
         { hint: "the registry's token realm must be an https URL; ask its administrator" },
       );
     }

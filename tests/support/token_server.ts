@@ -33,8 +33,10 @@ export interface TokenServerOptions {
   ttlSeconds?: number;
   /** Whether anonymous clients get `pull`. Default true. */
   anonymousPull?: boolean;
-  /** Port on 127.0.0.1; 0 (default) picks a free one. */
+  /** Port; 0 (default) picks a free one. */
   port?: number;
+  /** Address to listen on (and to name in `url` and `realm`). Default `127.0.0.1`. */
+  hostname?: string;
   /** Log every grant to stderr. Default false. */
   verbose?: boolean;
 }
@@ -53,7 +55,7 @@ export interface TokenRequestRecord {
 
 /** A running token server. */
 export interface TokenServer {
-  /** `http://127.0.0.1:PORT` */
+  /** `http://127.0.0.1:PORT` (or the `hostname` it listens on) */
   url: string;
   /** `http://127.0.0.1:PORT/token` — the registry's `auth.token.realm`. */
   realm: string;
@@ -98,7 +100,7 @@ function splitScopes(values: string[]): string[] {
 }
 
 /**
- * Starts a token server on 127.0.0.1 in this process.
+ * Starts a token server on 127.0.0.1 (or `opts.hostname`) in this process.
  *
  * @example
  * ```ts
@@ -236,12 +238,12 @@ export async function startTokenServer(opts: TokenServerOptions): Promise<TokenS
 
   const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
-    hostname: "127.0.0.1",
+    hostname: opts.hostname ?? "127.0.0.1",
     port: opts.port ?? 0,
     onListen: (addr) => resolve(addr as Deno.NetAddr),
   }, handle);
   const addr = await listening;
-  const url = `http://127.0.0.1:${addr.port}`;
+  const url = `http://${opts.hostname ?? "127.0.0.1"}:${addr.port}`;
   let stopped: Promise<void> | undefined;
   const stop = (): Promise<void> => (stopped ??= server.shutdown());
   return {
