@@ -52,9 +52,8 @@ import { pullImage } from "./pull.ts";
 import { parseReference } from "./reference.ts";
 import { defaultRetryPolicy, sleep } from "./retry.ts";
 import { sshRun, type SshTarget, waitForSsh } from "./ssh.ts";
-import { defaultOcidir } from "./store.ts";
+import { defaultOcidir, readLocalManifest } from "./store.ts";
 import { transportFor } from "./tls.ts";
-import { readLocalManifest } from "./transfer.ts";
 import { VERSION } from "./version.ts";
 
 /** Job VMs are named `sarde-job-<job id>-<random>`; the prefix finds them for reaping. */

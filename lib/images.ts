@@ -9,8 +9,7 @@ import { descriptorTag, readBlob, readIndex, useLayout } from "./layout.ts";
 import { warn } from "./log.ts";
 import { isIndexMediaType, MediaType, parseManifest } from "./oci.ts";
 import { formatLocalName, type Reference } from "./reference.ts";
-import { findLayouts, layoutDir } from "./store.ts";
-import { readLocalManifest } from "./transfer.ts";
+import { findLayouts, layoutDir, readLocalManifest } from "./store.ts";
 
 /** Whether the VM imported from an image is running, defined but stopped, or not defined. */
 export type VmState = "running" | "stopped" | "missing";

@@ -56,8 +56,8 @@ import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { info as imageInfo, rebaseUnsafe } from "./qemu.ts";
 import { formatLocalName, parseReference } from "./reference.ts";
-import { defaultDataDir, layoutDir } from "./store.ts";
-import { type FetchingImage, readLocalManifest } from "./transfer.ts";
+import { defaultDataDir, layoutDir, readLocalManifest } from "./store.ts";
+import type { FetchingImage } from "./transfer.ts";
 
 /** Name of the marker file that says a VM folder is complete. */
 export const IMPORT_MARKER = ".sarde-import.json";

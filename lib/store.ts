@@ -9,9 +9,17 @@
 import { join, relative, resolve, sep } from "node:path";
 import { fail } from "./errors.ts";
 import { checkDir } from "./fsutil.ts";
-import { isLayout } from "./layout.ts";
+import {
+  isLayout,
+  type Layout,
+  openLayout,
+  readBlob,
+  readIndex,
+  selectManifest,
+} from "./layout.ts";
 import { warn } from "./log.ts";
-import type { Reference } from "./reference.ts";
+import { type Descriptor, isIndexMediaType, type Manifest, parseManifest } from "./oci.ts";
+import { formatLocalName, type Reference } from "./reference.ts";
 
 /**
  * A default data folder of sarde: `$envVar` if set, `/var/lib/sardinecake/<leaf>` for root,
@@ -66,4 +74,19 @@ export async function findLayouts(ocidir: string): Promise<{ name: string; dir: 
   };
   await walk(root, 0);
   return found.sort((a, b) => a.name.localeCompare(b.name));
+}
+
+/** Reads the manifest a local reference points at. */
+export async function readLocalManifest(
+  ocidir: string,
+  local: Reference,
+): Promise<{ layout: Layout; descriptor: Descriptor; bytes: Uint8Array; manifest: Manifest }> {
+  const what = formatLocalName(local);
+  const layout = await openLayout(layoutDir(ocidir, local), { what });
+  const descriptor = selectManifest(await readIndex(layout), local, what);
+  if (isIndexMediaType(descriptor.mediaType)) {
+    throw fail("usage", `${what} is an image index; sarde works with single manifests`);
+  }
+  const bytes = await readBlob(layout, descriptor.digest);
+  return { layout, descriptor, bytes, manifest: parseManifest(bytes, `manifest of ${what}`) };
 }

@@ -16,10 +16,8 @@ import {
   type Layout,
   lockLayout,
   openLayout,
-  readBlob,
   readBlobRange,
   readIndex,
-  selectManifest,
   useLayout,
   writeIndex,
 } from "./layout.ts";
@@ -36,7 +34,7 @@ import { forEachConcurrent } from "./pool.ts";
 import { formatBytes, startProgress } from "./progress.ts";
 import { formatLocalName, formatReference, manifestSelector, type Reference } from "./reference.ts";
 import { createRegistryClient, type RegistryClient, type RegistryOptions } from "./registry.ts";
-import { layoutDir } from "./store.ts";
+import { layoutDir, readLocalManifest } from "./store.ts";
 
 /** Options shared by fetch and push. */
 export interface TransferOptions extends Omit<RegistryOptions, "credentials"> {
@@ -223,21 +221,6 @@ async function readOrigin(
     if (typeof o?.registry === "string" && typeof o?.repository === "string") return o;
   } catch { /* no origin recorded */ }
   return undefined;
-}
-
-/** Reads the manifest a local reference points at. */
-export async function readLocalManifest(
-  ocidir: string,
-  local: Reference,
-): Promise<{ layout: Layout; descriptor: Descriptor; bytes: Uint8Array; manifest: Manifest }> {
-  const what = formatLocalName(local);
-  const layout = await openLayout(layoutDir(ocidir, local), { what });
-  const descriptor = selectManifest(await readIndex(layout), local, what);
-  if (isIndexMediaType(descriptor.mediaType)) {
-    throw fail("usage", `${what} is an image index; sarde works with single manifests`);
-  }
-  const bytes = await readBlob(layout, descriptor.digest);
-  return { layout, descriptor, bytes, manifest: parseManifest(bytes, `manifest of ${what}`) };
 }
 
 /**
