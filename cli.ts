@@ -8,7 +8,7 @@
 
 import { Command, CommanderError, Option } from "commander";
 import * as sarde from "./mod.ts";
-import { installSignalHandlers, interruptSignal, settleInterrupt } from "./lib/cleanup.ts";
+import { installSignalHandlers, interruptSignal, settleInterrupt } from "./lib/util/cleanup.ts";
 import {
   atOrigin,
   type CommandKeys,
@@ -17,16 +17,16 @@ import {
   parseDuration,
   parsePositiveDuration,
   sardeConfig,
-} from "./lib/config.ts";
-import { SardeError } from "./lib/errors.ts";
-import { checkChunkSize } from "./lib/export.ts";
-import { formatImageTable } from "./lib/images.ts";
-import { error, info, setVerbosity, warn } from "./lib/log.ts";
-import { formatBytes } from "./lib/progress.ts";
-import { parseRegistryHost } from "./lib/reference.ts";
-import { promptLine, readStdinSecret } from "./lib/terminal.ts";
-import { checkMinSize, parseBoolean, parseIntInRange, parseSize } from "./lib/units.ts";
-import { VERSION } from "./lib/version.ts";
+} from "./lib/util/config.ts";
+import { SardeError } from "./lib/util/errors.ts";
+import { checkChunkSize } from "./lib/vm/export.ts";
+import { formatImageTable } from "./lib/oci/images.ts";
+import { error, info, setVerbosity, warn } from "./lib/util/log.ts";
+import { formatBytes } from "./lib/util/progress.ts";
+import { parseRegistryHost } from "./lib/oci/reference.ts";
+import { promptLine, readStdinSecret } from "./lib/util/terminal.ts";
+import { checkMinSize, parseBoolean, parseIntInRange, parseSize } from "./lib/util/units.ts";
+import { VERSION } from "./lib/util/version.ts";
 
 export { VERSION };
 

@@ -1,6 +1,6 @@
 /**
  * `gitlab-sardinecake-executor`: the GitLab Runner custom executor. A thin shell over
- * `lib/executor.ts`: `config`, `prepare`, `run <script> <stage>`, `cleanup`.
+ * `lib/executor/stages.ts`: `config`, `prepare`, `run <script> <stage>`, `cleanup`.
  *
  * Settings come from `/etc/gitlab-runner/gitlab-sardinecake-executor.ini`,
  * `~/.config/gitlab-runner/gitlab-sardinecake-executor.ini` or
@@ -14,7 +14,7 @@ import {
   interruptSignal,
   onInterrupt,
   settleInterrupt,
-} from "./lib/cleanup.ts";
+} from "./lib/util/cleanup.ts";
 import {
   cleanupStage,
   configStage,
@@ -24,9 +24,9 @@ import {
   prepareStage,
   reportFailure,
   runStage,
-} from "./lib/executor.ts";
-import { error, setVerbosity } from "./lib/log.ts";
-import { VERSION } from "./lib/version.ts";
+} from "./lib/executor/stages.ts";
+import { error, setVerbosity } from "./lib/util/log.ts";
+import { VERSION } from "./lib/util/version.ts";
 
 const USAGE =
   `usage: gitlab-sardinecake-executor [-v|-q] config|prepare|run <script> <stage>|cleanup

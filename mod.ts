@@ -13,49 +13,58 @@
  * @module
  */
 
-import { type CloneResult, cloneVm } from "./lib/clone.ts";
-import type { Credentials } from "./lib/credentials.ts";
-import { fail } from "./lib/errors.ts";
-import { type ExportOptions, type ExportResult, exportVm as exportToStore } from "./lib/export.ts";
+import { type CloneResult, cloneVm } from "./lib/vm/clone.ts";
+import type { Credentials } from "./lib/registry/credentials.ts";
+import { fail } from "./lib/util/errors.ts";
+import {
+  type ExportOptions,
+  type ExportResult,
+  exportVm as exportToStore,
+} from "./lib/vm/export.ts";
 import {
   defaultVmdir,
   importedVms,
   type ImportResult,
   importVm as importFromStore,
-} from "./lib/import.ts";
-import { domainState } from "./lib/libvirt.ts";
-import { prune as pruneStore, type Removed, removeImage } from "./lib/prune.ts";
-import { pullImage } from "./lib/pull.ts";
+} from "./lib/vm/import.ts";
+import { domainState } from "./lib/vm/libvirt.ts";
+import { prune as pruneStore, type Removed, removeImage } from "./lib/vm/prune.ts";
+import { pullImage } from "./lib/vm/pull.ts";
 import {
   getVmConfig,
   type ImageEntry,
   listImages,
   type StateLookup,
   type VmState,
-} from "./lib/images.ts";
-import { login as loginRegistry, logout as logoutRegistry } from "./lib/login.ts";
-import { parseReference, type Reference } from "./lib/reference.ts";
-import type { RetryPolicy } from "./lib/retry.ts";
-import { defaultOcidir } from "./lib/store.ts";
-import { type TlsSettings, transportFor } from "./lib/tls.ts";
-import { fetchImage, pushImage, startPushSession, type TransferResult } from "./lib/transfer.ts";
+} from "./lib/oci/images.ts";
+import { login as loginRegistry, logout as logoutRegistry } from "./lib/registry/login.ts";
+import { parseReference, type Reference } from "./lib/oci/reference.ts";
+import type { RetryPolicy } from "./lib/util/retry.ts";
+import { defaultOcidir } from "./lib/oci/store.ts";
+import { type TlsSettings, transportFor } from "./lib/registry/tls.ts";
+import {
+  fetchImage,
+  pushImage,
+  startPushSession,
+  type TransferResult,
+} from "./lib/transfer/transfer.ts";
 
-export { SardeError } from "./lib/errors.ts";
-export type { ErrorKind } from "./lib/errors.ts";
-export { formatReference, parseReference } from "./lib/reference.ts";
-export type { Reference } from "./lib/reference.ts";
-export type { Credentials } from "./lib/credentials.ts";
-export type { ImageEntry, VmState } from "./lib/images.ts";
-export type { TransferResult } from "./lib/transfer.ts";
-export type { TlsSettings } from "./lib/tls.ts";
-export type { RetryPolicy } from "./lib/retry.ts";
-export { defaultOcidir } from "./lib/store.ts";
-export { defaultVmdir } from "./lib/import.ts";
-export type { ExportOptions, ExportResult } from "./lib/export.ts";
-export type { ImportResult } from "./lib/import.ts";
-export type { CloneResult } from "./lib/clone.ts";
-export type { Removed } from "./lib/prune.ts";
-export type { Compression, VmConfig } from "./lib/format.ts";
+export { SardeError } from "./lib/util/errors.ts";
+export type { ErrorKind } from "./lib/util/errors.ts";
+export { formatReference, parseReference } from "./lib/oci/reference.ts";
+export type { Reference } from "./lib/oci/reference.ts";
+export type { Credentials } from "./lib/registry/credentials.ts";
+export type { ImageEntry, VmState } from "./lib/oci/images.ts";
+export type { TransferResult } from "./lib/transfer/transfer.ts";
+export type { TlsSettings } from "./lib/registry/tls.ts";
+export type { RetryPolicy } from "./lib/util/retry.ts";
+export { defaultOcidir } from "./lib/oci/store.ts";
+export { defaultVmdir } from "./lib/vm/import.ts";
+export type { ExportOptions, ExportResult } from "./lib/vm/export.ts";
+export type { ImportResult } from "./lib/vm/import.ts";
+export type { CloneResult } from "./lib/vm/clone.ts";
+export type { Removed } from "./lib/vm/prune.ts";
+export type { Compression, VmConfig } from "./lib/image/format.ts";
 
 /** Where the local image store is. */
 export interface StoreOptions {

@@ -17,11 +17,11 @@
 
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { digestFile } from "../lib/digest.ts";
-import { addToIndex, openLayout, readIndex, writeBlob, writeIndex } from "../lib/layout.ts";
-import { type Descriptor, MediaType } from "../lib/oci.ts";
-import { parseReference } from "../lib/reference.ts";
-import { layoutDir } from "../lib/store.ts";
+import { digestFile } from "../lib/oci/digest.ts";
+import { addToIndex, openLayout, readIndex, writeBlob, writeIndex } from "../lib/oci/layout.ts";
+import { type Descriptor, MediaType } from "../lib/oci/types.ts";
+import { parseReference } from "../lib/oci/reference.ts";
+import { layoutDir } from "../lib/oci/store.ts";
 import { SARDE } from "../tests/support/images.ts";
 import { startRegistry, type TestRegistry } from "../tests/support/registry.ts";
 import {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { cleartextRefusal, parseChallenges, repositoryScope } from "../lib/auth.ts";
+import { cleartextRefusal, parseChallenges, repositoryScope } from "../lib/registry/auth.ts";
 
 Deno.test("parseChallenges: bearer with quoted values containing commas", () => {
   const [c] = parseChallenges(

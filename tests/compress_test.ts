@@ -1,16 +1,16 @@
 /**
- * lib/zstd.ts and lib/compress.ts on real files under /var/tmp: zstd chunks (round trip,
+ * lib/image/zstd.ts and lib/image/compress.ts on real files under /var/tmp: zstd chunks (round trip,
  * sparseness, determinism, frames the zstd CLI reads, boundaries, corruption, interruption) and
  * sardinecake 0.4's gzip layout (header bytes, python3's gzip module both ways, pieces, errors).
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { runInterruptActions } from "../lib/cleanup.ts";
-import { decodeGzip, encodeGzip, parseGzipHeader } from "../lib/compress.ts";
-import { type ChunkBlob, decodeZstdChunk, encodeZstd } from "../lib/zstd.ts";
-import { digestFile, digestOf } from "../lib/digest.ts";
-import { SardeError } from "../lib/errors.ts";
-import { forEachConcurrent } from "../lib/pool.ts";
+import { runInterruptActions } from "../lib/util/cleanup.ts";
+import { decodeGzip, encodeGzip, parseGzipHeader } from "../lib/image/compress.ts";
+import { type ChunkBlob, decodeZstdChunk, encodeZstd } from "../lib/image/zstd.ts";
+import { digestFile, digestOf } from "../lib/oci/digest.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import { forEachConcurrent } from "../lib/util/pool.ts";
 
 const MiB = 1 << 20;
 

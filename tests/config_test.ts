@@ -23,8 +23,8 @@ import {
   SARDE_CONF_FILES,
   sardeConfig,
   sectionValues,
-} from "../lib/config.ts";
-import { SardeError } from "../lib/errors.ts";
+} from "../lib/util/config.ts";
+import { SardeError } from "../lib/util/errors.ts";
 
 const examples = new URL("../examples/", import.meta.url).pathname;
 /** The sections and keys of sarde's INI files, as cli.ts derives them from its options. */
@@ -449,8 +449,8 @@ Deno.test("config: keys of sardinecake 0.4 that mean nothing here are ignored, n
   });
 });
 
-Deno.test("config: EXECUTOR_KEYS has every key lib/executor.ts reads", async () => {
-  const source = await Deno.readTextFile(new URL("../lib/executor.ts", import.meta.url));
+Deno.test("config: EXECUTOR_KEYS has every key lib/executor/stages.ts reads", async () => {
+  const source = await Deno.readTextFile(new URL("../lib/executor/stages.ts", import.meta.url));
   const read = [...source.matchAll(/\bget[A-Z]\w*\(ini, "([^"]+)"/g)].map((m) => m[1]);
   assert.ok(read.length >= 20, `found only ${read}`);
   for (const key of read) assert.ok(EXECUTOR_KEYS.includes(key), key);

@@ -1,6 +1,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { findCredentials, removeCredentials, saveCredentials } from "../lib/credentials.ts";
+import {
+  findCredentials,
+  removeCredentials,
+  saveCredentials,
+} from "../lib/registry/credentials.ts";
 
 async function withEnv(vars: Record<string, string | undefined>, fn: () => Promise<void>) {
   const old: Record<string, string | undefined> = {};

@@ -1,14 +1,14 @@
 /**
- * lib/direct_io.ts and its users on a real file system (/var/tmp): O_DIRECT writes and reads
+ * lib/util/direct_io.ts and its users on a real file system (/var/tmp): O_DIRECT writes and reads
  * round-trip, the blob writer and readBlobRange give the same bytes with and without it, and
  * `SARDE_DIRECT_IO=0` turns it off.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { alignedBuffer, DIRECT_ALIGN, openDirect } from "../lib/direct_io.ts";
-import { digestOf } from "../lib/digest.ts";
-import { blobPath, createBlobWriter, openLayout, readBlobRange } from "../lib/layout.ts";
-import { MediaType } from "../lib/oci.ts";
+import { alignedBuffer, DIRECT_ALIGN, openDirect } from "../lib/util/direct_io.ts";
+import { digestOf } from "../lib/oci/digest.ts";
+import { blobPath, createBlobWriter, openLayout, readBlobRange } from "../lib/oci/layout.ts";
+import { MediaType } from "../lib/oci/types.ts";
 
 async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
   const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "sarde-direct-test-" });

@@ -9,9 +9,9 @@ import {
   parseDomainXml,
   prepareImportedDomain,
   serializeDomainXml,
-} from "../lib/domain.ts";
-import { SardeError } from "../lib/errors.ts";
-import { validateVmConfig } from "../lib/format.ts";
+} from "../lib/vm/domain.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import { validateVmConfig } from "../lib/image/format.ts";
 
 const XML = `<domain type='kvm' id='7'>
   <name>debian12</name>

@@ -1,8 +1,8 @@
-/** lib/format.ts: how the config's diff_ids must describe the layers (checkDiffIds). */
+/** lib/image/format.ts: how the config's diff_ids must describe the layers (checkDiffIds). */
 import assert from "node:assert/strict";
-import { SardeError } from "../lib/errors.ts";
-import { checkDiffIds, checkZstdFiles, groupDiskLayers } from "../lib/format.ts";
-import { type Descriptor, type Manifest, MediaType } from "../lib/oci.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import { checkDiffIds, checkZstdFiles, groupDiskLayers } from "../lib/image/format.ts";
+import { type Descriptor, type Manifest, MediaType } from "../lib/oci/types.ts";
 
 const d = (n: number) => `sha256:${n.toString(16).padStart(64, "0")}`;
 const layer = (mediaType: string, n: number, annotations?: Record<string, string>) =>

@@ -1,10 +1,10 @@
 /**
- * lib/http.ts: the response timeout covers connecting and the TLS handshake, and never cuts a
+ * lib/registry/http.ts: the response timeout covers connecting and the TLS handshake, and never cuts a
  * request that keeps making progress.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { createHttpClient, type HttpClient, MAX_SOCKETS } from "../lib/http.ts";
+import { createHttpClient, type HttpClient, MAX_SOCKETS } from "../lib/registry/http.ts";
 import { startBlackHole } from "./support/proxy.ts";
 import { makeTlsFiles } from "./support/registry.ts";
 

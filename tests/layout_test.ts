@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { digestOf } from "../lib/digest.ts";
-import { SardeError } from "../lib/errors.ts";
+import { digestOf } from "../lib/oci/digest.ts";
+import { SardeError } from "../lib/util/errors.ts";
 import {
   addToIndex,
   blobPath,
@@ -17,8 +17,13 @@ import {
   useLayout,
   writeBlob,
   writeIndex,
-} from "../lib/layout.ts";
-import { type Descriptor, type ImageIndex, MediaType, REF_NAME_ANNOTATION } from "../lib/oci.ts";
+} from "../lib/oci/layout.ts";
+import {
+  type Descriptor,
+  type ImageIndex,
+  MediaType,
+  REF_NAME_ANNOTATION,
+} from "../lib/oci/types.ts";
 import { listFiles, makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
 

@@ -3,9 +3,16 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { addToIndex, hasBlob, openLayout, readBlob, readIndex, writeIndex } from "../lib/layout.ts";
-import { manifestBlobs, parseManifest } from "../lib/oci.ts";
-import { findLayouts } from "../lib/store.ts";
+import {
+  addToIndex,
+  hasBlob,
+  openLayout,
+  readBlob,
+  readIndex,
+  writeIndex,
+} from "../lib/oci/layout.ts";
+import { manifestBlobs, parseManifest } from "../lib/oci/types.ts";
+import { findLayouts } from "../lib/oci/store.ts";
 import {
   listFiles,
   makeImage,

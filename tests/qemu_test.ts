@@ -1,9 +1,9 @@
 /**
- * lib/qemu.ts against the real qemu-img 7.2 with images built by tests/support/vms.ts.
+ * lib/vm/qemu.ts against the real qemu-img 7.2 with images built by tests/support/vms.ts.
  */
 import assert from "node:assert/strict";
 import { basename, dirname, join } from "node:path";
-import { SardeError } from "../lib/errors.ts";
+import { SardeError } from "../lib/util/errors.ts";
 import {
   backingChain,
   check,
@@ -14,7 +14,7 @@ import {
   map,
   qemuImgVersion,
   rebaseUnsafe,
-} from "../lib/qemu.ts";
+} from "../lib/vm/qemu.ts";
 import {
   CHAIN_WRITES,
   createAbsoluteChain,

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { SardeError } from "../lib/errors.ts";
+import { SardeError } from "../lib/util/errors.ts";
 import {
   formatLocalName,
   formatReference,
@@ -7,7 +7,7 @@ import {
   manifestSelector,
   parseReference,
   parseRegistryHost,
-} from "../lib/reference.ts";
+} from "../lib/oci/reference.ts";
 
 Deno.test("parseReference: docker defaults for short names", () => {
   const r = parseReference("debian");

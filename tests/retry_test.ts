@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { SardeError } from "../lib/errors.ts";
-import { defaultRetryPolicy, gaveUp, startRetries } from "../lib/retry.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import { defaultRetryPolicy, gaveUp, startRetries } from "../lib/util/retry.ts";
 
 Deno.test("retry policy: defaults, overridden field by field (undefined keeps the default)", () => {
   const p = defaultRetryPolicy({ maxElapsedMs: 5000, attempts: undefined });

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { SardeError } from "../lib/errors.ts";
+import { SardeError } from "../lib/util/errors.ts";
 import {
   checkMinSize,
   formatSize,
@@ -7,7 +7,7 @@ import {
   parseIntInRange,
   parsePositiveInt,
   parseSize,
-} from "../lib/units.ts";
+} from "../lib/util/units.ts";
 
 Deno.test("parseSize: binary and decimal units, integers out (0.4 returned floats)", () => {
   assert.equal(parseSize("256 MiB"), 268435456);

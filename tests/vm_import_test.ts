@@ -3,8 +3,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { encodeGzip } from "../lib/compress.ts";
-import { digestOf } from "../lib/digest.ts";
+import { encodeGzip } from "../lib/image/compress.ts";
+import { digestOf } from "../lib/oci/digest.ts";
 import { listFiles, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";
 import { defineTestVm, ensureLibvirtd, TEST_URI, undefineVms, virsh } from "./support/vms.ts";

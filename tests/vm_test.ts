@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { digestFile } from "../lib/digest.ts";
+import { digestFile } from "../lib/oci/digest.ts";
 import {
   listFiles,
   run,

@@ -25,7 +25,7 @@
  * @module
  */
 
-import { freePort } from "../../lib/net.ts";
+import { freePort } from "../../lib/util/net.ts";
 
 /** Paths of a built tiny guest (see `tests/support/guest/build.sh`). */
 export interface GuestFiles {

@@ -6,7 +6,7 @@
  */
 
 import { join } from "node:path";
-import { digestFile } from "../../lib/digest.ts";
+import { digestFile } from "../../lib/oci/digest.ts";
 import {
   addToIndex,
   blobPath,
@@ -14,10 +14,10 @@ import {
   readIndex,
   writeBlob,
   writeIndex,
-} from "../../lib/layout.ts";
-import { type Descriptor, MediaType } from "../../lib/oci.ts";
-import { parseReference } from "../../lib/reference.ts";
-import { layoutDir } from "../../lib/store.ts";
+} from "../../lib/oci/layout.ts";
+import { type Descriptor, MediaType } from "../../lib/oci/types.ts";
+import { parseReference } from "../../lib/oci/reference.ts";
+import { layoutDir } from "../../lib/oci/store.ts";
 import { type ProxyTarget, type RunningProxy, startFaultyProxy } from "./proxy.ts";
 
 /** One layer to generate: random bytes (incompressible) or repetitive text (compressible). */

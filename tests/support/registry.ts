@@ -17,7 +17,7 @@
  *
  * @module
  */
-import { freePort } from "../../lib/net.ts";
+import { freePort } from "../../lib/util/net.ts";
 import { startTokenServer, type TokenServer } from "./token_server.ts";
 import { type RunningProxy, startLimitedProxy } from "./proxy.ts";
 

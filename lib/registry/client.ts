@@ -1,0 +1,695 @@
+/**
+ * A client for the OCI distribution API: manifests, blobs (HEAD, GET with `Range` resume,
+ * cross-repository mount, streamed or chunked upload), with authentication, retries and
+ * redirects handled here so callers deal only in digests and bytes.
+ *
+ * @module
+ */
+
+import { createAuthenticator, repositoryScope } from "./auth.ts";
+import type { Credentials } from "./credentials.ts";
+import { fail, SardeError } from "../util/errors.ts";
+import {
+  createHttpClient,
+  DEFAULT_RESPONSE_TIMEOUT_MS,
+  type HttpResponse,
+  isNetworkError,
+  isNoTlsError,
+  type RequestBody,
+  type TransportOptions,
+} from "./http.ts";
+import { debug, warn } from "../util/log.ts";
+import { type Descriptor, MANIFEST_ACCEPT } from "../oci/types.ts";
+import { isLoopbackRegistry, registryEndpointHost } from "../oci/reference.ts";
+import {
+  defaultRetryPolicy,
+  gaveUp,
+  isRetryableStatus,
+  retryAfterDelay,
+  type RetryBudget,
+  type RetryPolicy,
+  sleep,
+  startRetries,
+} from "../util/retry.ts";
+import { digestOf } from "../oci/digest.ts";
+
+/** Options for talking to one registry. */
+export interface RegistryOptions extends TransportOptions {
+  /** Credentials to use; `undefined` means anonymous. */
+  credentials?: Credentials;
+  /** Retry policy for connection errors, 5xx and 429; unset fields keep their defaults. */
+  retry?: Partial<RetryPolicy>;
+  /**
+   * Largest request body to send in one PATCH. 0 (default) streams each blob in one request;
+   * set it for registries or proxies that cap request bodies (GHCR: 4 MiB).
+   */
+  chunkSize?: number;
+  /** Aborts everything in flight (Ctrl-C). */
+  signal?: AbortSignal;
+}
+
+/** A manifest as fetched: its exact bytes, media type and digest. */
+export interface FetchedManifest {
+  bytes: Uint8Array;
+  mediaType: string;
+  digest: string;
+}
+
+/** Where downloaded blob bytes go; `reset` discards what was written (server ignored `Range`). */
+export interface BlobSink {
+  write(chunk: Uint8Array): Promise<void>;
+  reset(): Promise<void>;
+}
+
+/** Produces the bytes of a blob starting at `offset`, for (re)sending. */
+export type BlobSource = (offset: number, length: number) => AsyncIterable<Uint8Array>;
+
+/** Progress callback: bytes moved since the last call. */
+export type ProgressFn = (bytes: number) => void;
+
+/** A connection to one registry host. */
+export interface RegistryClient {
+  /** The registry host (`host[:port]`). */
+  readonly registry: string;
+  /**
+   * `GET /v2/`: checks that the registry answers like an OCI registry and, with credentials,
+   * that they are accepted.
+   */
+  ping(): Promise<void>;
+  /** Fetches a manifest by tag or digest; verifies the digest when asked by digest. */
+  getManifest(repository: string, selector: string): Promise<FetchedManifest>;
+  /** Checks a manifest exists; returns its descriptor or `undefined`. */
+  headManifest(repository: string, selector: string): Promise<Descriptor | undefined>;
+  /** Uploads manifest bytes under a tag or digest; returns the digest. */
+  putManifest(
+    repository: string,
+    selector: string,
+    bytes: Uint8Array,
+    mediaType: string,
+  ): Promise<string>;
+  /**
+   * Whether the repository has the blob. A yes must prove it with the blob's exact
+   * `Docker-Content-Digest`, or without one its size as `Content-Length`; anything else is an
+   * error (a server that says yes to everything must not make a push skip its blobs).
+   */
+  hasBlob(repository: string, blob: Descriptor): Promise<boolean>;
+  /**
+   * Tries a cross-repository mount from `from`; true when the blob is now in `repository`, false
+   * when the registry refused (any 4xx, or no right to read `from`: an upload does without it).
+   */
+  mountBlob(repository: string, digest: string, from: string): Promise<boolean>;
+  /** Downloads a blob into `sink`, resuming with `Range` after a cut connection. */
+  downloadBlob(
+    repository: string,
+    descriptor: Descriptor,
+    sink: BlobSink,
+    progress?: ProgressFn,
+  ): Promise<void>;
+  /**
+   * Uploads a blob (POST → PATCH… → PUT `?digest=`), restarting on failure unless the registry
+   * turns out to have the blob (a `HEAD` after a failed PATCH or PUT).
+   */
+  uploadBlob(
+    repository: string,
+    descriptor: Descriptor,
+    source: BlobSource,
+    progress?: ProgressFn,
+  ): Promise<void>;
+  /** Frees connections. */
+  close(): void;
+}
+
+interface CallOptions {
+  method: string;
+  url: URL;
+  headers?: Record<string, string>;
+  body?: RequestBody;
+  scopes: string[];
+  /** Follow redirects (blob downloads); never forwards `Authorization` to another host. */
+  follow?: boolean;
+  /**
+   * Statuses returned to the caller as-is instead of being turned into errors: a list, or a test
+   * (retryable statuses it accepts are not retried).
+   */
+  accept: number[] | ((status: number) => boolean);
+  /** Retry on transport errors / 5xx (false for non-idempotent upload steps handled by caller). */
+  retry?: boolean;
+  /** A large download: `bulk` of lib/registry/http.ts. */
+  bulk?: boolean;
+  /** A longer wait for the answer: `answerTimeoutMs` of lib/registry/http.ts. */
+  answerTimeoutMs?: number;
+  /** The API check itself: `url` is absolute, no authentication. */
+  probe?: boolean;
+}
+
+/** The error for a server that answers, but not the way an OCI registry must. */
+function notARegistry(registry: string, detail: string): SardeError {
+  return new SardeError(
+    "registry",
+    `${registry} does not behave like an OCI registry: ${detail}`,
+    { hint: "check the registry address and port: is a web server or proxy answering instead?" },
+  );
+}
+
+/** Whether a call takes `status` as an answer (rather than retrying it or failing). */
+function accepts(o: CallOptions, status: number): boolean {
+  return Array.isArray(o.accept) ? o.accept.includes(status) : o.accept(status);
+}
+
+/** Whether two digests use one algorithm (only then can they be compared). */
+function sameAlgorithm(a: string, b: string): boolean {
+  return a.split(":")[0] === b.split(":")[0];
+}
+
+/** `repo:tag` or `repo@sha256:…`, as users write references, for messages. */
+function manifestName(repository: string, selector: string): string {
+  return `${repository}${selector.includes(":") ? "@" : ":"}${selector}`;
+}
+
+/** Opens a client for `registry` (`host[:port]`). Nothing is sent until the first call. */
+export function createRegistryClient(
+  registry: string,
+  options: RegistryOptions = {},
+): RegistryClient {
+  const http = createHttpClient(options);
+  const policy = defaultRetryPolicy(options.retry);
+  const endpoint = registryEndpointHost(registry);
+  let base: URL | undefined;
+  let finding: Promise<URL> | undefined;
+  // Credentials go to a plain-http token server only if they go to the registry that way too.
+  const auth = createAuthenticator(
+    http,
+    registry,
+    options.credentials,
+    () => base?.protocol === "http:",
+  );
+
+  /** The API root, found and checked once by the first request (the others wait for it). */
+  function baseUrl(): Promise<URL> {
+    finding ??= findApi().catch((err) => {
+      finding = undefined;
+      throw err;
+    });
+    return finding;
+  }
+
+  /**
+   * `GET /v2/` (with retries): over https, or plain http with `--insecure`; loopback registries
+   * are often plain http (as docker assumes), so for them https falls back to http. The answer
+   * must come from an OCI registry, or every later "yes, I have that blob" would be believed.
+   */
+  async function findApi(): Promise<URL> {
+    const plain = new URL(`http://${endpoint}/`);
+    let url = options.plainHttp ? plain : new URL(`https://${endpoint}/`);
+    const check = (root: URL) =>
+      call({
+        method: "GET",
+        url: new URL("/v2/", root),
+        scopes: [],
+        follow: true,
+        // Every final answer: checkApiAnswer tells a registry from a host that is none (a 404
+        // from a web server is not "image not found"); 5xx and 429 are retried first.
+        accept: (status) => !isRetryableStatus(status),
+        probe: true,
+      }, "registry check");
+    let res: HttpResponse;
+    try {
+      res = await check(url);
+    } catch (err) {
+      if (url === plain || !isLoopbackRegistry(registry) || !isNoTlsError(err)) throw err;
+      debug(`${registry} does not speak TLS; using plain http`);
+      url = plain;
+      res = await check(url);
+    }
+    await checkApiAnswer(res);
+    return (base = url);
+  }
+
+  /**
+   * `GET /v2/` must answer `200`, `401` or `403` (the last two are left to authentication), and a
+   * `200` must come from a registry: the `Docker-Distribution-API-Version` header (optional in
+   * the OCI spec, sent by distribution, Zot, Harbor, GHCR, GitLab…) or at least a JSON body.
+   */
+  async function checkApiAnswer(res: HttpResponse): Promise<void> {
+    if (![200, 401, 403].includes(res.status)) {
+      await res.discard();
+      throw notARegistry(registry, `GET /v2/ answered HTTP ${res.status}`);
+    }
+    if (
+      res.status !== 200 ||
+      /^registry\/2\./.test(res.headers.get("docker-distribution-api-version") ?? "")
+    ) {
+      return await res.discard();
+    }
+    try {
+      JSON.parse(await res.text());
+    } catch {
+      const type = res.headers.get("content-type")?.split(";")[0] || "no content type";
+      throw notARegistry(
+        registry,
+        `GET /v2/ answered 200 with ${type}, not JSON, and no Docker-Distribution-API-Version`,
+      );
+    }
+  }
+
+  const api = async (path: string) => new URL(`/v2/${path}`, await baseUrl());
+
+  async function errorFor(res: HttpResponse, what: string): Promise<SardeError> {
+    let detail = "";
+    try {
+      const body = JSON.parse(await res.text());
+      const errs = Array.isArray(body?.errors) ? body.errors : [];
+      detail = errs.map((e: { code?: string; message?: string }) =>
+        [e.code, e.message].filter(Boolean).join(": ")
+      )
+        .join("; ");
+    } catch { /* not a distribution error document */ }
+    const suffix = detail ? ` (${detail})` : "";
+    if (res.status === 404) return fail("not-found", `${what}: not found on ${registry}${suffix}`);
+    if (res.status === 401 || res.status === 403) {
+      return new SardeError("auth", `${what}: access denied by ${registry}${suffix}`, {
+        hint: auth.hasCredentials
+          ? `the stored credentials lack permission; check them with sarde login ${registry}`
+          : `log in first: sarde login ${registry}`,
+      });
+    }
+    if (res.status === 413) {
+      return new SardeError(
+        "registry",
+        `${what}: ${registry} refused a request body as too large (413)`,
+        {
+          hint: "use --chunk-size (e.g. 4MiB) for registries or proxies that cap request bodies",
+        },
+      );
+    }
+    return fail("registry", `${what}: ${registry} answered HTTP ${res.status}${suffix}`);
+  }
+
+  async function call(o: CallOptions, what: string): Promise<HttpResponse> {
+    let url = o.url;
+    const retries = startRetries(policy);
+    let authTries = 0;
+    let redirects = 0;
+    const origin = o.probe ? undefined : (await baseUrl()).origin;
+    for (;;) {
+      const headers: Record<string, string> = { ...o.headers };
+      const sameOrigin = url.origin === origin;
+      const authorization = sameOrigin ? auth.header(o.scopes) : undefined;
+      if (authorization) headers.authorization = authorization;
+      let res: HttpResponse;
+      try {
+        res = await http.send({
+          method: o.method,
+          url,
+          headers,
+          body: o.body,
+          signal: options.signal,
+          bulk: o.bulk,
+          answerTimeoutMs: o.answerTimeoutMs,
+        });
+      } catch (err) {
+        if (o.retry === false || !isNetworkError(err)) throw err;
+        const ms = retries.next();
+        if (ms === undefined) throw retries.exhausted(err);
+        warn(`${what}: ${(err as Error).message}; retrying in ${(ms / 1000).toFixed(1)} s`);
+        await sleep(ms, options.signal);
+        continue;
+      }
+      if (res.status === 401 && sameOrigin && authTries < 2) {
+        await res.discard();
+        authTries++;
+        if (await auth.respond(res.headers.get("www-authenticate"), o.scopes, authorization)) {
+          continue;
+        }
+        throw new SardeError(
+          "auth",
+          auth.hasCredentials
+            ? `${what}: ${registry} rejected the credentials`
+            : `${what}: ${registry} requires authentication`,
+          {
+            hint: auth.hasCredentials
+              ? `check the user name and password: sarde login ${registry}`
+              : `log in first: sarde login ${registry}`,
+          },
+        );
+      }
+      if (o.follow && [301, 302, 303, 307, 308].includes(res.status)) {
+        const location = res.headers.get("location");
+        await res.discard();
+        if (!location || ++redirects > 5) {
+          throw fail("registry", `${what}: too many or broken redirects`);
+        }
+        url = new URL(location, url);
+        debug(`${what}: redirected to ${url.origin}`);
+        continue;
+      }
+      if (o.retry !== false && isRetryableStatus(res.status) && !accepts(o, res.status)) {
+        const ms = retries.next(retryAfterDelay(policy, res.headers.get("retry-after")));
+        if (ms === undefined) throw retries.exhausted(await errorFor(res, what));
+        await res.discard();
+        warn(
+          `${what}: ${registry} answered ${res.status}; retrying in ${(ms / 1000).toFixed(1)} s`,
+        );
+        await sleep(ms, options.signal);
+        continue;
+      }
+      if (accepts(o, res.status)) return res;
+      throw await errorFor(res, what);
+    }
+  }
+
+  const pull = (repo: string) => [repositoryScope(repo, ["pull"])];
+  const push = (repo: string) => [repositoryScope(repo, ["pull", "push"])];
+
+  /**
+   * How long an upload's closing PUT may take to answer: registries on object storage (S3, GCS)
+   * copy or assemble the blob before they answer, which takes minutes for blobs of several GB.
+   * Six response timeouts (3 min by default) plus a second per 50 MB.
+   */
+  const commitTimeoutMs = (size: number) =>
+    6 * (options.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS) + Math.ceil(size / 50_000);
+
+  async function hasBlob(repository: string, blob: Descriptor): Promise<boolean> {
+    const what = `blob ${blob.digest.slice(0, 19)}`;
+    const res = await call({
+      method: "HEAD",
+      url: await api(`${repository}/blobs/${blob.digest}`),
+      scopes: push(repository),
+      follow: true,
+      accept: [200, 404],
+    }, what);
+    await res.discard();
+    if (res.status !== 200) return false;
+    // The exact digest is proof enough (proxies and CDNs strip or zero a HEAD's
+    // Content-Length). Without it (older registries, storage redirects) the size must match.
+    const digest = res.headers.get("docker-content-digest");
+    if (digest === blob.digest) return true;
+    if (digest !== null && sameAlgorithm(digest, blob.digest)) {
+      throw notARegistry(registry, `HEAD of ${what} answered Docker-Content-Digest ${digest}`);
+    }
+    const length = res.headers.get("content-length");
+    if (length === null || Number(length) !== blob.size) {
+      throw notARegistry(
+        registry,
+        `HEAD of ${what} answered Content-Length ${length ?? "(none)"} for ${blob.size} bytes`,
+      );
+    }
+    return true;
+  }
+
+  async function uploadOnce(
+    repository: string,
+    descriptor: Descriptor,
+    source: BlobSource,
+    progress?: ProgressFn,
+  ): Promise<void> {
+    const what = `upload of ${descriptor.digest.slice(0, 19)}`;
+    const start = await call(
+      {
+        method: "POST",
+        url: await api(`${repository}/blobs/uploads/`),
+        scopes: push(repository),
+        accept: [202],
+      },
+      what,
+    );
+    await start.discard();
+    let location = uploadLocation(start, await baseUrl(), what);
+    const size = descriptor.size;
+    const chunk = options.chunkSize && options.chunkSize > 0 ? options.chunkSize : size;
+    let offset = 0;
+    let done: HttpResponse;
+    try {
+      while (offset < size) {
+        const length = Math.min(chunk, size - offset);
+        const from = offset;
+        const res = await call({
+          method: "PATCH",
+          url: location,
+          headers: {
+            "content-type": "application/octet-stream",
+            ...(options.chunkSize ? { "content-range": `${from}-${from + length - 1}` } : {}),
+          },
+          body: { length, stream: () => counted(source(from, length), progress) },
+          scopes: push(repository),
+          accept: [202, 201, 204],
+          retry: false,
+        }, what);
+        await res.discard();
+        location = uploadLocation(res, location, what);
+        offset += length;
+      }
+      const put = new URL(location);
+      put.searchParams.set("digest", descriptor.digest);
+      done = await call({
+        method: "PUT",
+        url: put,
+        scopes: push(repository),
+        accept: [201, 204],
+        retry: false,
+        answerTimeoutMs: commitTimeoutMs(size),
+      }, what);
+    } catch (err) {
+      // The registry may have the blob all the same (a commit that outlasted our wait, an answer
+      // a proxy lost, another push of the same blob): asking is cheaper than sending it again.
+      if (retryableUploadError(err) && await hasBlob(repository, descriptor).catch(() => false)) {
+        debug(`${what}: the registry has the blob after all (${(err as Error).message})`);
+        return;
+      }
+      throw err;
+    }
+    await done.discard();
+    const stored = done.headers.get("docker-content-digest");
+    if (stored && sameAlgorithm(stored, descriptor.digest) && stored !== descriptor.digest) {
+      throw notARegistry(registry, `${what} was stored as ${stored}`);
+    }
+  }
+
+  return {
+    registry,
+    async ping() {
+      const res = await call(
+        { method: "GET", url: await api(""), scopes: [], accept: [200] },
+        "registry check",
+      );
+      await checkApiAnswer(res);
+    },
+
+    async getManifest(repository, selector) {
+      const what = `manifest ${manifestName(repository, selector)}`;
+      const res = await call({
+        method: "GET",
+        url: await api(`${repository}/manifests/${selector}`),
+        headers: { accept: MANIFEST_ACCEPT.join(", ") },
+        scopes: pull(repository),
+        accept: [200],
+      }, what);
+      const bytes = await res.bytes(4 << 20);
+      const digest = digestOf(bytes);
+      if (selector.startsWith("sha256:") && digest !== selector) {
+        throw fail("integrity", `${what}: registry returned content with digest ${digest}`);
+      }
+      const headerDigest = res.headers.get("docker-content-digest");
+      if (headerDigest && headerDigest !== digest) {
+        debug(
+          `${what}: Docker-Content-Digest ${headerDigest} differs from content digest ${digest}`,
+        );
+      }
+      const mediaType = (res.headers.get("content-type") ?? "").split(";")[0].trim();
+      return { bytes, mediaType, digest };
+    },
+
+    async headManifest(repository, selector) {
+      const res = await call({
+        method: "HEAD",
+        url: await api(`${repository}/manifests/${selector}`),
+        headers: { accept: MANIFEST_ACCEPT.join(", ") },
+        scopes: pull(repository),
+        accept: [200, 404],
+      }, `manifest ${manifestName(repository, selector)}`);
+      await res.discard();
+      if (res.status === 404) return undefined;
+      const digest = res.headers.get("docker-content-digest") ?? "";
+      return {
+        mediaType: (res.headers.get("content-type") ?? "").split(";")[0].trim(),
+        digest,
+        size: Number(res.headers.get("content-length") ?? 0),
+      };
+    },
+
+    async putManifest(repository, selector, bytes, mediaType) {
+      const what = `manifest upload ${manifestName(repository, selector)}`;
+      const res = await call({
+        method: "PUT",
+        url: await api(`${repository}/manifests/${selector}`),
+        headers: { "content-type": mediaType },
+        body: bytes,
+        scopes: push(repository),
+        accept: [201, 200, 202],
+      }, what);
+      await res.discard();
+      const digest = digestOf(bytes);
+      // The spec wants 201 and, when the header is sent, the digest of what was sent: proof that
+      // the registry took the manifest. 200/202 only count with that proof.
+      const stored = res.headers.get("docker-content-digest");
+      const comparable = stored !== null && sameAlgorithm(stored, digest);
+      if (comparable && stored !== digest) {
+        throw notARegistry(registry, `${what} answered digest ${stored}, not ${digest}`);
+      }
+      if (res.status !== 201 && !comparable) {
+        throw notARegistry(registry, `${what} answered ${res.status} instead of 201 Created`);
+      }
+      return digest;
+    },
+
+    hasBlob,
+
+    async mountBlob(repository, digest, from) {
+      const url = await api(`${repository}/blobs/uploads/`);
+      url.searchParams.set("mount", digest);
+      url.searchParams.set("from", from);
+      let res: HttpResponse;
+      try {
+        res = await call({
+          method: "POST",
+          url,
+          scopes: [...push(repository), repositoryScope(from, ["pull"])],
+          // A 4xx (an unknown `from`, a registry without mounts…) only means no mount.
+          accept: (s) => s === 201 || s === 202 || (s >= 400 && s < 500 && !isRetryableStatus(s)),
+        }, `mount of ${digest.slice(0, 19)}`);
+      } catch (err) {
+        if (!(err instanceof SardeError) || err.kind !== "auth") throw err;
+        debug(`cannot mount from ${from}: ${err.message}`);
+        return false;
+      }
+      await res.discard();
+      if (res.status >= 400) {
+        debug(`cannot mount from ${from}: ${registry} answered HTTP ${res.status}`);
+        return false;
+      }
+      if (res.status === 202) {
+        // Mount refused; the registry opened an upload session instead. Cancel it politely.
+        const loc = res.headers.get("location");
+        if (loc) {
+          await call({
+            method: "DELETE",
+            url: new URL(loc, await baseUrl()),
+            scopes: push(repository),
+            accept: [204, 200, 404, 405],
+            retry: false,
+          }, "cancel upload").then((r) => r.discard()).catch(() => {});
+        }
+      }
+      return res.status === 201;
+    },
+
+    async downloadBlob(repository, descriptor, sink, progress) {
+      const what = `blob ${descriptor.digest.slice(0, 19)}`;
+      let offset = 0;
+      // Counted from the first cut; a download that got further since the last one counts anew.
+      let retries: RetryBudget | undefined;
+      let cutAt = -1;
+      for (;;) {
+        const res = await call({
+          method: "GET",
+          url: await api(`${repository}/blobs/${descriptor.digest}`),
+          headers: offset > 0 ? { range: `bytes=${offset}-` } : {},
+          scopes: pull(repository),
+          follow: true,
+          accept: [200, 206],
+          bulk: true,
+        }, what);
+        if (offset > 0 && res.status === 200) {
+          debug(`${what}: server ignored Range; starting over`);
+          progress?.(-offset);
+          offset = 0;
+          await sink.reset();
+        }
+        try {
+          for await (const chunk of res.body) {
+            if (offset + chunk.length > descriptor.size) {
+              throw fail(
+                "integrity",
+                `${what}: registry sent more than the ${descriptor.size} bytes announced`,
+              );
+            }
+            await sink.write(chunk);
+            offset += chunk.length;
+            progress?.(chunk.length);
+          }
+          if (offset === descriptor.size) return;
+          throw new SardeError(
+            "network",
+            `${what}: connection closed after ${offset} of ${descriptor.size} bytes`,
+          );
+        } catch (err) {
+          const cut = isNetworkError(err) || (err instanceof Error && !(err instanceof SardeError));
+          if (!cut) throw err;
+          if (!retries || offset > cutAt) retries = startRetries(policy);
+          cutAt = offset;
+          const ms = retries.next();
+          if (ms === undefined) {
+            throw retries.exhausted(
+              new SardeError("network", `${what}: download failed: ${(err as Error).message}`, {
+                hint: err instanceof SardeError ? err.hint : undefined,
+              }),
+            );
+          }
+          warn(
+            `${what}: interrupted at ${offset} of ${descriptor.size} bytes; resuming in ${
+              (ms / 1000).toFixed(1)
+            } s`,
+          );
+          await sleep(ms, options.signal);
+        }
+      }
+    },
+
+    async uploadBlob(repository, descriptor, source, progress) {
+      let retries: RetryBudget | undefined; // from the first failure: an upload may take long
+      for (;;) {
+        let sent = 0;
+        const track: ProgressFn = (n) => {
+          sent += n;
+          progress?.(n);
+        };
+        try {
+          return await uploadOnce(repository, descriptor, source, track);
+        } catch (err) {
+          progress?.(-sent);
+          if (!retryableUploadError(err) || gaveUp(err)) throw err;
+          retries ??= startRetries(policy);
+          const ms = retries.next();
+          if (ms === undefined) throw retries.exhausted(err);
+          warn(`${(err as Error).message}; restarting the upload in ${(ms / 1000).toFixed(1)} s`);
+          await sleep(ms, options.signal);
+        }
+      }
+    },
+
+    close: () => http.close(),
+  };
+}
+
+/** Whether an upload that failed with `err` is worth starting again. */
+function retryableUploadError(err: unknown): boolean {
+  return isNetworkError(err) ||
+    (err instanceof SardeError && err.kind === "registry" &&
+      /HTTP 5\d\d|HTTP 429/.test(err.message));
+}
+
+function uploadLocation(res: HttpResponse, base: URL, what: string): URL {
+  const location = res.headers.get("location");
+  if (!location) throw fail("registry", `${what}: registry sent no upload Location`);
+  return new URL(location, base);
+}
+
+async function* counted(
+  chunks: AsyncIterable<Uint8Array>,
+  progress?: ProgressFn,
+): AsyncIterable<Uint8Array> {
+  for await (const c of chunks) {
+    yield c;
+    progress?.(c.length);
+  }
+}

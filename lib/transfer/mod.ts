@@ -1,0 +1,8 @@
+/**
+ * Moving images between a registry and the local store: fetch (verified, resumable, parallel) and
+ * push (skips, mounts, chunked uploads).
+ *
+ * @module
+ */
+
+export * from "./transfer.ts";

@@ -1,0 +1,23 @@
+/**
+ * Building blocks with no knowledge of images, registries or VMs: errors and exit codes, stderr
+ * logging and progress, Ctrl-C cleanup, retries with backoff, a concurrency pool, sizes and
+ * durations, crash-safe files and locks, external programs, O_DIRECT I/O, the INI dialect of both
+ * programs, the version.
+ *
+ * @module
+ */
+
+export * from "./cleanup.ts";
+export * from "./command.ts";
+export * from "./config.ts";
+export * from "./direct_io.ts";
+export * from "./errors.ts";
+export * from "./fsutil.ts";
+export * from "./log.ts";
+export * from "./net.ts";
+export * from "./pool.ts";
+export * from "./progress.ts";
+export * from "./retry.ts";
+export * from "./terminal.ts";
+export * from "./units.ts";
+export * from "./version.ts";

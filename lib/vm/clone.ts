@@ -1,0 +1,179 @@
+/**
+ * `sarde clone`: a new VM whose disks are qcow2 overlays on an imported base VM — O(1) in disk
+ * size — with its own name, UUID, MAC addresses and NVRAM copy. The executor makes one per job.
+ *
+ * @module
+ */
+
+import { basename, extname, join } from "node:path";
+import {
+  anonymizeDomain,
+  bootFiles,
+  childElement,
+  childElements,
+  type DomainDoc,
+  fileDisks,
+  parseDomainXml,
+  removeElement,
+  serializeDomainXml,
+  setDomainName,
+  setDomainType,
+  setElementText,
+} from "./domain.ts";
+import { fail } from "../util/errors.ts";
+import { exists, lockFile, touch, writeFileAtomic } from "../util/fsutil.ts";
+import { IMPORT_MARKER, type ImportOptions, importVm } from "./import.ts";
+import {
+  checkVmName,
+  createTransient,
+  defineXml,
+  domainExists,
+  domainUuid,
+  dumpXml,
+  start,
+  undefine,
+} from "./libvirt.ts";
+import { debug } from "../util/log.ts";
+import { createOverlay } from "./qemu.ts";
+
+/** Marker file of a clone folder (what it was cloned from). */
+export const CLONE_MARKER = ".sarde-clone.json";
+
+/** Options for {@link cloneVm}. */
+export interface CloneOptions extends Omit<ImportOptions, "name"> {
+  /** Where clone folders go (default: `vmdir`). */
+  clonedir?: string;
+  /** Start the clone after defining it. */
+  start?: boolean;
+  /** Create a transient VM (started at once, gone when it stops); its folder stays for cleanup. */
+  transient?: boolean;
+  /** Last changes to the clone's XML before it is defined (the executor's networking). */
+  editXml?: (doc: DomainDoc) => void;
+}
+
+/** What {@link cloneVm} made. */
+export interface CloneResult {
+  name: string;
+  uuid: string;
+  /** The clone's own folder (overlays, NVRAM copy, logs). */
+  folder: string;
+  /** The base VM it was cloned from. */
+  base: string;
+}
+
+/**
+ * Clones `source` — a defined VM, or a local image (imported first under its image ID) — into a
+ * new VM `target`. Disks become overlays in `<clonedir>/<target>/`; cdroms and kernels are shared
+ * read-only with the base.
+ */
+export async function cloneVm(
+  source: string,
+  target: string,
+  options: CloneOptions,
+): Promise<CloneResult> {
+  checkVmName(target);
+  // Refused before the base is imported: that can take minutes and many GB for nothing.
+  if (await domainExists(target, options)) {
+    throw fail(
+      "usage",
+      `a VM named '${target}' already exists`,
+      "choose another name, or remove it first",
+    );
+  }
+  let base = source;
+  if (!await domainExists(source, options)) {
+    base = (await importVm(source, options)).name;
+  } else {
+    await touch(join(options.vmdir, base, IMPORT_MARKER));
+  }
+  const folder = join(options.clonedir ?? options.vmdir, target);
+  // The same per-name lock as import: a clone and an import of one name never race.
+  using _lock = await lockFile(join(options.clonedir ?? options.vmdir, ".locks", `${target}.lock`));
+  if (await exists(join(folder, IMPORT_MARKER))) {
+    throw fail("usage", `${folder} belongs to an imported VM; choose another name`);
+  }
+  if (await exists(folder)) {
+    // Only a folder this code made (its marker inside) is a leftover it may remove.
+    if (!await exists(join(folder, CLONE_MARKER))) {
+      throw fail(
+        "usage",
+        `${folder} exists and was not made by sarde clone`,
+        "choose another name or clonedir",
+      );
+    }
+    debug(`removing leftovers of an earlier clone in ${folder}`);
+    await Deno.remove(folder, { recursive: true });
+  }
+  const doc = parseDomainXml(
+    await dumpXml(base, { ...options, inactive: true }),
+    `domain XML of ${base}`,
+  );
+  await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
+  try {
+    await writeFileAtomic(
+      join(folder, CLONE_MARKER),
+      JSON.stringify({ base, source }, null, 2) + "\n",
+    );
+    const used = new Set<string>();
+    const unique = (name: string) => {
+      let n = name;
+      for (let i = 1; used.has(n); i++) n = `${basename(name, extname(name))}-${i}${extname(name)}`;
+      used.add(n);
+      return n;
+    };
+    for (const disk of fileDisks(doc)) {
+      const readonly = childElement(disk.element, "readonly") !== undefined;
+      if (disk.device === "cdrom" || disk.device === "floppy" || readonly) continue;
+      const overlay = join(folder, unique(basename(disk.path)));
+      await createOverlay(overlay, disk.path, disk.format ?? "qcow2");
+      disk.source.setAttribute("file", overlay);
+      let driver = childElement(disk.element, "driver");
+      if (!driver) {
+        driver = doc.createElement("driver");
+        driver.setAttribute("name", "qemu");
+        disk.element.insertBefore(driver, disk.element.firstChild);
+      }
+      driver.setAttribute("type", "qcow2");
+      for (const bs of childElements(disk.element, "backingStore")) removeElement(bs);
+    }
+    for (const bf of bootFiles(doc)) {
+      if (bf.kind !== "nvram") continue;
+      const copy = join(folder, unique(basename(bf.path)));
+      await Deno.copyFile(bf.path, copy);
+      setElementText(bf.element, copy);
+    }
+    const devs = childElement(doc.documentElement!, "devices");
+    for (const el of devs ? childElements(devs) : []) {
+      for (const src of childElements(el, "source")) {
+        const p = src.getAttribute("path");
+        if (p && ["serial", "console", "channel", "parallel"].includes(el.nodeName)) {
+          src.setAttribute("path", join(folder, basename(p)));
+        }
+      }
+      for (const log of childElements(el, "log")) {
+        const p = log.getAttribute("file");
+        if (p) log.setAttribute("file", join(folder, basename(p)));
+      }
+    }
+    anonymizeDomain(doc);
+    setDomainName(doc, target);
+    if (options.domainType) setDomainType(doc, options.domainType);
+    options.editXml?.(doc);
+    const xml = serializeDomainXml(doc);
+    if (options.transient) {
+      await createTransient(xml, options);
+    } else {
+      await defineXml(xml, options);
+      if (options.start) {
+        await start(target, options).catch(async (err) => {
+          await undefine(target, { ...options, nvram: true }).catch(() => {});
+          throw err;
+        });
+      }
+    }
+  } catch (err) {
+    await Deno.remove(folder, { recursive: true }).catch(() => {});
+    throw err;
+  }
+  return { name: target, uuid: await domainUuid(target, options), folder, base };
+}

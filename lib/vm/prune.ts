@@ -1,0 +1,379 @@
+/**
+ * Freeing space: `sarde rm` (one cached image) and `sarde prune` (garbage, and least recently used
+ * images and imported VMs beyond an age or a byte budget). Nothing a defined VM still uses is ever
+ * removed: an imported base VM is only removed when it is not running and no other VM's disks
+ * are backed by its files.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { CLONE_MARKER } from "./clone.ts";
+import { fileDisks, parseDomainXml } from "./domain.ts";
+import { describeError, fail, SardeError } from "../util/errors.ts";
+import { checkDir, exists, type FileLock, osReason, tryLockFile } from "../util/fsutil.ts";
+import { IMPORT_MARKER, vmLockPath } from "./import.ts";
+import {
+  descriptorTag,
+  isLayout,
+  type Layout,
+  layoutLeftovers,
+  lockLayoutForRemoval,
+  openLayout,
+  readBlob,
+  readIndex,
+  removeFromIndex,
+  removeLayout,
+  writeIndex,
+} from "../oci/layout.ts";
+import {
+  type ConnectOptions,
+  domainExists,
+  domainState,
+  dumpXml,
+  listDomains,
+  undefine,
+} from "./libvirt.ts";
+import { debug, info, warn } from "../util/log.ts";
+import { manifestBlobs, parseManifest } from "../oci/types.ts";
+import { formatBytes } from "../util/progress.ts";
+import { backingChain } from "./qemu.ts";
+import { formatLocalName, parseReference } from "../oci/reference.ts";
+import { findLayouts, layoutDir } from "../oci/store.ts";
+
+/** One thing removed, and the bytes it freed. */
+export interface Removed {
+  what: string;
+  bytes: number;
+}
+
+/** Bytes `path` takes on disk; what vanishes meanwhile (another process at work) counts 0. */
+async function diskUsage(
+  path: string,
+  counts = (_name: string, _isDir: boolean) => true,
+): Promise<number> {
+  let total = 0;
+  const walk = async (p: string) => {
+    const st = await Deno.lstat(p).catch(() => undefined);
+    if (!st) return;
+    if (!st.isDirectory) {
+      total += (st.blocks ?? Math.ceil(st.size / 512)) * 512;
+      return;
+    }
+    const entries: Deno.DirEntry[] = [];
+    try {
+      for await (const e of Deno.readDir(p)) entries.push(e);
+    } catch (err) {
+      ignoreNotFound(err);
+    }
+    for (const e of entries) {
+      if (p !== path || counts(e.name, e.isDirectory)) await walk(join(p, e.name));
+    }
+  };
+  await walk(path);
+  return total;
+}
+
+/**
+ * Disk usage of a layout's own files: a layout folder can hold another repository's layout
+ * (`a/b` and `a/b/c`), which is not counted.
+ */
+function layoutUsage(layout: Layout): Promise<number> {
+  return diskUsage(layout.dir, (name, isDir) => !isDir || name === "blobs");
+}
+
+/** Deletes blobs no manifest of the layout refers to (and stale partial files). Lock held. */
+async function collectGarbage(layout: Layout): Promise<number> {
+  const index = await readIndex(layout);
+  const keep = new Set<string>();
+  for (const d of index.manifests) {
+    keep.add(d.digest.slice(7));
+    try {
+      for (const b of manifestBlobs(parseManifest(await readBlob(layout, d.digest)))) {
+        keep.add(b.digest.slice(7));
+      }
+    } catch (err) {
+      warn(`not collecting garbage in ${layout.dir}: ${(err as Error).message}`);
+      return 0;
+    }
+  }
+  let freed = 0;
+  const dir = join(layout.dir, "blobs", "sha256");
+  for await (const e of Deno.readDir(dir)) {
+    if (keep.has(e.name)) continue;
+    const p = join(dir, e.name);
+    freed += await diskUsage(p);
+    await Deno.remove(p, { recursive: true });
+  }
+  return freed;
+}
+
+/**
+ * Removes a cached image (`sarde rm`): its tag (or digest; `latest` when neither is given) and
+ * every blob no other tag of that repository needs. The repository folder goes when empty.
+ * Imported VMs are not touched.
+ */
+export async function removeImage(ocidir: string, reference: string): Promise<Removed> {
+  const ref = parseReference(reference);
+  const what = formatLocalName(ref);
+  const layout = await openLayout(layoutDir(ocidir, ref), { what });
+  using _lock = await takeForRemoval(layout, what);
+  const index = await readIndex(layout);
+  const selector = ref.digest ? { digest: ref.digest } : { tag: ref.tag ?? "latest" };
+  const left = removeFromIndex(index, selector);
+  if (left.manifests.length === index.manifests.length) {
+    const tags = index.manifests.map(descriptorTag).filter(Boolean);
+    throw fail(
+      "not-found",
+      `${what}: not in the local store`,
+      tags.length ? `known tags: ${tags.join(", ")}` : undefined,
+    );
+  }
+  await writeIndex(layout, left);
+  let bytes = await collectGarbage(layout);
+  if (left.manifests.length === 0) {
+    bytes += await layoutUsage(layout);
+    await removeLayout(layout, ocidir);
+  }
+  return { what, bytes };
+}
+
+/**
+ * Waits until no other process uses the layout (a pull of another tag, an import) and takes it
+ * for removal; a layout removed meanwhile is not in the store any more.
+ */
+async function takeForRemoval(layout: Layout, what: string): Promise<FileLock> {
+  let lock: FileLock | undefined;
+  try {
+    lock = await lockLayoutForRemoval(layout, { wait: false });
+    if (!lock) {
+      info(`waiting for the other sarde processes using ${what}`);
+      lock = (await lockLayoutForRemoval(layout, { wait: true }))!;
+    }
+  } catch (err) {
+    if (err instanceof SardeError && err.kind === "not-found") throw removedMeanwhile(what);
+    throw err;
+  }
+  if (!await isLayout(layout.dir)) {
+    lock.release();
+    throw removedMeanwhile(what);
+  }
+  return lock;
+}
+
+function removedMeanwhile(what: string): SardeError {
+  return fail("not-found", `${what}: not in the local store (removed meanwhile)`);
+}
+
+/** Options of {@link prune}. */
+export interface PruneOptions extends ConnectOptions {
+  ocidir: string;
+  vmdir: string;
+  /** Extra folders holding clones (the executor's `clonedir`). */
+  clonedirs?: string[];
+  /** Remove images and unused imported VMs not used for this long (ms). */
+  olderThanMs?: number;
+  /** Then remove the least recently used ones until store + imported VMs use at most this. */
+  keepBytes?: number;
+  /** Only say what would go. */
+  dryRun?: boolean;
+}
+
+/** Whether any defined VM other than `name` uses a file inside `folder` (directly or as backing). */
+async function folderInUse(
+  folder: string,
+  name: string,
+  domains: string[],
+  options: ConnectOptions,
+): Promise<boolean> {
+  for (const d of domains) {
+    if (d === name) continue;
+    let doc;
+    try {
+      doc = parseDomainXml(await dumpXml(d, { ...options, inactive: true }), d);
+    } catch {
+      return true; // cannot tell: keep it
+    }
+    for (const disk of fileDisks(doc)) {
+      if (disk.path.startsWith(folder + "/")) return true;
+      try {
+        const chain = await backingChain(disk.path);
+        if (
+          chain.some((c) =>
+            c.filename.startsWith(folder + "/") || c.realFilename.startsWith(folder + "/")
+          )
+        ) return true;
+      } catch {
+        debug(`cannot read the backing chain of ${disk.path} (VM ${d})`);
+      }
+    }
+  }
+  return false;
+}
+
+interface Candidate {
+  what: string;
+  lastUsed: number;
+  bytes: number;
+  /** Removes it; false when it turned out to be in use (it then stays). */
+  remove: () => Promise<boolean>;
+}
+
+/**
+ * Prunes: always removes leftovers (clone folders whose VM is gone, temp folders of killed
+ * imports, temp files of killed fetches and exports); with `olderThanMs` and/or `keepBytes`, also
+ * cached images and unused imported VMs, least recently used first. What another sarde process
+ * is using (a pull, an import) stays. Returns what was (or, with `dryRun`, would be) removed.
+ */
+export async function prune(options: PruneOptions): Promise<Removed[]> {
+  const removed: Removed[] = [];
+  const act = async (what: string, bytes: number, fn: () => Promise<boolean | void>) => {
+    if (!options.dryRun) {
+      try {
+        if (await fn() === false) return;
+      } catch (err) {
+        if (err instanceof SardeError) throw err;
+        throw fail("io", `cannot remove ${what}: ${osReason(err)}`);
+      }
+    }
+    removed.push({ what, bytes });
+    info(`${options.dryRun ? "would remove" : "removed"} ${what} (${formatBytes(bytes)})`);
+  };
+  // 1. Leftovers.
+  const vmdirs = new Set([options.vmdir, ...(options.clonedirs ?? [])]);
+  for (const dir of vmdirs) {
+    if (!await checkDir(dir, "the VM folder")) continue;
+    for await (const e of Deno.readDir(dir)) {
+      const p = join(dir, e.name);
+      if (e.isDirectory && /^\..+\.partial-(\d+)-/.test(e.name)) {
+        const pid = Number(/\.partial-(\d+)-/.exec(e.name)![1]);
+        if (!await exists(`/proc/${pid}`)) {
+          await act(
+            `interrupted import ${p}`,
+            await diskUsage(p),
+            () => Deno.remove(p, { recursive: true }),
+          );
+        }
+      } else if (
+        e.isDirectory && await exists(join(p, CLONE_MARKER)) && !await domainExists(e.name, options)
+      ) {
+        await act(
+          `clone folder ${p} (its VM is gone)`,
+          await diskUsage(p),
+          () => Deno.remove(p, { recursive: true }),
+        );
+      }
+    }
+  }
+  const layouts = await findLayouts(options.ocidir);
+  for (const { dir } of layouts) {
+    // Only in layouts no other process uses: every writer holds the use lock while it writes.
+    using lock = await unusedLayout({ dir }).catch((err) => {
+      debug(describeError(err));
+      return undefined;
+    });
+    if (!lock) {
+      debug(`${dir} is in use (or not ours to lock); its temp files stay`);
+      continue;
+    }
+    const files = await layoutLeftovers({ dir });
+    if (files.length === 0) continue;
+    let bytes = 0;
+    for (const f of files) bytes += await diskUsage(f);
+    await act(
+      `${files.length} temp file(s) of interrupted fetches or exports in ${dir}`,
+      bytes,
+      async () => {
+        for (const f of files) await Deno.remove(f).catch(ignoreNotFound);
+      },
+    );
+  }
+  if (options.olderThanMs === undefined && options.keepBytes === undefined) return removed;
+
+  // 2. Candidates: cached images (whole repositories) and imported VMs nobody uses.
+  const candidates: Candidate[] = [];
+  for (const { name, dir } of layouts) {
+    const layout = { dir };
+    const lastUsed = await lastUse(join(dir, "index.json"));
+    if (lastUsed === undefined) continue; // removed meanwhile
+    const what = `cached image ${name}`;
+    candidates.push({
+      what,
+      lastUsed,
+      bytes: await layoutUsage(layout),
+      remove: async () => {
+        using lock = await unusedLayout(layout);
+        if (!lock || !await isLayout(dir)) {
+          if (await isLayout(dir)) info(`kept ${what}: another sarde process is using it`);
+          return false; // in use, or removed meanwhile
+        }
+        if ((await lastUse(join(dir, "index.json")) ?? 0) > lastUsed) {
+          info(`kept ${what}: it was used just now`);
+          return false;
+        }
+        await removeLayout(layout, options.ocidir);
+        return true;
+      },
+    });
+  }
+  const domains = await listDomains({ ...options, all: true });
+  if (await checkDir(options.vmdir, "the VM folder")) {
+    for await (const e of Deno.readDir(options.vmdir)) {
+      const folder = join(options.vmdir, e.name);
+      if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
+      const unused = (state: string) => state === "stopped" || state === "missing";
+      if (!unused(await domainState(e.name, options))) continue;
+      if (await folderInUse(folder, e.name, domains, options)) continue;
+      const what = `imported VM ${e.name} (${folder})`;
+      candidates.push({
+        what,
+        lastUsed: await lastUse(join(folder, IMPORT_MARKER)) ?? 0,
+        bytes: await diskUsage(folder),
+        remove: async () => {
+          // The lock an import (or clone) of this name holds; the VM may have started meanwhile.
+          using lock = await tryLockFile(vmLockPath(options.vmdir, e.name));
+          const state = await domainState(e.name, options);
+          if (!lock || !unused(state)) {
+            info(`kept ${what}: it is in use`);
+            return false;
+          }
+          if (state !== "missing") await undefine(e.name, { ...options, nvram: true });
+          await Deno.remove(folder, { recursive: true });
+          return true;
+        },
+      });
+    }
+  }
+  candidates.sort((a, b) => a.lastUsed - b.lastUsed);
+  let total = candidates.reduce((n, c) => n + c.bytes, 0);
+  const now = Date.now();
+  for (const c of candidates) {
+    const old = options.olderThanMs !== undefined && c.lastUsed < now - options.olderThanMs;
+    const over = options.keepBytes !== undefined && total > options.keepBytes;
+    if (!old && !over) continue;
+    const before = removed.length;
+    await act(c.what, c.bytes, c.remove);
+    if (removed.length > before) total -= c.bytes;
+  }
+  return removed;
+}
+
+/** The layout's removal lock if no other process uses it; undefined if in use or gone. */
+async function unusedLayout(layout: Layout): Promise<FileLock | undefined> {
+  try {
+    return await lockLayoutForRemoval(layout, { wait: false });
+  } catch (err) {
+    if (err instanceof SardeError && err.kind === "not-found") return undefined;
+    throw err;
+  }
+}
+
+/** When a file was last used (read or written), or undefined if it is gone. */
+async function lastUse(path: string): Promise<number | undefined> {
+  const st = await Deno.stat(path).catch(() => undefined);
+  return st && Math.max(st.mtime?.getTime() ?? 0, st.atime?.getTime() ?? 0);
+}
+
+function ignoreNotFound(err: unknown): void {
+  if (!(err instanceof Deno.errors.NotFound)) throw err;
+}
