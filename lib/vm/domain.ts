@@ -295,9 +295,14 @@ function isInside(p: string, folder: string): boolean {
 }
 
 /** Interface types that attach the guest to a libvirt network, a host bridge or user-mode NAT. */
+/** Interface types that attach the guest to a libvirt network, a host bridge or user-mode NAT. */
 const SAFE_INTERFACE_TYPES = new Set(["network", "bridge", "user"]);
 /** Elements whose text and attributes are free-form and never interpreted as host paths. */
 const FREE_FORM = new Set(["metadata", "description", "title"]);
+/** Devices whose `<source path>` and `<log file>` are files on the host. */
+const CHAR_DEVICES = new Set(["serial", "console", "parallel", "channel"]);
+/** Host devices an `<rng>` may read: they give randomness, nothing else. */
+const RANDOM_DEVICES = ["/dev/random", "/dev/urandom", "/dev/hwrng"];
 
 /**
  * Rewrites an image's (anonymised) domain XML for this host and checks it cannot reach outside
@@ -307,45 +312,130 @@ const FREE_FORM = new Set(["metadata", "description", "title"]);
  * refused unless `allowHostResources`. Throws one `usage` error listing every problem.
  */
 export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptions): void {
-  const problems: string[] = [];
-  const allow = options.allowHostResources === true;
+  // The policy judges both the XML as the image wrote it and what the rewriting made of it.
+  const image = options.allowHostResources ? undefined : doc.cloneNode(true) as DomainDoc;
+  rewriteForHost(doc, options);
+  if (!image) return;
+  const problems = hostResourceRefusals(image, doc, options.vmFolder);
+  if (problems.length) {
+    throw fail(
+      "usage",
+      `refusing to import: the image's domain XML reaches outside its VM folder: ${
+        problems.join("; ")
+      }`,
+      "import only images you trust with --allow-host-resources",
+    );
+  }
+}
+
+/**
+ * The rewriting half of {@link prepareImportedDomain}, which refuses nothing: anonymises, renames,
+ * moves the files that are plain basenames into `vmFolder`, keeps displays on this host and
+ * re-points the files of safe character devices into `vmFolder`. What it cannot place stays as it
+ * was, for {@link hostResourceRefusals} to refuse.
+ */
+function rewriteForHost(doc: DomainDoc, options: ImportDomainOptions): void {
   const inFolder = (p: string) => join(options.vmFolder, p);
-  // libvirt merges repeated <devices>/<os> elements; the checks below look at the first only.
+  anonymizeDomain(doc);
+  setDomainName(doc, options.name);
+  if (options.domainType) setDomainType(doc, options.domainType);
+  for (const d of fileDisks(doc)) {
+    if (isPlainBasename(d.path)) d.source.setAttribute("file", inFolder(d.path));
+  }
+  for (const f of bootFiles(doc)) {
+    if (isPlainBasename(f.path)) setElementText(f.element, inFolder(f.path));
+  }
+  const devs = devices(doc);
+  for (const el of devs ? childElements(devs) : []) {
+    if (el.nodeName === "graphics") {
+      // A display must not listen beyond this host: drop the image's listen addresses so
+      // libvirt's own default (127.0.0.1 in qemu.conf) applies.
+      el.removeAttribute("listen");
+      for (const l of childElements(el, "listen")) removeElement(l);
+    } else if (
+      CHAR_DEVICES.has(el.nodeName) && SAFE_CHAR_TYPES.has(el.getAttribute("type") || "pty")
+    ) {
+      // A log or socket keeps only its name, made safe, prefixed with the device kind.
+      const repoint = (e: Element, attr: string) => {
+        const p = e.getAttribute(attr);
+        if (p) {
+          e.setAttribute(
+            attr,
+            inFolder(`${el.nodeName}-${basename(p).replace(/[^\w.-]/g, "_") || "log"}`),
+          );
+        }
+      };
+      for (const src of childElements(el, "source")) repoint(src, "path");
+      for (const log of childElements(el, "log")) repoint(log, "file");
+    }
+  }
+}
+
+/**
+ * The safety policy of an import: everything an image's domain XML may not do unless the user
+ * trusts it (`--allow-host-resources`), one message each. `image` is the XML as the image has it,
+ * `prepared` the same after {@link rewriteForHost}.
+ */
+function hostResourceRefusals(image: DomainDoc, prepared: DomainDoc, vmFolder: string): string[] {
+  const problems = [
+    ...repeatedSections(image),
+    ...filesOutsideImage(image),
+    ...firmwareOutsideHostData(image),
+    ...hostDevices(image),
+    ...rawQemuArguments(image),
+  ];
+  // Whatever the rules above did not anticipate: nothing may be network-backed, and every
+  // absolute path left, in any attribute or text, must be inside the VM folder or read-only host
+  // data.
+  for (const p of strayReferences(prepared, vmFolder)) if (!problems.includes(p)) problems.push(p);
+  return problems;
+}
+
+/** Refuses repeated sections: libvirt merges repeated `<devices>`/`<os>`, the checks read the first. */
+function repeatedSections(doc: DomainDoc): string[] {
   const counts = new Map<string, number>();
   for (const el of childElements(root(doc))) {
     counts.set(el.nodeName, (counts.get(el.nodeName) ?? 0) + 1);
   }
-  for (const [name, n] of counts) {
-    if (n > 1 && !name.startsWith("qemu:")) problems.push(`<${name}> appears ${n} times`);
-  }
-  anonymizeDomain(doc);
-  setDomainName(doc, options.name);
-  if (options.domainType) setDomainType(doc, options.domainType);
+  return [...counts].filter(([name, n]) => n > 1 && !name.startsWith("qemu:"))
+    .map(([name, n]) => `<${name}> appears ${n} times`);
+}
 
-  for (const d of fileDisks(doc)) {
-    if (isPlainBasename(d.path)) d.source.setAttribute("file", inFolder(d.path));
-    else if (!allow) {
-      problems.push(`disk ${d.target || "?"} uses a path outside the image ('${d.path}')`);
-    }
-  }
-  for (const f of bootFiles(doc)) {
-    if (isPlainBasename(f.path)) setElementText(f.element, inFolder(f.path));
-    else if (!allow) problems.push(`<${f.kind}> uses a path outside the image ('${f.path}')`);
-  }
+/** Refuses disk, NVRAM and kernel files that are not plain basenames: import cannot place them. */
+function filesOutsideImage(doc: DomainDoc): string[] {
+  return [
+    ...fileDisks(doc).filter((d) => !isPlainBasename(d.path))
+      .map((d) => `disk ${d.target || "?"} uses a path outside the image ('${d.path}')`),
+    ...bootFiles(doc).filter((f) => !isPlainBasename(f.path))
+      .map((f) => `<${f.kind}> uses a path outside the image ('${f.path}')`),
+  ];
+}
+
+/** Refuses a `<loader>` or NVRAM template that is not read-only host firmware. */
+function firmwareOutsideHostData(doc: DomainDoc): string[] {
+  const problems: string[] = [];
   const os = childElement(root(doc), "os");
   for (const loader of os ? childElements(os, "loader") : []) {
     const p = loader.textContent?.trim() ?? "";
-    if (p && !isHostReadonly(p) && !allow) {
+    if (p && !isHostReadonly(p)) {
       problems.push(`<loader> '${p}' is not host firmware under ${HOST_READONLY_PREFIX}`);
     }
   }
   for (const nv of os ? childElements(os, "nvram") : []) {
     const template = nv.getAttribute("template");
-    if (template && !isHostReadonly(template) && !allow) {
+    if (template && !isHostReadonly(template)) {
       problems.push(`<nvram template> '${template}' is not under ${HOST_READONLY_PREFIX}`);
     }
   }
+  return problems;
+}
 
+/**
+ * Refuses devices that reach the host: non-file disks, passthrough of any kind, host network
+ * devices and ports, character devices on host devices or ports, non-random rng backends.
+ */
+function hostDevices(doc: DomainDoc): string[] {
+  const problems: string[] = [];
   const devs = devices(doc);
   for (const el of devs ? childElements(devs) : []) {
     const type = el.getAttribute("type") ?? "";
@@ -365,12 +455,6 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
           problems.push(`<interface type='${type}'> uses host devices or opens host ports`);
         }
         break;
-      case "graphics":
-        // A display must not listen beyond this host: drop the image's listen addresses so
-        // libvirt's own default (127.0.0.1 in qemu.conf) applies.
-        el.removeAttribute("listen");
-        for (const l of childElements(el, "listen")) removeElement(l);
-        break;
       case "input":
         if (type === "passthrough" || type === "evdev") {
           problems.push(`<input type='${type}'> passes a host device`);
@@ -379,38 +463,15 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
       case "serial":
       case "console":
       case "parallel":
-      case "channel": {
+      case "channel":
         if (!SAFE_CHAR_TYPES.has(type || "pty")) {
           problems.push(`<${el.nodeName} type='${type}'> uses a host device or network port`);
-          break;
-        }
-        for (const src of childElements(el, "source")) {
-          const p = src.getAttribute("path");
-          if (p) {
-            src.setAttribute(
-              "path",
-              inFolder(`${el.nodeName}-${basename(p).replace(/[^\w.-]/g, "_") || "log"}`),
-            );
-          }
-        }
-        for (const log of childElements(el, "log")) {
-          const p = log.getAttribute("file");
-          if (p) {
-            log.setAttribute(
-              "file",
-              inFolder(`${el.nodeName}-${basename(p).replace(/[^\w.-]/g, "_") || "log"}`),
-            );
-          }
         }
         break;
-      }
       case "rng":
         for (const b of childElements(el, "backend")) {
           const p = b.textContent?.trim();
-          if (
-            b.getAttribute("model") === "random" && p &&
-            !["/dev/random", "/dev/urandom", "/dev/hwrng"].includes(p)
-          ) {
+          if (b.getAttribute("model") === "random" && p && !RANDOM_DEVICES.includes(p)) {
             problems.push(`<rng> backend '${p}' is not a random device`);
           }
         }
@@ -424,52 +485,50 @@ export function prepareImportedDomain(doc: DomainDoc, options: ImportDomainOptio
         break;
     }
   }
+  return problems;
+}
+
+/** Refuses `<qemu:commandline>` and its kin: raw QEMU arguments can do anything. */
+function rawQemuArguments(doc: DomainDoc): string[] {
   const r = root(doc);
-  for (const el of descendants(r)) {
-    if (el.namespaceURI === QEMU_NS || el.nodeName.startsWith("qemu:")) {
-      if (el.parentNode === r) problems.push(`<${el.nodeName}> passes raw arguments to QEMU`);
-    }
-  }
-  // Whatever the rules above did not anticipate: nothing may be network-backed, and every
-  // absolute path left, in any attribute or text, must be inside the VM folder or read-only host
-  // data. Free-form elements (metadata, description) are not interpreted by libvirt.
-  const seen = new Set(problems);
-  const note = (msg: string) => {
-    if (!seen.has(msg)) problems.push(msg);
-    seen.add(msg);
-  };
-  const randomDevices = ["/dev/random", "/dev/urandom", "/dev/hwrng"];
+  return descendants(r)
+    .filter((el) =>
+      (el.namespaceURI === QEMU_NS || el.nodeName.startsWith("qemu:")) && el.parentNode === r
+    )
+    .map((el) => `<${el.nodeName}> passes raw arguments to QEMU`);
+}
+
+/**
+ * Refuses network-backed sources and every absolute path, in any attribute or text, outside
+ * `vmFolder` and read-only host data; free-form elements (metadata, description) are not
+ * interpreted by libvirt and are skipped. Each message once.
+ */
+function strayReferences(doc: DomainDoc, vmFolder: string): string[] {
+  const problems = new Set<string>();
+  const outside = (p: string) => p.startsWith("/") && !isInside(p, vmFolder) && !isHostReadonly(p);
   const scan = (el: Element) => {
     if (FREE_FORM.has(el.nodeName)) return;
     if (el.getAttribute("type") === "network" && el.nodeName !== "interface") {
-      note(`<${el.nodeName} type='network'> reaches a network storage server`);
+      problems.add(`<${el.nodeName} type='network'> reaches a network storage server`);
     }
     if (el.nodeName === "source" && el.getAttribute("protocol")) {
-      note(`<source protocol='${el.getAttribute("protocol")}'> reaches a network storage server`);
+      problems.add(
+        `<source protocol='${el.getAttribute("protocol")}'> reaches a network storage server`,
+      );
     }
     for (let i = 0; i < el.attributes.length; i++) {
       const a = el.attributes.item(i)!;
       const v = a.value.trim();
-      if (v.startsWith("/") && !isInside(v, options.vmFolder) && !isHostReadonly(v)) {
-        note(`<${el.nodeName} ${a.name}='${v}'> is outside the VM folder`);
-      }
+      if (outside(v)) problems.add(`<${el.nodeName} ${a.name}='${v}'> is outside the VM folder`);
     }
     const text = childTextOf(el);
-    if (text.startsWith("/") && !isInside(text, options.vmFolder) && !isHostReadonly(text)) {
+    if (outside(text)) {
       const rng = el.nodeName === "backend" && el.parentNode?.nodeName === "rng" &&
-        randomDevices.includes(text);
-      if (!rng) note(`<${el.nodeName}>${text}</${el.nodeName}> is outside the VM folder`);
+        RANDOM_DEVICES.includes(text);
+      if (!rng) problems.add(`<${el.nodeName}>${text}</${el.nodeName}> is outside the VM folder`);
     }
     for (const c of childElements(el)) scan(c);
   };
-  scan(r);
-  if (problems.length && !allow) {
-    throw fail(
-      "usage",
-      `refusing to import: the image's domain XML reaches outside its VM folder: ${
-        problems.join("; ")
-      }`,
-      "import only images you trust with --allow-host-resources",
-    );
-  }
+  scan(root(doc));
+  return [...problems];
 }
