@@ -44,9 +44,9 @@ import {
 import { type ConnectOptions, domainState, dumpXml } from "./libvirt.ts";
 import { debug, info, warn } from "../util/log.ts";
 import { type Descriptor, MediaType } from "../oci/types.ts";
-import { formatBytes, startProgress } from "../util/progress.ts";
+import { formatBytes, type Progress, startProgress } from "../util/progress.ts";
 import { backingChain, rebaseUnsafe } from "./qemu.ts";
-import { parseReference } from "../oci/reference.ts";
+import { parseReference, type Reference } from "../oci/reference.ts";
 import { layoutDir } from "../oci/store.ts";
 import { checkMinSize, formatSize } from "../util/units.ts";
 
@@ -345,40 +345,11 @@ export async function exportVm(
   if (options.chunkSize !== undefined) {
     checkChunkSize(options.chunkSize, options.compression ?? "zstd");
   }
-  let xmlText: string;
-  let baseDir = Deno.cwd();
-  if (options.libvirtConfig) {
-    try {
-      xmlText = await Deno.readTextFile(options.libvirtConfig);
-    } catch (err) {
-      throw fail("usage", `cannot read ${options.libvirtConfig}: ${(err as Error).message}`);
-    }
-    baseDir = dirname(resolve(options.libvirtConfig));
-  } else {
-    const state = await domainState(vm, options);
-    if (state === "missing") {
-      throw fail("not-found", `no libvirt VM named '${vm}'`, "see virsh list --all");
-    }
-    if (state !== "stopped") {
-      if (!options.force) {
-        throw fail(
-          "usage",
-          `VM '${vm}' is ${state}; its disks may change while they are read`,
-          "shut it down first, or pass --force",
-        );
-      }
-      warn(`exporting running VM '${vm}' (--force): the disks may be inconsistent`);
-    }
-    xmlText = await dumpXml(vm, { ...options, inactive: true });
-  }
-  const doc = parseDomainXml(xmlText, options.libvirtConfig ?? `domain XML of ${vm}`);
+  const { doc, baseDir } = await readDomain(vm, options);
   const ref = parseReference(reference ?? `${domainName(doc) || vm}:latest`);
   const vmConfig = await readVmConfig(options.vmConfig);
   const compression = options.compression ?? "zstd";
-  const epoch = Deno.env.get("SOURCE_DATE_EPOCH");
-  const created = epoch && /^\d+$/.test(epoch)
-    ? new Date(Number(epoch) * 1000).toISOString()
-    : undefined;
+  const epoch = sourceDateEpoch();
 
   const { files, tops } = await collectFiles(doc, baseDir);
   if (files.length === 0) {
@@ -397,92 +368,111 @@ export async function exportVm(
 
   const layout = await openLayout(layoutDir(options.ocidir, ref), { create: true });
   using _lock = await lockLayout(layout);
-  const outDir = join(layout.dir, "blobs", "sha256");
   const total = stats.reduce((n, st) => n + st.size, 0);
   info(`exporting ${vm}: ${files.length} file(s), ${formatBytes(total)}, ${compression}`);
+  const stored = await storeFiles(layout, files, mimes, total, epoch, options);
+
+  await nameFilesInXml(doc, baseDir, files, tops);
+  anonymizeDomain(doc);
+  return await writeImage(layout, doc, { vm, ref, vmConfig, epoch, stored });
+}
+
+/** The domain XML to export, from `options.libvirtConfig` or libvirt, and the folder its relative paths start from. */
+async function readDomain(
+  vm: string,
+  options: ExportOptions,
+): Promise<{ doc: DomainDoc; baseDir: string }> {
+  if (options.libvirtConfig) {
+    let xmlText: string;
+    try {
+      xmlText = await Deno.readTextFile(options.libvirtConfig);
+    } catch (err) {
+      throw fail("usage", `cannot read ${options.libvirtConfig}: ${(err as Error).message}`);
+    }
+    return {
+      doc: parseDomainXml(xmlText, options.libvirtConfig),
+      baseDir: dirname(resolve(options.libvirtConfig)),
+    };
+  }
+  const state = await domainState(vm, options);
+  if (state === "missing") {
+    throw fail("not-found", `no libvirt VM named '${vm}'`, "see virsh list --all");
+  }
+  if (state !== "stopped") {
+    if (!options.force) {
+      throw fail(
+        "usage",
+        `VM '${vm}' is ${state}; its disks may change while they are read`,
+        "shut it down first, or pass --force",
+      );
+    }
+    warn(`exporting running VM '${vm}' (--force): the disks may be inconsistent`);
+  }
+  const xmlText = await dumpXml(vm, { ...options, inactive: true });
+  return { doc: parseDomainXml(xmlText, `domain XML of ${vm}`), baseDir: Deno.cwd() };
+}
+
+/** `SOURCE_DATE_EPOCH` in seconds, if set to a number: the time written instead of the clock's. */
+function sourceDateEpoch(): number | undefined {
+  const epoch = Deno.env.get("SOURCE_DATE_EPOCH");
+  return epoch && /^\d+$/.test(epoch) ? Number(epoch) : undefined;
+}
+
+/** A diff_id of the image config with the line of history that made it. */
+interface DiffId {
+  digest: string;
+  createdBy: string;
+}
+
+/** What storing the VM's files added to the image. */
+interface StoredFiles {
+  /** The disk layers: zstd chunks, or gzip pieces. */
+  layers: Descriptor[];
+  /**
+   * zstd: one diff_id per chunk layer (its uncompressed digest), so the config — the image ID —
+   * pins every chunk; gzip: one per file, as sardinecake 0.4 writes them.
+   */
+  diffIds: DiffId[];
+  /** The config's list of zstd files (empty for gzip). */
+  zstdFiles: ZstdFileEntry[];
+  /** Every file stored, as {@link ExportResult} lists them. */
+  files: ExportResult["files"];
+}
+
+/** How the files are stored: shared by every file of one export. */
+interface StoreContext {
+  layout: Layout;
+  options: ExportOptions;
+  progress: Progress;
+  /** {@link sourceDateEpoch}: gzip headers carry it instead of the file's mtime. */
+  epoch?: number;
+  /** Temporary folders to remove when the export ends or is interrupted. */
+  cleanups: string[];
+}
+
+/**
+ * Stores every file into the store's blobs as `options.compression` asks, with one progress bar
+ * of `total` bytes; temporary files go away even on Ctrl-C.
+ */
+async function storeFiles(
+  layout: Layout,
+  files: VmFile[],
+  mimes: string[],
+  total: number,
+  epoch: number | undefined,
+  options: ExportOptions,
+): Promise<StoredFiles> {
   const progress = startProgress("export", total);
-  const diskLayers: Descriptor[] = [];
-  // zstd: one diff_id per chunk layer (its uncompressed digest), so the config — the image ID —
-  // pins every chunk; gzip: one per file, as sardinecake 0.4 writes them.
-  const diskDiffIds: { digest: string; createdBy: string }[] = [];
-  const zstdFiles: ZstdFileEntry[] = [];
-  const stored: ExportResult["files"] = [];
+  const stored: StoredFiles = { layers: [], diffIds: [], zstdFiles: [], files: [] };
   const cleanups: string[] = [];
+  const ctx: StoreContext = { layout, options, progress, epoch, cleanups };
   const unregister = onInterrupt(() =>
     cleanups.forEach((p) => Deno.removeSync(p, { recursive: true }))
   );
   try {
     for (const [k, f] of files.entries()) {
-      const mime = mimes[k];
-      if (compression === "zstd") {
-        // Each chunk enters the store as soon as it is compressed, so that an upload running
-        // beside the export (onBlob) can send it while the next chunks are compressed.
-        const adopted: Promise<void>[] = [];
-        const enc = await encodeZstd(f.path, {
-          chunkSize: options.chunkSize ?? DEFAULT_ZSTD_CHUNK,
-          level: options.zstdLevel ?? DEFAULT_ZSTD_LEVEL,
-          outDir,
-          signal: options.signal,
-          onProgress: (n) => progress.add(n),
-          onChunk: (c) => {
-            const done = adoptBlob(layout, c.path, c.digest).then(() =>
-              options.onBlob?.(layout, { mediaType: "", digest: c.digest, size: c.size })
-            );
-            done.catch(() => {});
-            adopted.push(done);
-          },
-        });
-        await Promise.all(adopted);
-        for (const [i, c] of enc.chunks.entries()) {
-          diskDiffIds.push({
-            digest: c.uncompressedDigest,
-            createdBy: `sarde export (zstd) ${f.name} chunk ${i + 1}/${enc.chunks.length}`,
-          });
-          diskLayers.push(
-            zstdChunkLayer(f, mime, { size: enc.fileSize, digest: enc.fileDigest }, i, c),
-          );
-        }
-        stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
-        zstdFiles.push({
-          name: f.name,
-          size: enc.fileSize,
-          digest: enc.fileDigest,
-          chunks: enc.chunks.length,
-          ...(f.backing
-            ? { backing: f.backing.name, backingFormat: f.backingFormat ?? "qcow2" }
-            : {}),
-        });
-      } else {
-        // gzip images carry no rebase instructions for sardinecake 0.4, so the header itself must
-        // name the backing file by its name in the image: rebase a temporary copy when it does not.
-        const source = f.backing && f.headerBacking !== f.backing.name
-          ? await rebasedCopy(f, layout.dir, cleanups)
-          : f.path;
-        const st = await Deno.stat(f.path);
-        const mtime = epoch && /^\d+$/.test(epoch)
-          ? Number(epoch)
-          : Math.floor((st.mtime?.getTime() ?? 0) / 1000);
-        const enc = await encodeGzip(source, {
-          storedName: f.name,
-          mtime,
-          chunkSize: options.chunkSize ?? 0,
-          outDir,
-          signal: options.signal,
-          onProgress: (n) => progress.add(n),
-        });
-        for (const [i, p] of enc.pieces.entries()) {
-          await adoptBlob(layout, p.path, p.digest);
-          options.onBlob?.(layout, { mediaType: "", digest: p.digest, size: p.size });
-          diskLayers.push({
-            mediaType: i === 0 ? `${mime}+gzip` : `${mime}+gzip;chunk=${i}`,
-            digest: p.digest,
-            size: p.size,
-          });
-        }
-        if (source !== f.path) await Deno.remove(source);
-        diskDiffIds.push({ digest: enc.fileDigest, createdBy: `sarde export (gzip) ${f.name}` });
-        stored.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
-      }
+      if ((options.compression ?? "zstd") === "zstd") await storeZstd(f, mimes[k], ctx, stored);
+      else await storeGzip(f, mimes[k], ctx, stored);
       debug(`stored ${f.path} as ${f.name}`);
     }
   } finally {
@@ -490,8 +480,95 @@ export async function exportVm(
     unregister();
     for (const p of cleanups) await Deno.remove(p, { recursive: true }).catch(() => {});
   }
+  return stored;
+}
 
-  // The XML refers to files by their names in the image; import puts them into the VM folder.
+/** Stores `f` as zstd chunks, one layer each; adds them to `stored`. */
+async function storeZstd(
+  f: VmFile,
+  mime: string,
+  { layout, options, progress }: StoreContext,
+  stored: StoredFiles,
+): Promise<void> {
+  // Each chunk enters the store as soon as it is compressed, so that an upload running beside the
+  // export (onBlob) can send it while the next chunks are compressed.
+  const adopted: Promise<void>[] = [];
+  const enc = await encodeZstd(f.path, {
+    chunkSize: options.chunkSize ?? DEFAULT_ZSTD_CHUNK,
+    level: options.zstdLevel ?? DEFAULT_ZSTD_LEVEL,
+    outDir: join(layout.dir, "blobs", "sha256"),
+    signal: options.signal,
+    onProgress: (n) => progress.add(n),
+    onChunk: (c) => {
+      const done = adoptBlob(layout, c.path, c.digest).then(() =>
+        options.onBlob?.(layout, { mediaType: "", digest: c.digest, size: c.size })
+      );
+      done.catch(() => {});
+      adopted.push(done);
+    },
+  });
+  await Promise.all(adopted);
+  for (const [i, c] of enc.chunks.entries()) {
+    stored.diffIds.push({
+      digest: c.uncompressedDigest,
+      createdBy: `sarde export (zstd) ${f.name} chunk ${i + 1}/${enc.chunks.length}`,
+    });
+    stored.layers.push(
+      zstdChunkLayer(f, mime, { size: enc.fileSize, digest: enc.fileDigest }, i, c),
+    );
+  }
+  stored.files.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
+  stored.zstdFiles.push({
+    name: f.name,
+    size: enc.fileSize,
+    digest: enc.fileDigest,
+    chunks: enc.chunks.length,
+    ...(f.backing ? { backing: f.backing.name, backingFormat: f.backingFormat ?? "qcow2" } : {}),
+  });
+}
+
+/** Stores `f` as sardinecake 0.4 does: one gzip stream, cut into pieces; adds them to `stored`. */
+async function storeGzip(
+  f: VmFile,
+  mime: string,
+  { layout, options, progress, epoch, cleanups }: StoreContext,
+  stored: StoredFiles,
+): Promise<void> {
+  // gzip images carry no rebase instructions for sardinecake 0.4, so the header itself must name
+  // the backing file by its name in the image: rebase a temporary copy when it does not.
+  const source = f.backing && f.headerBacking !== f.backing.name
+    ? await rebasedCopy(f, layout.dir, cleanups)
+    : f.path;
+  const st = await Deno.stat(f.path);
+  const enc = await encodeGzip(source, {
+    storedName: f.name,
+    mtime: epoch ?? Math.floor((st.mtime?.getTime() ?? 0) / 1000),
+    chunkSize: options.chunkSize ?? 0,
+    outDir: join(layout.dir, "blobs", "sha256"),
+    signal: options.signal,
+    onProgress: (n) => progress.add(n),
+  });
+  for (const [i, p] of enc.pieces.entries()) {
+    await adoptBlob(layout, p.path, p.digest);
+    options.onBlob?.(layout, { mediaType: "", digest: p.digest, size: p.size });
+    stored.layers.push({
+      mediaType: i === 0 ? `${mime}+gzip` : `${mime}+gzip;chunk=${i}`,
+      digest: p.digest,
+      size: p.size,
+    });
+  }
+  if (source !== f.path) await Deno.remove(source);
+  stored.diffIds.push({ digest: enc.fileDigest, createdBy: `sarde export (gzip) ${f.name}` });
+  stored.files.push({ name: f.name, path: f.path, size: enc.fileSize, digest: enc.fileDigest });
+}
+
+/** Points the XML's disks and boot files at the files' names in the image; import puts them into the VM folder. */
+async function nameFilesInXml(
+  doc: DomainDoc,
+  baseDir: string,
+  files: VmFile[],
+  tops: Map<string, VmFile>,
+): Promise<void> {
   for (const disk of fileDisks(doc)) disk.source.setAttribute("file", tops.get(disk.path)!.name);
   const byPath = new Map(files.map((f) => [f.path, f]));
   for (const bf of bootFiles(doc)) {
@@ -500,53 +577,54 @@ export async function exportVm(
     );
     setElementText(bf.element, byPath.get(real)!.name);
   }
-  anonymizeDomain(doc);
+}
+
+/** What {@link writeImage} puts around the stored files. */
+interface ImageParts {
+  /** The VM's name, for the XML layer's history. */
+  vm: string;
+  ref: Reference;
+  vmConfig?: VmConfig;
+  /** {@link sourceDateEpoch}: the image's `created` times, none without it. */
+  epoch?: number;
+  stored: StoredFiles;
+}
+
+/**
+ * Completes the image in `layout`: the (anonymised) XML layer, the VM config layer, the stored
+ * files' layers, the config, the manifest and its tag in the index.
+ */
+async function writeImage(
+  layout: Layout,
+  doc: DomainDoc,
+  { vm, ref, vmConfig, epoch, stored }: ImageParts,
+): Promise<ExportResult> {
+  const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value, null, 2));
   const xmlBytes = new TextEncoder().encode(serializeDomainXml(doc));
   const xmlLayer = await writeBlob(layout, xmlBytes, MediaType.libvirtDomain);
   const layers: Descriptor[] = [xmlLayer];
-  const diffIds = [xmlLayer.digest];
-  const history: Record<string, unknown>[] = [{
-    ...(created ? { created } : {}),
-    created_by: `virsh dumpxml --inactive '${vm}'`,
-  }];
+  const diffIds: DiffId[] = [
+    { digest: xmlLayer.digest, createdBy: `virsh dumpxml --inactive '${vm}'` },
+  ];
   if (vmConfig) {
-    const cfg = await writeBlob(
-      layout,
-      new TextEncoder().encode(JSON.stringify(vmConfig, null, 2)),
-      MediaType.sardineConfig,
-    );
+    const cfg = await writeBlob(layout, encode(vmConfig), MediaType.sardineConfig);
     layers.push(cfg);
-    diffIds.push(cfg.digest);
-    history.push({ ...(created ? { created } : {}), created_by: "sarde export --vmconfig" });
+    diffIds.push({ digest: cfg.digest, createdBy: "sarde export --vmconfig" });
   }
-  layers.push(...diskLayers);
-  for (const d of diskDiffIds) {
-    diffIds.push(d.digest);
-    history.push({ ...(created ? { created } : {}), created_by: d.createdBy });
-  }
-  const config = {
-    architecture: ociArchitecture(doc),
-    os: ociOs(doc),
-    ...(created ? { created } : {}),
-    ...(zstdFiles.length
-      ? { config: { Labels: { [Annotation.files]: JSON.stringify(zstdFiles) } } }
-      : {}),
-    rootfs: { type: "layers", diff_ids: diffIds },
-    history,
-  };
-  const configLayer = await writeBlob(
-    layout,
-    new TextEncoder().encode(JSON.stringify(config, null, 2)),
-    MediaType.ociConfig,
-  );
+  layers.push(...stored.layers);
+  diffIds.push(...stored.diffIds);
+  const config = imageConfig(doc, diffIds, stored.zstdFiles, epoch);
+  const configLayer = await writeBlob(layout, encode(config), MediaType.ociConfig);
   const manifest = {
     schemaVersion: 2,
     mediaType: MediaType.ociManifest,
     config: configLayer,
     layers,
-    annotations: { [Annotation.uncompressedSize]: String(stored.reduce((n, s) => n + s.size, 0)) },
+    annotations: {
+      [Annotation.uncompressedSize]: String(stored.files.reduce((n, s) => n + s.size, 0)),
+    },
   };
-  const manifestBytes = new TextEncoder().encode(JSON.stringify(manifest, null, 2));
+  const manifestBytes = encode(manifest);
   const manifestDesc = await writeBlob(layout, manifestBytes, MediaType.ociManifest);
   const tag = ref.tag ?? "latest";
   await writeIndex(layout, addToIndex(await readIndex(layout), manifestDesc, tag));
@@ -557,6 +635,26 @@ export async function exportVm(
     imageId: configLayer.digest,
     manifestDigest: manifestDesc.digest,
     reference: `${ref.name}:${tag}`,
-    files: stored,
+    files: stored.files,
+  };
+}
+
+/** The image config: platform, diff_ids with their history, and the zstd files' list as a label. */
+function imageConfig(
+  doc: DomainDoc,
+  diffIds: DiffId[],
+  zstdFiles: ZstdFileEntry[],
+  epoch: number | undefined,
+): Record<string, unknown> {
+  const created = epoch !== undefined ? new Date(epoch * 1000).toISOString() : undefined;
+  return {
+    architecture: ociArchitecture(doc),
+    os: ociOs(doc),
+    ...(created ? { created } : {}),
+    ...(zstdFiles.length
+      ? { config: { Labels: { [Annotation.files]: JSON.stringify(zstdFiles) } } }
+      : {}),
+    rootfs: { type: "layers", diff_ids: diffIds.map((d) => d.digest) },
+    history: diffIds.map((d) => ({ ...(created ? { created } : {}), created_by: d.createdBy })),
   };
 }
