@@ -23,6 +23,7 @@ import { createDigester, type Digester, IO_CHUNK } from "../oci/digest.ts";
 import { fail, SardeError } from "../util/errors.ts";
 import { osReason } from "../util/fsutil.ts";
 import { debug } from "../util/log.ts";
+import { type MapExtent, qemuImgMap } from "../util/qemu_img.ts";
 
 // ------------------------------------------------------------------------------------------------
 // Public types
@@ -291,35 +292,18 @@ export async function zeroRanges(
   signal?: AbortSignal,
 ): Promise<Range[]> {
   if (size === 0) return [];
-  let out: Deno.CommandOutput;
+  let extents: MapExtent[];
   try {
-    out = await new Deno.Command("qemu-img", {
-      // Absolute: qemu would read `nbd:…` or `json:…` as a protocol, not a file name.
-      args: ["map", "--output=json", "-U", "-f", "raw", resolve(file)],
-      stdout: "piped",
-      stderr: "piped",
-      signal,
-    }).output();
+    extents = await qemuImgMap(file, { format: "raw", signal });
   } catch (err) {
     checkAborted(signal);
-    debug(`qemu-img map unavailable (${(err as Error).message}); reading all of ${file}`);
+    debug(`${(err as Error).message}; reading all of ${file}`);
     return [];
   }
   checkAborted(signal);
-  if (!out.success) {
-    debug(`qemu-img map ${file} failed: ${new TextDecoder().decode(out.stderr).trim()}`);
-    return [];
-  }
-  let extents: { start: number; length: number; zero: boolean }[];
-  try {
-    extents = JSON.parse(new TextDecoder().decode(out.stdout));
-  } catch {
-    debug(`qemu-img map ${file}: unparsable output; reading all of it`);
-    return [];
-  }
   const ranges: Range[] = [];
   for (const e of extents) {
-    if (e.zero !== true) continue;
+    if (!e.zero) continue;
     const start = Math.max(0, e.start);
     const end = Math.min(size, e.start + e.length);
     if (end <= start) continue;

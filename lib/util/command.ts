@@ -19,12 +19,13 @@ const decoder = new TextDecoder();
 
 /**
  * Runs `program` with `args` and returns its result whatever the exit code. Only a program that
- * cannot be started throws (`external`, with `installHint` when it is missing).
+ * cannot be started throws (`external`, with `installHint` when it is missing). `signal` kills it.
  */
 export async function runProgram(
   program: string,
   args: string[],
   installHint: string,
+  signal?: AbortSignal,
 ): Promise<ProgramResult> {
   debug(`run: ${program} ${args.join(" ")}`);
   let out: Deno.CommandOutput;
@@ -35,6 +36,7 @@ export async function runProgram(
       stdout: "piped",
       stderr: "piped",
       env: { LC_ALL: "C" },
+      signal,
     }).output();
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) {

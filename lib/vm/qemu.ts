@@ -18,8 +18,17 @@
  */
 
 import { dirname, isAbsolute, normalize, resolve } from "node:path";
-import { runProgram } from "../util/command.ts";
-import { fail, type SardeError } from "../util/errors.ts";
+import { fail } from "../util/errors.ts";
+import {
+  type MapExtent,
+  parseQemuImgJson,
+  qemuImgError,
+  qemuImgMap,
+  runQemuImg,
+  runQemuImgOk,
+} from "../util/qemu_img.ts";
+
+export type { MapExtent };
 
 /** One image as reported by `qemu-img info` (one element of a backing chain). */
 export interface ImageInfo {
@@ -56,24 +65,6 @@ export interface ImageInfo {
 /** One element of a backing chain; see {@link backingChain}. */
 export type ChainElement = ImageInfo;
 
-/** One extent of `qemu-img map --output=json`. */
-export interface MapExtent {
-  /** Guest offset in bytes. */
-  start: number;
-  /** Length in bytes. */
-  length: number;
-  /** 0 = this image, 1 = its backing file, … (for an unallocated extent: the chain length). */
-  depth: number;
-  /** Whether some image in the chain allocates the range (false: reads come from nowhere). */
-  present: boolean;
-  /** The range reads as zeros. */
-  zero: boolean;
-  /** The range holds data (false for holes and zero clusters). */
-  data: boolean;
-  /** Host offset in the file at `depth`, when qemu-img reports it. */
-  offset?: number;
-}
-
 /** Result of {@link check}. */
 export interface CheckResult {
   /** False when the format has no consistency checks (raw, ISO); then all counters are 0. */
@@ -106,41 +97,6 @@ export interface FormatOptions {
    * untrusted raw images (a raw disk whose first bytes look like a qcow2 header is read as qcow2).
    */
   format?: string;
-}
-
-const QEMU_IMG = "qemu-img";
-
-interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs qemu-img; returns whatever exit code it had (only a missing binary throws). */
-function run(args: string[]): Promise<RunResult> {
-  return runProgram(QEMU_IMG, args, "install qemu-utils");
-}
-
-/** qemu-img's stderr as one line: every non-empty line, `qemu-img: ` prefixes dropped. */
-function stderrLine(stderr: string): string {
-  const lines = stderr.split("\n").map((l) => l.replace(/^qemu-img: /, "").trim()).filter(Boolean);
-  let text = lines.join(" ");
-  if (text.length > 400) text = "…" + text.slice(-400); // keep the tail: it holds the last line
-  return text || "(no message)";
-}
-
-/** The error for a failed run; "No such file" messages become `not-found`. */
-function runError(what: string, r: RunResult): SardeError {
-  const msg = stderrLine(r.stderr);
-  const kind = /No such file or directory/.test(r.stderr) ? "not-found" : "external";
-  return fail(kind, `qemu-img ${what} failed (exit ${r.code}): ${msg}`);
-}
-
-/** Runs qemu-img and throws unless it exits 0. */
-async function runOk(what: string, args: string[]): Promise<RunResult> {
-  const r = await run(args);
-  if (r.code !== 0) throw runError(what, r);
-  return r;
 }
 
 /** Absolute path of `file` (relative to the cwd), so qemu never parses it as `protocol:…`. */
@@ -224,14 +180,6 @@ async function toImageInfo(o: Record<string, unknown>): Promise<ImageInfo> {
   return info;
 }
 
-function parseJson(what: string, text: string): unknown {
-  try {
-    return JSON.parse(text);
-  } catch {
-    throw fail("external", `qemu-img ${what}: unexpected output (not JSON): ${text.slice(0, 200)}`);
-  }
-}
-
 /**
  * The backing chain of `file`, **top first**: element 0 is `file` itself, element 1 its backing
  * file, …, the last element is the base (which has no `backingFilename`). Reverse it for the
@@ -250,8 +198,8 @@ export async function backingChain(
   const args = ["info", "--backing-chain", "--output=json", "-U"];
   if (opts.format) args.push("-f", opts.format);
   args.push(path);
-  const r = await runOk("info", args);
-  const parsed = parseJson("info", r.stdout);
+  const r = await runQemuImgOk("info", args);
+  const parsed = parseQemuImgJson("info", r.stdout);
   const list = Array.isArray(parsed) ? parsed : [parsed];
   const chain: ChainElement[] = [];
   for (const o of list) chain.push(await toImageInfo(o as Record<string, unknown>));
@@ -265,8 +213,8 @@ export async function info(file: string, opts: FormatOptions = {}): Promise<Imag
   const args = ["info", "--output=json", "-U"];
   if (opts.format) args.push("-f", opts.format);
   args.push(path);
-  const r = await runOk("info", args);
-  return await toImageInfo(parseJson("info", r.stdout) as Record<string, unknown>);
+  const r = await runQemuImgOk("info", args);
+  return await toImageInfo(parseQemuImgJson("info", r.stdout) as Record<string, unknown>);
 }
 
 /**
@@ -293,7 +241,7 @@ export async function rebaseUnsafe(
   }
   const path = abs(file);
   await mustExist(path);
-  await runOk("rebase", ["rebase", "-u", "-b", backing, "-F", backingFormat, path]);
+  await runQemuImgOk("rebase", ["rebase", "-u", "-b", backing, "-F", backingFormat, path]);
 }
 
 /**
@@ -326,7 +274,8 @@ export async function createOverlay(path: string, base: string, baseFormat: stri
     throw fail("io", `cannot create overlay ${target}: ${(err as Error).message}`);
   }
   try {
-    await runOk("create", ["create", "-q", "-f", "qcow2", "-F", baseFormat, "-b", base, target]);
+    const args = ["create", "-q", "-f", "qcow2", "-F", baseFormat, "-b", base, target];
+    await runQemuImgOk("create", args);
   } catch (err) {
     await Deno.remove(target).catch(() => {});
     throw err;
@@ -348,13 +297,13 @@ export async function check(
   if (opts.forceShare) args.push("-U");
   if (opts.format) args.push("-f", opts.format);
   args.push(path);
-  const r = await run(args);
+  const r = await runQemuImg(args);
   // exit codes: 0 clean, 1 check could not complete, 2 corruptions, 3 leaks only, 63 unsupported
   if (r.code === 63) {
     return { supported: false, ok: true, corruptions: 0, leaks: 0, checkErrors: 0, report: {} };
   }
-  if (![0, 2, 3].includes(r.code) || !r.stdout.trim()) throw runError("check", r);
-  const report = parseJson("check", r.stdout) as Record<string, unknown>;
+  if (![0, 2, 3].includes(r.code) || !r.stdout.trim()) throw qemuImgError("check", r);
+  const report = parseQemuImgJson("check", r.stdout) as Record<string, unknown>;
   const corruptions = num(report["corruptions"]) ?? 0;
   const leaks = num(report["leaks"]) ?? 0;
   const checkErrors = num(report["check-errors"]) ?? 0;
@@ -392,10 +341,10 @@ export async function compare(a: string, b: string, opts: CompareOptions = {}): 
   if (opts.formatB) args.push("-F", opts.formatB);
   if (opts.strict) args.push("-s");
   args.push(pa, pb);
-  const r = await run(args);
+  const r = await runQemuImg(args);
   if (r.code === 0) return true;
   if (r.code === 1) return false;
-  throw runError("compare", r);
+  throw qemuImgError("compare", r);
 }
 
 /**
@@ -406,30 +355,12 @@ export async function compare(a: string, b: string, opts: CompareOptions = {}): 
 export async function map(file: string, format?: string): Promise<MapExtent[]> {
   const path = abs(file);
   await mustExist(path);
-  const args = ["map", "--output=json", "-U"];
-  if (format) args.push("-f", format);
-  args.push(path);
-  const r = await runOk("map", args);
-  const parsed = parseJson("map", r.stdout);
-  if (!Array.isArray(parsed)) throw fail("external", "qemu-img map: expected a JSON array");
-  return parsed.map((o: Record<string, unknown>) => {
-    const e: MapExtent = {
-      start: num(o["start"]) ?? 0,
-      length: num(o["length"]) ?? 0,
-      depth: num(o["depth"]) ?? 0,
-      present: o["present"] !== false,
-      zero: o["zero"] === true,
-      data: o["data"] === true,
-    };
-    const off = num(o["offset"]);
-    if (off !== undefined) e.offset = off;
-    return e;
-  });
+  return await qemuImgMap(path, { format });
 }
 
 /** The installed qemu-img's version (`qemu-img --version`). */
 export async function qemuImgVersion(): Promise<QemuImgVersion> {
-  const r = await runOk("--version", ["--version"]);
+  const r = await runQemuImgOk("--version", ["--version"]);
   const text = r.stdout.split("\n")[0].trim();
   const m = /version (\d+)\.(\d+)(?:\.(\d+))?/.exec(text);
   if (!m) throw fail("external", `qemu-img --version: cannot parse '${text}'`);
