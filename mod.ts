@@ -10,6 +10,9 @@
  * console.log(await list({ ocidir: "/var/tmp/oci" }));
  * ```
  *
+ * The examples are type-checked by CI (`deno task doc-check`: `deno check --doc-only mod.ts`) and
+ * never run, as `deno test --doc` would: they talk to real registries and libvirt.
+ *
  * @module
  */
 
@@ -54,13 +57,16 @@ export type { ErrorKind } from "./lib/util/errors.ts";
 export { formatReference, parseReference } from "./lib/oci/reference.ts";
 export type { Reference } from "./lib/oci/reference.ts";
 export type { Credentials } from "./lib/registry/credentials.ts";
-export type { ImageEntry, VmState } from "./lib/oci/images.ts";
+export type { ImageEntry, StateLookup, VmState } from "./lib/oci/images.ts";
 export type { TransferResult } from "./lib/transfer/transfer.ts";
 export type { TlsSettings } from "./lib/registry/tls.ts";
 export type { RetryPolicy } from "./lib/util/retry.ts";
 export { defaultOcidir } from "./lib/oci/store.ts";
 export { defaultVmdir } from "./lib/vm/import.ts";
 export type { ExportOptions, ExportResult } from "./lib/vm/export.ts";
+export type { ConnectOptions } from "./lib/vm/libvirt.ts";
+export type { Layout } from "./lib/oci/layout.ts";
+export type { Descriptor } from "./lib/oci/types.ts";
 export type { ImportResult } from "./lib/vm/import.ts";
 export type { CloneResult } from "./lib/vm/clone.ts";
 export type { Removed } from "./lib/vm/prune.ts";
@@ -114,6 +120,14 @@ async function transferOptions(registry: string, options: RegistryAccessOptions 
 /**
  * Downloads an image from its registry into the local store (`sarde fetch`). With `source`, the
  * image is downloaded from `source` and stored under `reference`.
+ *
+ * @example Download into the default store, then see what moved
+ *
+ * ```ts
+ * import { fetch } from "./mod.ts";
+ * const r = await fetch("registry.example.org/sardines/debian12:latest");
+ * console.log(`${r.imageId}: ${r.blobsTransferred} blobs fetched, ${r.blobsSkipped} were here`);
+ * ```
  */
 export async function fetch(
   reference: string,
@@ -124,7 +138,20 @@ export async function fetch(
   return await fetchImage(source, { ...await transferOptions(source.registry, options), target });
 }
 
-/** Uploads a local image to a registry (`sarde push`), to `target` if given. */
+/**
+ * Uploads a local image to a registry (`sarde push`), to `target` if given.
+ *
+ * @example Push a local image under a second tag, three blobs at a time
+ *
+ * ```ts
+ * import { push } from "./mod.ts";
+ * const r = await push("registry.example.org/sardines/debian12:latest", {
+ *   target: "registry.example.org/sardines/debian12:2026-12",
+ *   concurrency: 3,
+ * });
+ * console.log(`${r.blobBytes} bytes sent, ${r.blobsMounted} mounted, ${r.blobsSkipped} known`);
+ * ```
+ */
 export async function push(
   local: string,
   options: RegistryAccessOptions & StoreOptions & { target?: string } = {},
@@ -134,7 +161,25 @@ export async function push(
   return await pushImage(ref, { ...await transferOptions(target.registry, options), target });
 }
 
-/** Checks credentials against a registry and stores them (`sarde login`). Returns the auth file. */
+/**
+ * Checks credentials against a registry and stores them (`sarde login`). Returns the auth file.
+ *
+ * @example Log in with a token; rejected credentials are a `SardeError` of kind `auth`
+ *
+ * ```ts
+ * import { login, SardeError } from "./mod.ts";
+ * try {
+ *   const authfile = await login("registry.example.org", {
+ *     username: "ci",
+ *     password: Deno.env.get("REGISTRY_TOKEN"),
+ *   });
+ *   console.log(`credentials stored in ${authfile}`);
+ * } catch (err) {
+ *   if (!(err instanceof SardeError && err.kind === "auth")) throw err;
+ *   console.error(`login refused: ${err.message}`);
+ * }
+ * ```
+ */
 export async function login(
   registry: string,
   credentials: Credentials,
@@ -153,7 +198,17 @@ export async function login(
   });
 }
 
-/** Forgets stored credentials (`sarde logout`). Returns whether there were any. */
+/**
+ * Forgets stored credentials (`sarde logout`). Returns whether there were any.
+ *
+ * @example Forget one registry, or all
+ *
+ * ```ts
+ * import { logout } from "./mod.ts";
+ * if (!await logout("registry.example.org")) console.log("was not logged in there");
+ * await logout({ all: true }); // every registry of the auth file
+ * ```
+ */
 export async function logout(
   registry: string | { all: true },
   options: { authfile?: string } = {},
@@ -182,6 +237,18 @@ async function vmState(id: string, connect?: string): Promise<VmState> {
  * Lists the images in the local store (`sarde list`), with the state of the VMs imported from
  * each image, under its ID or another name (`-n`) in `vmdir`: `running` if one runs, `stopped`
  * if one is defined, else `missing`. Pass `stateOf: false` to skip libvirt.
+ *
+ * @example List the images, with or without the state of their VMs
+ *
+ * ```ts
+ * import { list } from "./mod.ts";
+ * for (const image of await list()) {
+ *   console.log(`${image.name}:${image.tag ?? "<none>"} ${image.id} ${image.state}`);
+ * }
+ * // Without asking libvirt (every state is then `missing`):
+ * const images = await list({ ocidir: "/srv/oci", stateOf: false });
+ * console.log(images.length);
+ * ```
  */
 export async function list(
   options: StoreOptions & VmOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
@@ -219,12 +286,28 @@ export interface ExportVmOptions
 
 /** What {@link exportVm} did; `pushed` when it pushed too. */
 export interface ExportVmResult extends ExportResult {
+  /** What the push did (with `push` only). */
   pushed?: TransferResult;
 }
 
 /**
  * Exports the libvirt VM `vm` into the local store as `reference` (`sarde export`). Returns the
  * image ID and manifest digest.
+ *
+ * @example Export the libvirt VM `debian12` with an SSH user, and push it while it is compressed
+ *
+ * ```ts
+ * import { exportVm } from "./mod.ts";
+ * const r = await exportVm("debian12", "registry.example.org/sardines/debian12:latest", {
+ *   vmConfig: {
+ *     users: [{ username: "ci", password: "ci" }],
+ *     services: [{ service: "ssh", port: 22, protocol: "tcp" }],
+ *   },
+ *   compression: "zstd",
+ *   push: { concurrency: 4 },
+ * });
+ * console.log(`${r.reference} is ${r.imageId}; ${r.pushed?.blobBytes} bytes uploaded`);
+ * ```
  */
 export async function exportVm(
   vm: string,
@@ -273,6 +356,7 @@ export interface ImportVmOptions extends StoreOptions, VmOptions, LibvirtOptions
   allowHostResources?: boolean;
   /** Force the libvirt domain type (`qemu` where KVM is unavailable). */
   domainType?: string;
+  /** Cancels the import. */
   signal?: AbortSignal;
 }
 
@@ -285,7 +369,20 @@ function importOptions(options: ImportVmOptions) {
   };
 }
 
-/** Imports a local image as a libvirt VM (`sarde import`). Idempotent. */
+/**
+ * Imports a local image as a libvirt VM (`sarde import`). Idempotent.
+ *
+ * @example Import a fetched image as the VM `debian12`, on a host without KVM
+ *
+ * ```ts
+ * import { importVm } from "./mod.ts";
+ * const vm = await importVm("registry.example.org/sardines/debian12:latest", {
+ *   name: "debian12",
+ *   domainType: "qemu",
+ * });
+ * console.log(vm.alreadyImported ? `${vm.name} was there` : `${vm.name} is in ${vm.vmFolder}`);
+ * ```
+ */
 export async function importVm(
   reference: string,
   options: ImportVmOptions = {},
@@ -293,7 +390,20 @@ export async function importVm(
   return await importFromStore(reference, importOptions(options));
 }
 
-/** Fetches an image and imports it (`sarde pull`): `name=$(sarde pull REF); virsh start "$name"`. */
+/**
+ * Fetches an image and imports it (`sarde pull`): `name=$(sarde pull REF); virsh start "$name"`.
+ *
+ * @example Pull an image and start its VM
+ *
+ * ```ts
+ * import { pull } from "./mod.ts";
+ * const vm = await pull("registry.example.org/sardines/debian12:latest", {
+ *   connect: "qemu:///system",
+ * });
+ * const virsh = new Deno.Command("virsh", { args: ["-c", "qemu:///system", "start", vm.name] });
+ * if (!(await virsh.output()).success) throw new Error(`${vm.name} did not start`);
+ * ```
+ */
 export async function pull(
   reference: string,
   options: ImportVmOptions & RegistryAccessOptions & { source?: string } = {},
@@ -319,7 +429,20 @@ export interface CloneVmOptions extends Omit<ImportVmOptions, "name"> {
   transient?: boolean;
 }
 
-/** Clones a local image or a defined VM into a new VM with copy-on-write disks (`sarde clone`). */
+/**
+ * Clones a local image or a defined VM into a new VM with copy-on-write disks (`sarde clone`).
+ *
+ * @example A throw-away VM for one CI job, started at once and gone when it stops
+ *
+ * ```ts
+ * import { clone } from "./mod.ts";
+ * const job = await clone("registry.example.org/sardines/debian12:latest", "ci-job-42", {
+ *   clonedir: "/var/tmp/sarde-clones",
+ *   transient: true,
+ * });
+ * console.log(`${job.name} runs on overlays in ${job.folder} over ${job.base}`);
+ * ```
+ */
 export async function clone(
   source: string,
   target: string,
@@ -328,7 +451,17 @@ export async function clone(
   return await cloneVm(source, target, { ...importOptions(options), clonedir: options.clonedir });
 }
 
-/** The sardine VM config (users, services) of a local image, or `undefined` (`sarde getconfig`). */
+/**
+ * The sardine VM config (users, services) of a local image, or `undefined` (`sarde getconfig`).
+ *
+ * @example Read the users of an image's VM config
+ *
+ * ```ts
+ * import { getConfig } from "./mod.ts";
+ * const config = await getConfig("registry.example.org/sardines/debian12:latest");
+ * console.log(config ? JSON.stringify(config.users) : "the image has no VM config");
+ * ```
+ */
 export async function getConfig(
   reference: string,
   options: StoreOptions = {},
@@ -336,7 +469,17 @@ export async function getConfig(
   return await getVmConfig(options.ocidir ?? defaultOcidir(), parseReference(reference));
 }
 
-/** Removes a cached image and the blobs only it needed (`sarde rm`). Imported VMs stay. */
+/**
+ * Removes a cached image and the blobs only it needed (`sarde rm`). Imported VMs stay.
+ *
+ * @example Remove an old tag from the cache
+ *
+ * ```ts
+ * import { remove } from "./mod.ts";
+ * const { what, bytes } = await remove("registry.example.org/sardines/debian12:old");
+ * console.log(`removed ${what}: ${bytes} bytes freed`);
+ * ```
+ */
 export async function remove(reference: string, options: StoreOptions = {}): Promise<Removed> {
   return await removeImage(options.ocidir ?? defaultOcidir(), reference);
 }
@@ -356,6 +499,19 @@ export interface PruneOptions extends StoreOptions, VmOptions, LibvirtOptions {
 /**
  * Frees space (`sarde prune`): leftovers always; with `olderThanMs`/`keepBytes` also cached images
  * and imported VMs that no defined VM uses, least recently used first.
+ *
+ * @example See what would go: unused for two weeks, then down to 200 GiB (drop `dryRun` to do it)
+ *
+ * ```ts
+ * import { prune } from "./mod.ts";
+ * const DAY_MS = 24 * 60 * 60 * 1000;
+ * const removed = await prune({
+ *   olderThanMs: 14 * DAY_MS,
+ *   keepBytes: 200 * 2 ** 30,
+ *   dryRun: true,
+ * });
+ * for (const { what, bytes } of removed) console.log(`would remove ${what} (${bytes} bytes)`);
+ * ```
  */
 export async function prune(options: PruneOptions = {}): Promise<Removed[]> {
   return await pruneStore({

@@ -304,8 +304,11 @@ export function vmConfigLayer(manifest: Manifest): Descriptor | undefined {
 
 /** A validated sardine VM config (`users`, `services`; other keys kept as they are). */
 export interface VmConfig {
+  /** Accounts of the guest, e.g. for the executor's SSH login. */
   users?: { username: string; password: string; [k: string]: unknown }[];
+  /** Services the guest offers, e.g. `{ service: "ssh", port: 22, protocol: "tcp" }`. */
   services?: { service: string; port: number; protocol: "tcp" | "udp"; [k: string]: unknown }[];
+  /** Other keys, kept as they are. */
   [k: string]: unknown;
 }
 

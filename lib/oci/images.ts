@@ -16,6 +16,7 @@ export type VmState = "running" | "stopped" | "missing";
 
 /** One manifest entry of the local store. */
 export interface ImageEntry {
+  /** Where the image is: the local OCI store (the SOURCE column of `sarde list`). */
   source: "oci";
   /** Repository name as stored (`registry.example.org/sardines/debian`). */
   name: string;
@@ -25,6 +26,7 @@ export interface ImageEntry {
   digest: string;
   /** Config digest: the image ID and the default VM name on import. */
   id: string;
+  /** The state of the VMs imported from the image. */
   state: VmState;
 }
 

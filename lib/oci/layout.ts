@@ -35,6 +35,7 @@ import {
 
 /** An opened image layout directory. */
 export interface Layout {
+  /** The layout's folder (with `oci-layout`, `index.json` and `blobs/`). */
   readonly dir: string;
 }
 

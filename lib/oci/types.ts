@@ -32,12 +32,19 @@ export const REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name";
 
 /** An OCI content descriptor. */
 export interface Descriptor {
+  /** The media type of the content, e.g. `application/vnd.oci.image.manifest.v1+json`. */
   mediaType: string;
+  /** The content's digest, `sha256:…`. */
   digest: string;
+  /** The content's size in bytes. */
   size: number;
+  /** Free-form metadata (sarde's `org.sardinecake.*` file and chunk annotations). */
   annotations?: Record<string, string>;
+  /** Other places to download the content from. */
   urls?: string[];
+  /** The artifact type, for manifests of artifacts. */
   artifactType?: string;
+  /** The platform the content runs on, for manifests in an index. */
   platform?: Record<string, unknown>;
 }
 

@@ -16,7 +16,9 @@ import { followSymlinks, writeFileAtomic } from "../util/fsutil.ts";
 
 /** What a registry login needs: a user and password, or an OAuth2 refresh ("identity") token. */
 export interface Credentials {
+  /** The user name (docker's `<token>` with an identity token). */
   username: string;
+  /** The password or access token. */
   password?: string;
   /** A refresh token from a previous OAuth2 login (docker's `identitytoken`). */
   identityToken?: string;

@@ -65,10 +65,11 @@ export interface TransferResult {
   layoutDir: string;
   /** Bytes sent or received for blobs (0 when everything was already there). */
   blobBytes: number;
-  /** Blobs moved / skipped because the other side had them. */
+  /** Blobs moved. */
   blobsTransferred: number;
   /** Blobs the registry copied from another repository instead of receiving them (push only). */
   blobsMounted: number;
+  /** Blobs not moved because the other side had them already. */
   blobsSkipped: number;
 }
 

@@ -38,6 +38,7 @@ export class SardeError extends Error {
   /** A short suggestion printed after the message, e.g. "run `sarde login HOST` first". */
   readonly hint?: string;
 
+  /** An error of `kind` with a one-line `message`; `cause` keeps the low-level error. */
   constructor(kind: ErrorKind, message: string, options?: { hint?: string; cause?: unknown }) {
     super(message, { cause: options?.cause });
     this.name = "SardeError";

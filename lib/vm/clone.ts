@@ -53,7 +53,9 @@ export interface CloneOptions extends Omit<ImportOptions, "name"> {
 
 /** What {@link cloneVm} made. */
 export interface CloneResult {
+  /** The clone's libvirt domain name. */
   name: string;
+  /** The clone's libvirt domain UUID. */
   uuid: string;
   /** The clone's own folder (overlays, NVRAM copy, logs). */
   folder: string;

@@ -119,6 +119,7 @@ export interface ExportOptions extends ConnectOptions {
 export interface ExportResult {
   /** The config digest (`sha256:…`): the image ID. */
   imageId: string;
+  /** The digest of the image manifest. */
   manifestDigest: string;
   /** Local name with tag, e.g. `registry.example.org/sardines/debian12:latest`. */
   reference: string;

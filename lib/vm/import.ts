@@ -93,9 +93,13 @@ export interface ImportOptions extends ConnectOptions {
 
 /** What {@link importVm} did. */
 export interface ImportResult {
+  /** The libvirt domain name. */
   name: string;
+  /** The libvirt domain UUID. */
   uuid: string;
+  /** The VM's folder under the vmdir (disks, NVRAM, logs). */
   vmFolder: string;
+  /** The config digest of the image: its ID. */
   imageId: string;
   /** True when the VM was already imported and nothing was done. */
   alreadyImported: boolean;

@@ -43,7 +43,9 @@ import { findLayouts, layoutDir } from "../oci/store.ts";
 
 /** One thing removed, and the bytes it freed. */
 export interface Removed {
+  /** What was removed, in words: an image, an imported VM, a clone folder, temp files. */
   what: string;
+  /** The disk space freed. */
   bytes: number;
 }
 
