@@ -25,13 +25,14 @@ import {
   defaultRetryPolicy,
   gaveUp,
   isRetryableStatus,
-  retryAfterDelay,
   type RetryBudget,
   type RetryPolicy,
   sleep,
   startRetries,
 } from "../util/retry.ts";
 import { digestOf } from "../oci/digest.ts";
+import { notARegistry, responseError, restartsUpload } from "./errors.ts";
+import { authenticating, redirecting, retrying, sending } from "./request.ts";
 
 /** Options for talking to one registry. */
 export interface RegistryOptions extends TransportOptions {
@@ -142,15 +143,6 @@ interface CallOptions {
   probe?: boolean;
 }
 
-/** The error for a server that answers, but not the way an OCI registry must. */
-function notARegistry(registry: string, detail: string): SardeError {
-  return new SardeError(
-    "registry",
-    `${registry} does not behave like an OCI registry: ${detail}`,
-    { hint: "check the registry address and port: is a web server or proxy answering instead?" },
-  );
-}
-
 /** Whether a call takes `status` as an answer (rather than retrying it or failing). */
 function accepts(o: CallOptions, status: number): boolean {
   return Array.isArray(o.accept) ? o.accept.includes(status) : o.accept(status);
@@ -233,7 +225,7 @@ export function createRegistryClient(
   async function checkApiAnswer(res: HttpResponse): Promise<void> {
     if (![200, 401, 403].includes(res.status)) {
       await res.discard();
-      throw notARegistry(registry, `GET /v2/ answered HTTP ${res.status}`);
+      throw notARegistry(registry, `GET /v2/ answered HTTP ${res.status}`, res.status);
     }
     if (
       res.status !== 200 ||
@@ -254,108 +246,36 @@ export function createRegistryClient(
 
   const api = async (path: string) => new URL(`/v2/${path}`, await baseUrl());
 
-  async function errorFor(res: HttpResponse, what: string): Promise<SardeError> {
-    let detail = "";
-    try {
-      const body = JSON.parse(await res.text());
-      const errs = Array.isArray(body?.errors) ? body.errors : [];
-      detail = errs.map((e: { code?: string; message?: string }) =>
-        [e.code, e.message].filter(Boolean).join(": ")
-      )
-        .join("; ");
-    } catch { /* not a distribution error document */ }
-    const suffix = detail ? ` (${detail})` : "";
-    if (res.status === 404) return fail("not-found", `${what}: not found on ${registry}${suffix}`);
-    if (res.status === 401 || res.status === 403) {
-      return new SardeError("auth", `${what}: access denied by ${registry}${suffix}`, {
-        hint: auth.hasCredentials
-          ? `the stored credentials lack permission; check them with sarde login ${registry}`
-          : `log in first: sarde login ${registry}`,
+  const errorFor = (res: HttpResponse, what: string) =>
+    responseError(res, what, registry, auth.hasCredentials);
+
+  /**
+   * Sends one request through its layers: authentication around the raw request, retries around
+   * that (unless `o.retry` is false), redirects on top (only with `o.follow`). What comes out is
+   * the caller's answer if it `accepts` the status, and an error otherwise.
+   */
+  async function call(o: CallOptions, what: string): Promise<HttpResponse> {
+    // Started before the API check a first request waits for: that wait counts against the budget.
+    const retries = startRetries(policy);
+    const origin = o.probe ? undefined : (await baseUrl()).origin;
+    const { method, body, bulk, answerTimeoutMs } = o;
+    let send = sending(http, { method, body, signal: options.signal, bulk, answerTimeoutMs });
+    send = authenticating(send, { auth, origin, scopes: o.scopes, registry, what });
+    if (o.retry !== false) {
+      send = retrying(send, {
+        retries,
+        policy,
+        signal: options.signal,
+        registry,
+        what,
+        accepts: (status) => accepts(o, status),
+        errorFor: (res) => errorFor(res, what),
       });
     }
-    if (res.status === 413) {
-      return new SardeError(
-        "registry",
-        `${what}: ${registry} refused a request body as too large (413)`,
-        {
-          hint: "use --chunk-size (e.g. 4MiB) for registries or proxies that cap request bodies",
-        },
-      );
-    }
-    return fail("registry", `${what}: ${registry} answered HTTP ${res.status}${suffix}`);
-  }
-
-  async function call(o: CallOptions, what: string): Promise<HttpResponse> {
-    let url = o.url;
-    const retries = startRetries(policy);
-    let authTries = 0;
-    let redirects = 0;
-    const origin = o.probe ? undefined : (await baseUrl()).origin;
-    for (;;) {
-      const headers: Record<string, string> = { ...o.headers };
-      const sameOrigin = url.origin === origin;
-      const authorization = sameOrigin ? auth.header(o.scopes) : undefined;
-      if (authorization) headers.authorization = authorization;
-      let res: HttpResponse;
-      try {
-        res = await http.send({
-          method: o.method,
-          url,
-          headers,
-          body: o.body,
-          signal: options.signal,
-          bulk: o.bulk,
-          answerTimeoutMs: o.answerTimeoutMs,
-        });
-      } catch (err) {
-        if (o.retry === false || !isNetworkError(err)) throw err;
-        const ms = retries.next();
-        if (ms === undefined) throw retries.exhausted(err);
-        warn(`${what}: ${(err as Error).message}; retrying in ${(ms / 1000).toFixed(1)} s`);
-        await sleep(ms, options.signal);
-        continue;
-      }
-      if (res.status === 401 && sameOrigin && authTries < 2) {
-        await res.discard();
-        authTries++;
-        if (await auth.respond(res.headers.get("www-authenticate"), o.scopes, authorization)) {
-          continue;
-        }
-        throw new SardeError(
-          "auth",
-          auth.hasCredentials
-            ? `${what}: ${registry} rejected the credentials`
-            : `${what}: ${registry} requires authentication`,
-          {
-            hint: auth.hasCredentials
-              ? `check the user name and password: sarde login ${registry}`
-              : `log in first: sarde login ${registry}`,
-          },
-        );
-      }
-      if (o.follow && [301, 302, 303, 307, 308].includes(res.status)) {
-        const location = res.headers.get("location");
-        await res.discard();
-        if (!location || ++redirects > 5) {
-          throw fail("registry", `${what}: too many or broken redirects`);
-        }
-        url = new URL(location, url);
-        debug(`${what}: redirected to ${url.origin}`);
-        continue;
-      }
-      if (o.retry !== false && isRetryableStatus(res.status) && !accepts(o, res.status)) {
-        const ms = retries.next(retryAfterDelay(policy, res.headers.get("retry-after")));
-        if (ms === undefined) throw retries.exhausted(await errorFor(res, what));
-        await res.discard();
-        warn(
-          `${what}: ${registry} answered ${res.status}; retrying in ${(ms / 1000).toFixed(1)} s`,
-        );
-        await sleep(ms, options.signal);
-        continue;
-      }
-      if (accepts(o, res.status)) return res;
-      throw await errorFor(res, what);
-    }
+    if (o.follow) send = redirecting(send, what);
+    const res = await send(o.url, { ...o.headers });
+    if (accepts(o, res.status)) return res;
+    throw await errorFor(res, what);
   }
 
   const pull = (repo: string) => [repositoryScope(repo, ["pull"])];
@@ -452,7 +372,7 @@ export function createRegistryClient(
     } catch (err) {
       // The registry may have the blob all the same (a commit that outlasted our wait, an answer
       // a proxy lost, another push of the same blob): asking is cheaper than sending it again.
-      if (retryableUploadError(err) && await hasBlob(repository, descriptor).catch(() => false)) {
+      if (restartsUpload(err) && await hasBlob(repository, descriptor).catch(() => false)) {
         debug(`${what}: the registry has the blob after all (${(err as Error).message})`);
         return;
       }
@@ -657,7 +577,7 @@ export function createRegistryClient(
           return await uploadOnce(repository, descriptor, source, track);
         } catch (err) {
           progress?.(-sent);
-          if (!retryableUploadError(err) || gaveUp(err)) throw err;
+          if (!restartsUpload(err) || gaveUp(err)) throw err;
           retries ??= startRetries(policy);
           const ms = retries.next();
           if (ms === undefined) throw retries.exhausted(err);
@@ -669,13 +589,6 @@ export function createRegistryClient(
 
     close: () => http.close(),
   };
-}
-
-/** Whether an upload that failed with `err` is worth starting again. */
-function retryableUploadError(err: unknown): boolean {
-  return isNetworkError(err) ||
-    (err instanceof SardeError && err.kind === "registry" &&
-      /HTTP 5\d\d|HTTP 429/.test(err.message));
 }
 
 function uploadLocation(res: HttpResponse, base: URL, what: string): URL {

@@ -1,14 +1,16 @@
 /**
  * Talking to registries: the streaming HTTP client and its TLS settings, credentials (auth.json
- * and friends), Basic/Bearer challenges, the OCI distribution API client, login/logout.
+ * and friends), Basic/Bearer challenges, the layers of one request (authentication, retries,
+ * redirects), the OCI distribution API client, its typed errors, login/logout.
  *
- * Private to this folder (not re-exported): `auth.ts`.
+ * Private to this folder (not re-exported): `auth.ts`, `request.ts`.
  *
  * @module
  */
 
 export * from "./client.ts";
 export * from "./credentials.ts";
+export * from "./errors.ts";
 export * from "./http.ts";
 export * from "./login.ts";
 export * from "./tls.ts";

@@ -62,3 +62,18 @@ export function describeError(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);
 }
+
+/**
+ * The first error in `err`'s chain of causes (`err` itself first) that is a `type`, like Go's
+ * `errors.As`: an error that wraps another (a retry's "gave up after…") keeps the fields of the
+ * one it wraps without copying them.
+ */
+export function findError<T extends Error>(
+  err: unknown,
+  type: abstract new (...args: never[]) => T,
+): T | undefined {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (e instanceof type) return e;
+  }
+  return undefined;
+}
