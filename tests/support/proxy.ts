@@ -444,6 +444,9 @@ function corrupt(body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
  * gives up. `onEnd(cut)` is called once: true when it cut or stalled, false when the body was
  * shorter.
  */
+/** How long a `stall-blob` connection stays silent at most before the proxy drops it. */
+const STALL_MAX_MS = 20_000;
+
 function cutAfter(
   body: ReadableStream<Uint8Array>,
   limit: number,
@@ -465,7 +468,17 @@ function cutAfter(
     // give the server a moment to flush what was sent before the connection drops
     await new Promise((r) => setTimeout(r, 50));
     await reader.cancel().catch(() => {});
-    if (stall) return await cancelled.promise; // the client hangs up
+    if (stall) {
+      // The client hangs up once its timeout passed; should it not, the proxy gives up after
+      // STALL_MAX_MS, so that stopping it (which waits for open responses) cannot hang a test.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const gaveUp = await Promise.race([
+        cancelled.promise.then(() => false),
+        new Promise<boolean>((r) => timer = setTimeout(() => r(true), STALL_MAX_MS)),
+      ]);
+      clearTimeout(timer);
+      if (!gaveUp) return;
+    }
     ctl.error(new Error("faulty proxy: connection cut"));
   };
   return new ReadableStream<Uint8Array>({
