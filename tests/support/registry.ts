@@ -80,11 +80,6 @@ export interface StartRegistryOptions {
   tokenTtlSeconds?: number;
   /** `token` modes: whether anonymous clients may pull. Default true. */
   anonymousPull?: boolean;
-  /**
-   * `token` modes: the address the token server listens on, which its realm names (default
-   * `127.0.0.1`): another host's, as far as clients can tell (see `addLinkLocalAddress`).
-   */
-  tokenHost?: string;
 }
 
 /** User name accepted by the auth modes. */
@@ -182,36 +177,6 @@ export async function makeTlsFiles(dir: string): Promise<void> {
     "-out",
     "server.crt",
   ], dir);
-}
-
-/** An address of this host that is not a loopback one (see {@link addLinkLocalAddress}). */
-export interface ExtraAddress {
-  /** `169.254.X.Y` */
-  address: string;
-  /** Removes the address (and its interface). Idempotent. */
-  [Symbol.asyncDispose](): Promise<void>;
-}
-
-/**
- * Gives this host a link-local address `169.254.X.Y` that is not a loopback one, on one end of a
- * veth pair of its own (root only; the other end stays down, the address is reached locally):
- * "another host" for a test, as far as a client can tell from the address.
- */
-export async function addLinkLocalAddress(): Promise<ExtraAddress> {
-  const n = 1 + Math.floor(Math.random() * 250);
-  const link = `sdt${Date.now() % 100_000}${n}`; // at most 15 characters
-  const address = `169.254.${n}.${1 + Math.floor(Math.random() * 250)}`;
-  await run("ip", ["link", "add", link, "type", "veth", "peer", "name", `${link}p`]);
-  let removed: Promise<void> | undefined;
-  const remove = () => removed ??= run("ip", ["link", "del", link]).catch(() => {});
-  try {
-    await run("ip", ["addr", "add", `${address}/32`, "dev", link]);
-    await run("ip", ["link", "set", link, "up"]);
-  } catch (e) {
-    await remove();
-    throw e;
-  }
-  return { address, [Symbol.asyncDispose]: remove };
 }
 
 /** The registry's config.yml (like recipes/registry/start-registry.sh). */
@@ -412,7 +377,6 @@ export async function startRegistry(
         issuer: TOKEN_ISSUER,
         ttlSeconds: opts.tokenTtlSeconds ?? 300,
         anonymousPull: opts.anonymousPull ?? true,
-        hostname: opts.tokenHost,
       });
       auth = [
         "auth:",

@@ -35,8 +35,6 @@ export interface TokenServerOptions {
   anonymousPull?: boolean;
   /** Port; 0 (default) picks a free one. */
   port?: number;
-  /** Address to listen on (and to name in `url` and `realm`). Default `127.0.0.1`. */
-  hostname?: string;
   /** Log every grant to stderr. Default false. */
   verbose?: boolean;
 }
@@ -55,7 +53,7 @@ export interface TokenRequestRecord {
 
 /** A running token server. */
 export interface TokenServer {
-  /** `http://127.0.0.1:PORT` (or the `hostname` it listens on) */
+  /** `http://127.0.0.1:PORT` */
   url: string;
   /** `http://127.0.0.1:PORT/token` — the registry's `auth.token.realm`. */
   realm: string;
@@ -100,7 +98,7 @@ function splitScopes(values: string[]): string[] {
 }
 
 /**
- * Starts a token server on 127.0.0.1 (or `opts.hostname`) in this process.
+ * Starts a token server on 127.0.0.1 in this process.
  *
  * @example
  * ```ts
@@ -238,12 +236,12 @@ export async function startTokenServer(opts: TokenServerOptions): Promise<TokenS
 
   const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
-    hostname: opts.hostname ?? "127.0.0.1",
+    hostname: "127.0.0.1",
     port: opts.port ?? 0,
     onListen: (addr) => resolve(addr as Deno.NetAddr),
   }, handle);
   const addr = await listening;
-  const url = `http://${opts.hostname ?? "127.0.0.1"}:${addr.port}`;
+  const url = `http://127.0.0.1:${addr.port}`;
   let stopped: Promise<void> | undefined;
   const stop = (): Promise<void> => (stopped ??= server.shutdown());
   return {
