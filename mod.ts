@@ -30,7 +30,7 @@ import {
   type ImportResult,
   importVm as importFromStore,
 } from "./lib/vm/import.ts";
-import { domainState } from "./lib/vm/libvirt.ts";
+import { type ConnectOptions, domainState } from "./lib/vm/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/vm/prune.ts";
 import { pullImage } from "./lib/vm/pull.ts";
 import {
@@ -217,10 +217,11 @@ export async function logout(
 }
 
 /** How to reach libvirt. */
-export interface LibvirtOptions {
-  /** libvirt URI (default: `LIBVIRT_DEFAULT_URI`, else libvirt's own default). */
-  connect?: string;
-}
+/**
+ * How to reach libvirt: `connect`, the URI (default: `LIBVIRT_DEFAULT_URI`, else libvirt's own
+ * default). The same name as the CLI's `--connect` and the INI key `connect`.
+ */
+export type LibvirtOptions = ConnectOptions;
 
 /** Where imported VMs live. */
 export interface VmOptions {
@@ -229,7 +230,7 @@ export interface VmOptions {
 }
 
 async function vmState(id: string, connect?: string): Promise<VmState> {
-  const s = await domainState(id, { uri: connect });
+  const s = await domainState(id, { connect });
   return s === "running" ? "running" : s === "missing" ? "missing" : "stopped";
 }
 
@@ -276,7 +277,7 @@ export async function list(
  * module.
  */
 export interface ExportVmOptions
-  extends Omit<ExportOptions, "ocidir" | "uri" | "onBlob">, StoreOptions, LibvirtOptions {
+  extends Omit<ExportOptions, "ocidir" | "onBlob">, StoreOptions, LibvirtOptions {
   /**
    * Also push the image to its registry (`export --push`), uploading each disk chunk as soon
    * as it is compressed: about as fast as the slower of the two instead of their sum.
@@ -315,7 +316,7 @@ export async function exportVm(
   options: ExportVmOptions = {},
 ): Promise<ExportVmResult> {
   const ocidir = options.ocidir ?? defaultOcidir();
-  const exportOptions = { ...options, uri: options.connect, ocidir };
+  const exportOptions = { ...options, ocidir };
   if (!options.push) return await exportToStore(vm, reference, exportOptions);
   if (!reference) {
     throw fail(
@@ -363,7 +364,6 @@ export interface ImportVmOptions extends StoreOptions, VmOptions, LibvirtOptions
 function importOptions(options: ImportVmOptions) {
   return {
     ...options,
-    uri: options.connect,
     ocidir: options.ocidir ?? defaultOcidir(),
     vmdir: options.vmdir ?? defaultVmdir(),
   };
@@ -516,7 +516,6 @@ export interface PruneOptions extends StoreOptions, VmOptions, LibvirtOptions {
 export async function prune(options: PruneOptions = {}): Promise<Removed[]> {
   return await pruneStore({
     ...options,
-    uri: options.connect,
     ocidir: options.ocidir ?? defaultOcidir(),
     vmdir: options.vmdir ?? defaultVmdir(),
   });

@@ -333,7 +333,7 @@ async function importedDisk(folder: string): Promise<string> {
 }
 
 async function undefine(ctx: Ctx, name: string): Promise<void> {
-  await cleanupTestVm(name, { uri: TEST_URI }).catch((err) => log(`cleanup: ${err.message}`));
+  await cleanupTestVm(name, { connect: TEST_URI }).catch((err) => log(`cleanup: ${err.message}`));
   ctx.domains.delete(name);
 }
 
@@ -996,7 +996,7 @@ export async function runVmBench(opts: VmBenchOptions): Promise<VmReport> {
     cleaned ??= (async () => {
       killCurrent();
       for (const name of [...domains, ...await domainsUsing(dir).catch(() => [])]) {
-        await cleanupTestVm(name, { uri: TEST_URI }).catch((err) =>
+        await cleanupTestVm(name, { connect: TEST_URI }).catch((err) =>
           log(`cleanup of VM ${name}: ${err.message}`)
         );
       }

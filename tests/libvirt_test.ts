@@ -36,7 +36,7 @@ import {
   uniqueVmName,
 } from "./support/vms.ts";
 
-const conn = { uri: TEST_URI };
+const conn = { connect: TEST_URI };
 
 async function exists(path: string): Promise<boolean> {
   try {
@@ -54,10 +54,10 @@ Deno.test("connectOptions: option, then LIBVIRT_DEFAULT_URI, then nothing", () =
   try {
     Deno.env.delete("LIBVIRT_DEFAULT_URI");
     assert.deepEqual(connectOptions(), {});
-    assert.deepEqual(connectOptions("test:///default"), { uri: "test:///default" });
+    assert.deepEqual(connectOptions("test:///default"), { connect: "test:///default" });
     Deno.env.set("LIBVIRT_DEFAULT_URI", "qemu:///session");
-    assert.deepEqual(connectOptions(), { uri: "qemu:///session" });
-    assert.deepEqual(connectOptions("test:///default"), { uri: "test:///default" });
+    assert.deepEqual(connectOptions(), { connect: "qemu:///session" });
+    assert.deepEqual(connectOptions("test:///default"), { connect: "test:///default" });
   } finally {
     if (saved === undefined) Deno.env.delete("LIBVIRT_DEFAULT_URI");
     else Deno.env.set("LIBVIRT_DEFAULT_URI", saved);
@@ -82,13 +82,13 @@ Deno.test("versions: libvirt 9.x daemon, QEMU hypervisor", async () => {
   const hv = await hypervisorVersion(conn);
   assert.equal(hv.name, "QEMU");
   assert.ok(hv.major >= 7, hv.text);
-  const t = await hypervisorVersion({ uri: "test:///default" });
+  const t = await hypervisorVersion({ connect: "test:///default" });
   assert.equal(t.name, "TEST");
 });
 
 Deno.test("listDomains on test:///default (no daemon state)", async () => {
-  assert.deepEqual(await listDomains({ uri: "test:///default", all: true }), ["test"]);
-  assert.equal(await domainState("test", { uri: "test:///default" }), "running");
+  assert.deepEqual(await listDomains({ connect: "test:///default", all: true }), ["test"]);
+  assert.equal(await domainState("test", { connect: "test:///default" }), "running");
 });
 
 Deno.test("define → dumpxml --inactive → state → uuid → undefine --nvram (full domain)", async () => {
@@ -280,8 +280,8 @@ Deno.test("the XML temp file is removed after define", async () => {
 });
 
 Deno.test("connection failure: clear error with a hint", async () => {
-  const uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
-  for (const op of [() => listDomains({ uri }), () => domainState("x", { uri })]) {
+  const connect = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+  for (const op of [() => listDomains({ connect }), () => domainState("x", { connect })]) {
     await assert.rejects(op(), (e: unknown) => {
       assert.ok(e instanceof SardeError, String(e));
       assert.equal(e.kind, "external");

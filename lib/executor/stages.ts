@@ -77,7 +77,8 @@ export interface JobSettings {
   image?: string;
   /** The pull policy the job asks for (`image: pull_policy:`), if any. */
   jobPullPolicy?: string;
-  connect: ConnectOptions;
+  /** How to reach libvirt (INI `connect`). */
+  libvirt: ConnectOptions;
   ocidir: string;
   vmdir: string;
   clonedir: string;
@@ -276,7 +277,7 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
   }
   return {
     image: getString(ini, "image") || undefined,
-    connect: { uri: getString(ini, "connect") || undefined },
+    libvirt: { connect: getString(ini, "connect") || undefined },
     ocidir: getPath(ini, "ocidir") ?? defaultOcidir(),
     vmdir,
     clonedir: getPath(ini, "clonedir") ?? vmdir,
@@ -499,14 +500,14 @@ function target(
 async function removeJobVm(
   name: string,
   folder: string,
-  connect: ConnectOptions,
+  libvirt: ConnectOptions,
 ): Promise<boolean> {
   let found = false;
-  if (await domainExists(name, connect)) {
+  if (await domainExists(name, libvirt)) {
     found = true;
-    await destroy(name, connect).catch((err) => warn(`destroy ${name}: ${describeError(err)}`));
-    if (await domainExists(name, connect)) {
-      await undefine(name, { ...connect, nvram: true }).catch((err) =>
+    await destroy(name, libvirt).catch((err) => warn(`destroy ${name}: ${describeError(err)}`));
+    if (await domainExists(name, libvirt)) {
+      await undefine(name, { ...libvirt, nvram: true }).catch((err) =>
         warn(`undefine ${name}: ${describeError(err)}`)
       );
     }
@@ -531,7 +532,7 @@ async function removeJobVm(
  * Job VMs of earlier sarde versions recorded no TMPDIR; they go by age alone, as before.
  */
 async function reapOldJobs(
-  s: Pick<JobSettings, "clonedir" | "connect" | "maxJobAgeMs">,
+  s: Pick<JobSettings, "clonedir" | "libvirt" | "maxJobAgeMs">,
   own?: string,
 ): Promise<void> {
   const now = Date.now();
@@ -561,7 +562,7 @@ async function reapOldJobs(
       await runnerAlive(state.runner)
     ) continue;
     info(`removing job VM ${name}, left behind ${Math.round(age / 60000)} min ago`);
-    await removeJobVm(name, folder, s.connect).catch((err) =>
+    await removeJobVm(name, folder, s.libvirt).catch((err) =>
       warn(`reaping ${name}: ${describeError(err)}`)
     );
   }
@@ -573,7 +574,7 @@ export async function configStage(env: Env): Promise<Record<string, unknown>> {
   const vm = await jobVm(env, s);
   let versions = "";
   try {
-    const [lv, hv] = await Promise.all([libvirtVersion(s.connect), hypervisorVersion(s.connect)]);
+    const [lv, hv] = await Promise.all([libvirtVersion(s.libvirt), hypervisorVersion(s.libvirt)]);
     versions = ` (libvirt ${lv.text}, ${hv.name} ${hv.text})`;
   } catch (err) {
     warn(`cannot ask libvirt for its version: ${describeError(err)}`);
@@ -615,7 +616,7 @@ async function baseVm(
       fail("not-found", `${image} is not in the local cache and the pull policy is 'never'`),
     );
   }
-  const importOptions = { ...s.connect, vmdir: s.vmdir, domainType: s.domainType };
+  const importOptions = { ...s.libvirt, vmdir: s.vmdir, domainType: s.domainType };
   if (local && policy !== "always") {
     return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
   }
@@ -694,7 +695,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
   const policy = choosePolicy(s);
   await reapOldJobs(s, vm);
   // Only a prepare run twice in one TMPDIR finds something here: the name is this job's own.
-  if (await removeJobVm(vm, jobDir, s.connect)) info(`removed the VM of an earlier prepare`);
+  if (await removeJobVm(vm, jobDir, s.libvirt)) info(`removed the VM of an earlier prepare`);
 
   const t0 = Date.now();
   const base = await baseVm(s, image, policy, signal);
@@ -703,7 +704,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
 
   const hostPort = s.network === "user" ? freePort() : creds.port;
   await cloneVm(base, vm, {
-    ...s.connect,
+    ...s.libvirt,
     ocidir: s.ocidir,
     vmdir: s.vmdir,
     clonedir: s.clonedir,
@@ -739,7 +740,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     timeoutMs: Math.max(5000, s.timeoutMs - (Date.now() - tClone)),
     signal,
     onWait: (ms, last) => info(`still waiting for SSH after ${seconds(ms)} (${last})`),
-    alive: async () => (await domainState(vm, s.connect)) === "running",
+    alive: async () => (await domainState(vm, s.libvirt)) === "running",
   });
   info(`SSH is up after ${seconds(waited)}; prepare took ${seconds(Date.now() - t0)}`);
 
@@ -767,7 +768,7 @@ async function findAddress(s: JobSettings, vm: string, signal?: AbortSignal): Pr
   const deadline = Date.now() + s.timeoutMs;
   while (Date.now() < deadline) {
     for (const source of ["lease", "arp", "agent"] as const) {
-      const ips = await domainAddresses(vm, source, s.connect);
+      const ips = await domainAddresses(vm, source, s.libvirt);
       if (ips.length) return ips[0];
     }
     await sleep(1000, signal);
@@ -797,7 +798,7 @@ export async function runStage(
   if (!vm) return { kind: "system", message: "no VM was prepared for this job" };
   const jobDir = join(s.clonedir, vm);
   const state = await readState(jobDir);
-  if ((await domainState(vm, s.connect)) !== "running") {
+  if ((await domainState(vm, s.libvirt)) !== "running") {
     return { kind: "system", message: `the job VM ${vm} is not running any more` };
   }
   let script: Uint8Array;
@@ -820,7 +821,7 @@ export async function runStage(
   // 255 is ssh's own failure, 1–6 may be sshpass's (5: password refused, 6: host key changed);
   // a script can exit with those too, so ask the guest whether it still lets us in.
   if (r.code === 255 || (t.password !== undefined && r.code <= 6)) {
-    const alive = (await domainState(vm, s.connect)) === "running" &&
+    const alive = (await domainState(vm, s.libvirt)) === "running" &&
       (await sshRun(t, ["true"]).catch(() => ({ code: 255 }))).code === 0;
     if (!alive) {
       return {
@@ -856,7 +857,7 @@ export async function cleanupStage(env: Env): Promise<void> {
   } catch (err) {
     warn(`cleanup: ${describeError(err)}`);
   }
-  if (vm && await removeJobVm(vm, join(s.clonedir, vm), s.connect)) info(`removed job VM ${vm}`);
+  if (vm && await removeJobVm(vm, join(s.clonedir, vm), s.libvirt)) info(`removed job VM ${vm}`);
   await reapOldJobs(s, vm);
 }
 
@@ -864,9 +865,9 @@ export async function cleanupStage(env: Env): Promise<void> {
 export async function destroyJobVm(env: Env): Promise<string | undefined> {
   const vm = await ownVmName(env);
   if (!vm) return undefined;
-  const { connect } = await jobSettings(env).catch(fallbackSettings);
-  if (!await domainExists(vm, connect)) return undefined;
-  await destroy(vm, connect);
+  const { libvirt } = await jobSettings(env).catch(fallbackSettings);
+  if (!await domainExists(vm, libvirt)) return undefined;
+  await destroy(vm, libvirt);
   return vm;
 }
 

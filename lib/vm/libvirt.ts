@@ -3,7 +3,7 @@
  *
  * Every call runs `virsh [-c URI] COMMAND --domain NAME …` through `Deno.Command` with an argv
  * array (no shell, so names with `:`, spaces, quotes or a leading `-` are passed intact),
- * `LC_ALL=C` and stdin closed. The URI comes from {@link ConnectOptions.uri}, else from
+ * `LC_ALL=C` and stdin closed. The URI comes from {@link ConnectOptions.connect}, else from
  * `LIBVIRT_DEFAULT_URI`, else nothing is passed and libvirt picks its default (`uri_default` in
  * libvirt.conf, then `qemu:///system` for root).
  *
@@ -23,7 +23,7 @@ import { fail, type SardeError } from "../util/errors.ts";
 /** How to reach libvirt. */
 export interface ConnectOptions {
   /** Connection URI (`qemu:///system`, `test:///default`, …); see {@link connectOptions}. */
-  uri?: string;
+  connect?: string;
 }
 
 /** A parsed libvirt or hypervisor version. */
@@ -97,9 +97,9 @@ export function checkVmName(name: string): string {
  * default).
  */
 export function connectOptions(uri?: string): ConnectOptions {
-  if (uri) return { uri };
+  if (uri) return { connect: uri };
   const env = Deno.env.get("LIBVIRT_DEFAULT_URI");
-  return env ? { uri: env } : {};
+  return env ? { connect: env } : {};
 }
 
 interface RunResult {
@@ -109,11 +109,11 @@ interface RunResult {
 }
 
 function describeUri(opts: ConnectOptions): string {
-  return connectOptions(opts.uri).uri ?? "libvirt's default URI";
+  return connectOptions(opts.connect).connect ?? "libvirt's default URI";
 }
 
 function run(opts: ConnectOptions, args: string[]): Promise<RunResult> {
-  const uri = connectOptions(opts.uri).uri;
+  const uri = connectOptions(opts.connect).connect;
   return runProgram(VIRSH, uri ? ["-c", uri, ...args] : args, "install libvirt-clients");
 }
 

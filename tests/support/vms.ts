@@ -515,8 +515,8 @@ export interface TestVmOptions {
   name?: string;
   /** Name prefix (may contain `:`); default `sarde-test`. */
   prefix?: string;
-  /** Default {@link TEST_URI}. */
-  uri?: string;
+  /** libvirt URI; default {@link TEST_URI}. */
+  connect?: string;
   /** vda: a plain qcow2 (default), or the 3-level absolute chain (`"same-basename"`: all files `disk.qcow2`). */
   chain?: boolean | "same-basename";
   /** vdb: a sparse raw disk. */
@@ -534,7 +534,8 @@ export interface TestVmOptions {
 /** A generated (and possibly defined) test VM. Dispose it to undefine it and delete its files. */
 export interface TestVm extends AsyncDisposable {
   name: string;
-  uri: string;
+  /** libvirt URI it is defined under. */
+  connect: string;
   /** Directory holding every file of the VM. */
   dir: string;
   uuid: string;
@@ -557,7 +558,7 @@ export interface TestVm extends AsyncDisposable {
 /** Builds all files and the XML of a test VM in a fresh directory, without defining it. */
 export async function createTestVm(opts: TestVmOptions = {}): Promise<TestVm> {
   const name = opts.name ?? uniqueVmName(opts.prefix);
-  const uri = opts.uri ?? TEST_URI;
+  const uri = opts.connect ?? TEST_URI;
   const dir = await makeVmDir(name.replace(/[^A-Za-z0-9_.-]/g, "_").slice(0, 40));
   try {
     const disks: (DomainDisk & { disk: TestDisk })[] = [];
@@ -597,7 +598,7 @@ export async function createTestVm(opts: TestVmOptions = {}): Promise<TestVm> {
     const targets = assignTargets(disks);
     const vm: TestVm = {
       name,
-      uri,
+      connect: uri,
       dir,
       uuid,
       macs,
@@ -609,8 +610,8 @@ export async function createTestVm(opts: TestVmOptions = {}): Promise<TestVm> {
       initrd: kernelFiles?.initrd,
       serialLog,
       defined: false,
-      cleanup: () => cleanupTestVm(name, { dir, uri }),
-      [Symbol.asyncDispose]: () => cleanupTestVm(name, { dir, uri }),
+      cleanup: () => cleanupTestVm(name, { dir, connect: uri }),
+      [Symbol.asyncDispose]: () => cleanupTestVm(name, { dir, connect: uri }),
     };
     return vm;
   } catch (err) {
@@ -634,7 +635,7 @@ export async function virshDefine(xml: string, uri = TEST_URI, dir = TEST_VM_ROO
 export async function defineTestVm(opts: TestVmOptions = {}): Promise<TestVm> {
   const vm = await createTestVm(opts);
   try {
-    await virshDefine(vm.xml, vm.uri, vm.dir);
+    await virshDefine(vm.xml, vm.connect, vm.dir);
   } catch (err) {
     await vm.cleanup();
     throw err;
@@ -649,9 +650,9 @@ export async function defineTestVm(opts: TestVmOptions = {}): Promise<TestVm> {
  */
 export async function cleanupTestVm(
   name: string,
-  opts: { dir?: string; uri?: string } = {},
+  opts: { dir?: string; connect?: string } = {},
 ): Promise<void> {
-  const uri = opts.uri ?? TEST_URI;
+  const uri = opts.connect ?? TEST_URI;
   await shTry("virsh", ["-c", uri, "destroy", "--domain", name]);
   const r = await shTry("virsh", ["-c", uri, "undefine", "--nvram", "--domain", name]);
   if (r.code !== 0 && !/failed to get domain|Domain not found/i.test(r.stderr)) {
