@@ -1,12 +1,13 @@
 /**
- * lib/image/zstd.ts and lib/image/compress.ts on real files under /var/tmp: zstd chunks (round trip,
+ * lib/image/zstd.ts and lib/image/gzip.ts on real files under /var/tmp: zstd chunks (round trip,
  * sparseness, determinism, frames the zstd CLI reads, boundaries, corruption, interruption) and
  * sardinecake 0.4's gzip layout (header bytes, python3's gzip module both ways, pieces, errors).
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { runInterruptActions } from "../lib/util/cleanup.ts";
-import { decodeGzip, encodeGzip, parseGzipHeader } from "../lib/image/compress.ts";
+import { decodeGzip, encodeGzip } from "../lib/image/gzip.ts";
+import { parseGzipHeader } from "../lib/image/gzip_header.ts";
 import { type ChunkBlob, decodeZstdChunk, encodeZstd } from "../lib/image/zstd.ts";
 import { digestFile, digestOf } from "../lib/oci/digest.ts";
 import { SardeError } from "../lib/util/errors.ts";

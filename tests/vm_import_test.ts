@@ -3,7 +3,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { encodeGzip } from "../lib/image/compress.ts";
+import { encodeGzip } from "../lib/image/gzip.ts";
 import { digestOf } from "../lib/oci/digest.ts";
 import { listFiles, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry } from "./support/registry.ts";

@@ -23,7 +23,7 @@
  * @module
  */
 
-import type { Range } from "./compress.ts";
+import type { Range } from "./holes.ts";
 
 /**
  * Compress [offset, offset+length) of `file` into `out` (one zstd frame). `out` must exist and

@@ -7,6 +7,10 @@
  */
 
 export * from "./codec_worker.ts";
-export * from "./compress.ts";
+export { type DecodedGzip, decodeGzip, type EncodedGzip, encodeGzip } from "./gzip.ts";
+export { type GzipEncodeOptions, type GzipPiece } from "./gzip.ts";
+export { type GzipHeader, parseGzipHeader } from "./gzip_header.ts";
+export { type Range, regularFileSize, type Segment, segmentsOf, zeroRanges } from "./holes.ts";
+export { asSardeError, checkAborted, interrupted, Job } from "./job.ts";
 export * from "./format.ts";
 export * from "./zstd.ts";

@@ -21,16 +21,8 @@
  * @module
  */
 
-import {
-  asSardeError,
-  checkAborted,
-  interrupted,
-  Job,
-  type Range,
-  regularFileSize,
-  segmentsOf,
-  zeroRanges,
-} from "./compress.ts";
+import { type Range, regularFileSize, segmentsOf, zeroRanges } from "./holes.ts";
+import { asSardeError, checkAborted, interrupted, Job } from "./job.ts";
 import {
   CodecError,
   type CodecPool,

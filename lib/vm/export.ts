@@ -6,7 +6,7 @@
  */
 
 import { basename, dirname, extname, join, resolve } from "node:path";
-import { encodeGzip } from "../image/compress.ts";
+import { encodeGzip } from "../image/mod.ts";
 import { type ChunkBlob, encodeZstd } from "../image/zstd.ts";
 import { onInterrupt } from "../util/cleanup.ts";
 import { digestOf } from "../oci/digest.ts";

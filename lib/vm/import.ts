@@ -12,7 +12,7 @@
 
 import { basename, join } from "node:path";
 import { onInterrupt } from "../util/cleanup.ts";
-import { decodeGzip, parseGzipHeader } from "../image/compress.ts";
+import { decodeGzip, parseGzipHeader } from "../image/mod.ts";
 import { decodeZstdChunk } from "../image/zstd.ts";
 import { createCodecPool } from "../image/codec_worker.ts";
 import {
