@@ -339,6 +339,47 @@ Deno.test("zstd: a corrupt blob or a wrong digest is an integrity error and leav
   });
 });
 
+// The workers' write errors come from lib/util/fsutil.ts's osReason, whose source the worker
+// script carries (lib/image/codec_worker.ts): a full tmpfs of 1 MiB makes them happen.
+Deno.test({
+  name: "zstd: a full file system fails encode and decode with its reason, naming the file written",
+  ignore: Deno.uid() !== 0, // mounting a tmpfs needs root
+  fn: async () => {
+    await withDir(async (dir) => {
+      const src = join(dir, "disk.img");
+      await Deno.writeFile(src, randomBytes(8 * MiB));
+      const enc = await encodeZstd(src, { chunkSize: 8 * MiB, outDir: dir });
+      const full = join(dir, "full");
+      await Deno.mkdir(full);
+      await sh(`mount -t tmpfs -o size=1m tmpfs '${full}'`);
+      try {
+        const out = join(full, "out.img");
+        await Deno.writeFile(out, new Uint8Array(0));
+        await Deno.truncate(out, enc.fileSize); // sparse: takes no space yet
+        const [c] = enc.chunks;
+        await assert.rejects(
+          decodeZstdChunk(c.path, out, c.offset, c.length, c.uncompressedDigest),
+          (e: unknown) =>
+            isKind("io")(e) &&
+            (e as Error).message.includes(`cannot write ${out}: no space left on device`),
+        );
+        assert.equal(await allocated(out), 0, "what was written is rolled back");
+
+        await assert.rejects(
+          encodeZstd(src, { chunkSize: 8 * MiB, outDir: full }),
+          (e: unknown) =>
+            isKind("io")(e) &&
+            new RegExp(`cannot write ${full}/\\.sarde-[^:]+: no space left on device`)
+              .test((e as Error).message),
+        );
+        assert.deepEqual(await emptyDir(full), ["out.img"], "no temp file left");
+      } finally {
+        await sh(`umount '${full}'`);
+      }
+    });
+  },
+});
+
 Deno.test("zstd: an aborted encode removes its temp files and says 'interrupted'", async () => {
   await withDir(async (dir) => {
     const src = join(dir, "disk.img");

@@ -12,8 +12,10 @@
  * core, against 240 and 650 MB/s for Deno's `node:zlib` zstd.
  *
  * A worker runs one job at a time with fixed buffers (4 MiB in, 4 MiB out, libzstd's contexts),
- * so memory does not grow with the chunk size. The worker body is a self-contained function
- * started from a blob URL, so `deno bundle` and `deno compile` need no extra file.
+ * so memory does not grow with the chunk size. The worker script is made of self-contained
+ * functions (its body, and the O_DIRECT primitives and error wording of lib/util/, which the
+ * main thread uses too) and started from a blob URL, so `deno bundle` and `deno compile` need no
+ * extra file.
  *
  * Determinism: a chunk is fed to libzstd (single-threaded streaming mode, content size pledged,
  * XXH64 checksum on, as the `zstd` CLI writes frames) in 4 MiB pieces at fixed offsets from the
@@ -23,6 +25,8 @@
  * @module
  */
 
+import { directIo } from "../util/direct_io.ts";
+import { osReason } from "../util/fsutil.ts";
 import type { Range } from "./holes.ts";
 
 /**
@@ -97,10 +101,20 @@ export interface WorkerFailure {
 }
 
 /**
- * The worker's body. It must not reference anything outside itself: it is serialised with
- * `Function.prototype.toString` and started from a blob URL.
+ * What the worker's body gets from the modules it cannot import: self-contained functions whose
+ * source {@link workerSource} puts into the script. They come as properties of one argument, as
+ * a bundler may rename the functions but never a property.
  */
-function codecWorkerMain(): void {
+interface WorkerShared {
+  directIo: typeof directIo;
+  osReason: typeof osReason;
+}
+
+/**
+ * The worker's body. It must not reference anything outside itself but `shared`: it is
+ * serialised with `Function.prototype.toString` and started from a blob URL.
+ */
+function codecWorkerMain(shared: WorkerShared): void {
   const IO = 4 << 20;
   const scope = self as unknown as {
     onmessage: ((e: MessageEvent) => void) | null;
@@ -193,13 +207,12 @@ function codecWorkerMain(): void {
   // Decoding: ZSTD_inBuffer / ZSTD_outBuffer { pointer, size, pos } over 4 MiB buffers.
   const inStruct = new BigUint64Array(3);
   const outStruct = new BigUint64Array(3);
+  // O_DIRECT: synchronous calls, as this thread has nothing else to do while one runs. Only
+  // SARDE_DIRECT_IO=0 turns it off here ("disk" keeps it for these files: see direct_io.ts).
+  const direct = shared.directIo(false, ["0"]);
   const addr = (b: Uint8Array) => BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(b)));
-  const aligned = (size: number) => {
-    const raw = new Uint8Array(size + 4096);
-    return raw.subarray((4096 - Number(addr(raw) % 4096n)) % 4096).subarray(0, size);
-  };
-  const inBuf = aligned(IO); // page-aligned, as O_DIRECT wants its buffers
-  const outBuf = aligned(IO);
+  const inBuf = direct.alignedBuffer(IO); // page-aligned, as O_DIRECT wants its buffers
+  const outBuf = direct.alignedBuffer(IO);
   const inAddr = addr(inBuf), outAddr = addr(outBuf);
 
   // Decoded disks are written with O_DIRECT where the file system allows it: on the VMs this
@@ -207,47 +220,22 @@ function codecWorkerMain(): void {
   // system for 2 GB), O_DIRECT 0.3 (1.9 s wall). The disk of a VM is read by QEMU later, not
   // by us, so bypassing the cache loses nothing. Only whole 4 KiB blocks at aligned offsets go
   // that way; a chunk's unaligned edges and the file's tail are written normally.
-  const O_DIRECT = Deno.build.arch === "x86_64"
-    ? 0o40000
-    : Deno.build.arch === "aarch64"
-    ? 0o200000
-    : 0;
-  let libc: ReturnType<typeof openLibc> | undefined;
-  function openLibc() {
-    try {
-      return Deno.dlopen("libc.so.6", {
-        open: { parameters: ["buffer", "i32"], result: "i32" },
-        pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
-        pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
-        close: { parameters: ["i32"], result: "i32" },
-      }).symbols;
-    } catch {
-      return null;
-    }
-  }
-  function openDirect(path: string, write = true): number {
-    if (!O_DIRECT || Deno.env.get("SARDE_DIRECT_IO") === "0") return -1;
-    libc ??= openLibc();
-    if (!libc) return -1;
-    const flags = (write ? 1 /* O_WRONLY */ : 0) | O_DIRECT | 0o2000000; /* O_CLOEXEC */
-    return libc.open(new TextEncoder().encode(path + "\0"), flags);
-  }
   /** Reads the next piece of a blob: O_DIRECT (not through the page cache) where possible. */
   function blobReader(path: string, file: Deno.FsFile) {
-    let fd = openDirect(path, false);
+    let fd = direct.open(path, "read");
     let pos = 0;
     const close = () => {
-      if (fd >= 0) libc!.close(fd);
+      if (fd >= 0) direct.close(fd);
       fd = -1;
     };
     const read = (buf: Uint8Array): number | null => {
       if (fd >= 0) {
-        const n = Number(libc!.pread(fd, buf, BigInt(buf.length), BigInt(pos)));
+        const n = Number(direct.pread(fd, buf, pos));
         if (n >= 0) {
           pos += n;
           return n === 0 ? null : n;
         }
-        libc!.close(fd); // refused: read the rest normally
+        direct.close(fd); // refused: read the rest normally
         fd = -1;
         file.seekSync(pos, Deno.SeekMode.Start);
       }
@@ -257,13 +245,14 @@ function codecWorkerMain(): void {
     };
     return { read, [Symbol.dispose]: close };
   }
+  /** Whether `block` may go to `pos` with O_DIRECT: whole blocks at an aligned offset. */
+  const isAligned = (block: Uint8Array, pos: number) =>
+    pos % direct.align === 0 && block.length % direct.align === 0;
   /** Writes `block` at `pos` through the O_DIRECT `fd`; false if it cannot (caller falls back). */
   function writeDirect(fd: number, block: Uint8Array, pos: number): boolean {
-    if (fd < 0 || pos % 4096 !== 0 || block.length % 4096 !== 0) return false;
+    if (fd < 0 || !isAligned(block, pos)) return false;
     for (let off = 0; off < block.length;) {
-      const n = Number(
-        libc!.pwrite(fd, block.subarray(off), BigInt(block.length - off), BigInt(pos + off)),
-      );
+      const n = Number(direct.pwrite(fd, block.subarray(off), pos + off));
       // Refused (EINVAL on this file system) or failed (a full disk): libc's errno is out of
       // reach here, so the caller writes the whole block again normally, which says why.
       if (n <= 0) return false;
@@ -277,13 +266,13 @@ function codecWorkerMain(): void {
    * `path`, the file written (not the one read).
    */
   function blockWriter(path: string, file?: Deno.FsFile) {
-    let fd = openDirect(path);
+    let fd = direct.open(path, "write");
     let normal = file;
     return {
       write(block: Uint8Array, pos: number): void {
         if (writeDirect(fd, block, pos)) return;
-        if (fd >= 0 && pos % 4096 === 0 && block.length % 4096 === 0) {
-          libc!.close(fd); // refused or failed: stop trying
+        if (fd >= 0 && isAligned(block, pos)) {
+          direct.close(fd); // refused or failed: stop trying
           fd = -1;
         }
         try {
@@ -291,16 +280,11 @@ function codecWorkerMain(): void {
           normal.seekSync(pos, Deno.SeekMode.Start);
           writeAll(normal, block);
         } catch (err) {
-          // "No space left on device (os error 28)" → "no space left on device"
-          const why = (err as Error).message.replace(/^(.+?) \(os error \d+\).*$/s, "$1");
-          throw new Failure(
-            `cannot write ${path}: ${why.charAt(0).toLowerCase()}${why.slice(1)}`,
-            "io",
-          );
+          throw new Failure(`cannot write ${path}: ${shared.osReason(err)}`, "io");
         }
       },
       [Symbol.dispose](): void {
-        if (fd >= 0) libc!.close(fd);
+        if (fd >= 0) direct.close(fd);
         if (!file) normal?.close();
       },
     };
@@ -361,9 +345,9 @@ function codecWorkerMain(): void {
     const writer = blockWriter(path);
     let pos = 0;
     let staged = 0;
-    const buf = stage ??= aligned(IO);
+    const buf = stage ??= direct.alignedBuffer(IO);
     const flush = (all: boolean) => {
-      const whole = all ? staged : staged - (staged % 4096);
+      const whole = all ? staged : staged - (staged % direct.align);
       if (whole === 0) return;
       writer.write(buf.subarray(0, whole), pos);
       pos += whole;
@@ -580,6 +564,16 @@ function codecWorkerMain(): void {
   };
 }
 
+/** The worker script: {@link codecWorkerMain} called with the sources of {@link WorkerShared}. */
+function workerSource(): string {
+  const shared: Record<keyof WorkerShared, string> = {
+    directIo: directIo.toString(),
+    osReason: osReason.toString(),
+  };
+  const args = Object.entries(shared).map(([name, fn]) => `${name}: ${fn}`).join(",\n");
+  return `(${codecWorkerMain.toString()})({\n${args}\n});`;
+}
+
 /** Runs codec jobs on a fixed set of worker threads. */
 export interface CodecPool {
   /** Runs `job` on the next free worker. Rejects with the worker's {@link WorkerFailure}. */
@@ -603,7 +597,7 @@ export class CodecError extends Error {
 
 /** Starts `size` codec workers (lazily: a worker starts with its first job). */
 export function createCodecPool(size: number): CodecPool {
-  const source = `(${codecWorkerMain.toString()})();`;
+  const source = workerSource();
   type Waiter = { resolve: (v: never) => void; reject: (e: unknown) => void };
   const idle: Worker[] = [];
   const all = new Set<Worker>();

@@ -12,8 +12,9 @@
  * it off (for comparisons, or a file system that accepts O_DIRECT but handles it badly).
  *
  * The calls run on Deno's blocking thread pool (`nonblocking` FFI), so the event loop keeps
- * serving the network while a write is in flight. The codec workers have their own synchronous
- * copy of this (they cannot import modules; see lib/image/codec_worker.ts).
+ * serving the network while a write is in flight. The codec workers call the same primitives
+ * ({@link directIo}) synchronously, from the source of the function (they cannot import modules;
+ * see lib/image/codec_worker.ts).
  *
  * @module
  */
@@ -21,36 +22,87 @@
 /** Alignment O_DIRECT needs for buffers, offsets and lengths (the page size covers all disks). */
 export const DIRECT_ALIGN = 4096;
 
-const O_DIRECT = Deno.build.os !== "linux"
-  ? 0
-  : Deno.build.arch === "x86_64"
-  ? 0o40000
-  : Deno.build.arch === "aarch64"
-  ? 0o200000
-  : 0;
+/** What `pread` and `pwrite` of {@link directIo} return: a byte count, or -1 on an error. */
+export type Positioned<NB extends boolean> = NB extends true ? Promise<number | bigint>
+  : number | bigint;
 
-function loadLibc() {
-  try {
-    return Deno.dlopen("libc.so.6", {
-      open: { parameters: ["buffer", "i32"], result: "i32" },
-      pwrite: {
-        parameters: ["i32", "buffer", "usize", "i64"],
-        result: "isize",
-        nonblocking: true,
-      },
-      pread: {
-        parameters: ["i32", "buffer", "usize", "i64"],
-        result: "isize",
-        nonblocking: true,
-      },
-      close: { parameters: ["i32"], result: "i32" },
-    }).symbols;
-  } catch {
-    return null;
-  }
+/**
+ * The O_DIRECT primitives, written once for the main thread and the codec workers: opening an
+ * existing file with O_DIRECT through libc (or -1 where that is not possible or is turned off),
+ * page-aligned buffers, and libc's `pread`/`pwrite`/`close`. With `nonblocking`, `pread` and
+ * `pwrite` run on Deno's blocking thread pool and return promises (the main thread, whose event
+ * loop must keep serving the network); without, they block the calling thread (a codec worker,
+ * which runs one job at a time and has nothing else to do meanwhile).
+ *
+ * `SARDE_DIRECT_IO`, read at every open, turns it off when its value is one of `offValues`.
+ *
+ * Self-contained: it references nothing outside its own body (not even {@link DIRECT_ALIGN}),
+ * since lib/image/codec_worker.ts puts its source into the worker script, which cannot import.
+ */
+export function directIo<NB extends boolean>(nonblocking: NB, offValues: readonly string[]) {
+  const align = 4096;
+  const O_DIRECT = Deno.build.os !== "linux"
+    ? 0
+    : Deno.build.arch === "x86_64"
+    ? 0o40000
+    : Deno.build.arch === "aarch64"
+    ? 0o200000
+    : 0;
+  const positioned = {
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: nonblocking as boolean,
+  } as const;
+  const load = () => {
+    try {
+      return Deno.dlopen("libc.so.6", {
+        open: { parameters: ["buffer", "i32"], result: "i32" },
+        pwrite: positioned,
+        pread: positioned,
+        close: { parameters: ["i32"], result: "i32" },
+      }).symbols;
+    } catch {
+      return null;
+    }
+  };
+  let libc: ReturnType<typeof load> | undefined;
+  const symbols = () => libc!;
+  return {
+    align,
+    /** An O_DIRECT descriptor of the existing `path`, or -1 (then use normal I/O). */
+    open(path: string, mode: "read" | "write"): number {
+      if (!O_DIRECT || offValues.includes(Deno.env.get("SARDE_DIRECT_IO") ?? "")) return -1;
+      libc ??= load();
+      if (!libc) return -1;
+      return libc.open(
+        new TextEncoder().encode(path + "\0"),
+        (mode === "write" ? 1 /* O_WRONLY */ : 0) | O_DIRECT | 0o2000000, /* O_CLOEXEC */
+      );
+    },
+    /** libc's `pwrite` of all of `data` at `position` (one call: it may write less). */
+    pwrite: (fd: number, data: Uint8Array, position: number) =>
+      symbols().pwrite(fd, data, BigInt(data.length), BigInt(position)) as Positioned<NB>,
+    /** libc's `pread` of up to `buf.length` bytes at `position`. */
+    pread: (fd: number, buf: Uint8Array, position: number) =>
+      symbols().pread(fd, buf, BigInt(buf.length), BigInt(position)) as Positioned<NB>,
+    /** Closes a descriptor from {@link open}. */
+    close(fd: number): void {
+      symbols().close(fd);
+    },
+    /** A zeroed buffer of `size` bytes whose start is aligned for O_DIRECT. */
+    alignedBuffer(size: number): Uint8Array {
+      const raw = new Uint8Array(size + align);
+      const address = Number(
+        BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(raw))) % BigInt(align),
+      );
+      const start = (align - address) % align;
+      return raw.subarray(start, start + size);
+    },
+  };
 }
 
-let libc: ReturnType<typeof loadLibc> | undefined;
+// "disk" keeps O_DIRECT for the codec workers' files (decoded disks, chunk blobs) only.
+const direct = directIo(true, ["0", "disk"]);
 
 /** An open O_DIRECT file descriptor. */
 export interface DirectFile {
@@ -69,22 +121,16 @@ export interface DirectFile {
  * that is not possible (the caller then uses normal I/O).
  */
 export function openDirect(path: string, mode: "read" | "write"): DirectFile | undefined {
-  if (!O_DIRECT || ["0", "disk"].includes(Deno.env.get("SARDE_DIRECT_IO") ?? "")) return undefined;
-  libc ??= loadLibc();
-  if (!libc) return undefined;
-  const c = libc;
-  const fd = c.open(
-    new TextEncoder().encode(path + "\0"),
-    (mode === "write" ? 1 /* O_WRONLY */ : 0) | O_DIRECT | 0o2000000, /* O_CLOEXEC */
-  );
+  const fd = direct.open(path, mode);
   if (fd < 0) return undefined;
   let open = true;
+  // The codec workers' loops over these calls (lib/image/codec_worker.ts) are synchronous: the
+  // same loop cannot both await a call and not, and awaiting there would send every 4 MiB
+  // through Deno's blocking pool and back, a thread hop per call for a thread that waits anyway.
   return {
     async write(data, position) {
       for (let off = 0; off < data.length;) {
-        const n = Number(
-          await c.pwrite(fd, data.subarray(off), BigInt(data.length - off), BigInt(position + off)),
-        );
+        const n = Number(await direct.pwrite(fd, data.subarray(off), position + off));
         if (n <= 0) {
           throw new Error(`write of ${data.length - off} bytes at ${position + off} failed`);
         }
@@ -92,26 +138,19 @@ export function openDirect(path: string, mode: "read" | "write"): DirectFile | u
       }
     },
     async read(buf, position) {
-      const n = Number(await c.pread(fd, buf, BigInt(buf.length), BigInt(position)));
+      const n = Number(await direct.pread(fd, buf, position));
       if (n < 0) throw new Error(`read at ${position} failed`);
       return n;
     },
     close() {
-      if (open) c.close(fd);
+      if (open) direct.close(fd);
       open = false;
     },
   };
 }
 
 /** A zeroed buffer of `size` bytes whose start is aligned for O_DIRECT. */
-export function alignedBuffer(size: number): Uint8Array {
-  const raw = new Uint8Array(size + DIRECT_ALIGN);
-  const address = Number(
-    BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(raw))) % BigInt(DIRECT_ALIGN),
-  );
-  const start = (DIRECT_ALIGN - address) % DIRECT_ALIGN;
-  return raw.subarray(start, start + size);
-}
+export const alignedBuffer: (size: number) => Uint8Array = direct.alignedBuffer;
 
 /** Free aligned buffers by size: blobs come and go by the hundred, their buffers need not. */
 const spare = new Map<number, Uint8Array[]>();

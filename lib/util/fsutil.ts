@@ -224,7 +224,9 @@ export async function exists(path: string): Promise<boolean> {
 
 /**
  * An OS error in words for a one-line message: "no space left on device", without Deno's
- * "(os error 28): write '…'" tail (messages name the file themselves).
+ * "(os error 28): write '…'" tail (messages name the file themselves). Self-contained (it
+ * references nothing outside its body): the codec workers run its source
+ * (lib/image/codec_worker.ts).
  */
 export function osReason(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err);
