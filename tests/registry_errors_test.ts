@@ -107,12 +107,12 @@ Deno.test("notARegistry: carries the status only when the status gave it away", 
   assert.equal(registryErrorOf(notARegistry("r.example", "odd digest")), undefined);
 });
 
-Deno.test("restartsUpload: connection errors, 429 and every 5xx (as before), not 408 or 4xx", async () => {
+Deno.test("restartsUpload: connection errors and retryable answers (408, 429, 5xx but 501/505)", async () => {
   assert.equal(restartsUpload(new SardeError("network", "connection to r.example refused")), true);
-  for (const status of [429, 500, 501, 503, 505]) {
+  for (const status of [408, 429, 500, 502, 503, 504]) {
     assert.equal(restartsUpload(await registryError(status)), true, `${status}`);
   }
-  for (const status of [400, 401, 404, 408, 413]) {
+  for (const status of [400, 401, 404, 413, 501, 505]) {
     assert.equal(restartsUpload(await registryError(status)), false, `${status}`);
   }
   const retried = startRetries({ attempts: 1, baseDelayMs: 1, maxDelayMs: 1, maxElapsedMs: 1 })
@@ -120,5 +120,5 @@ Deno.test("restartsUpload: connection errors, 429 and every 5xx (as before), not
   assert.equal(restartsUpload(retried), true, "the caller's gaveUp() stops these");
   // Decided on the status, not on words in the message.
   assert.equal(restartsUpload(new SardeError("registry", "x answered HTTP 503")), false);
-  assert.equal(restartsUpload(notARegistry("r.example", "GET /v2/ answered HTTP 501", 501)), true);
+  assert.equal(restartsUpload(notARegistry("r.example", "GET /v2/ answered HTTP 501", 501)), false);
 });

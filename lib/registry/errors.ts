@@ -149,14 +149,12 @@ export function notARegistry(registry: string, detail: string, status?: number):
 
 /**
  * Whether an upload that failed with `err` is worth starting again: a connection problem
- * (`network`), or a registry that answered 429 or any 5xx. That is the rule sarde had before its
- * errors carried a status (it matched `HTTP 5xx|HTTP 429` in the message); it differs from
- * {@link RegistryError.retryable} on 501, 505 (restarted here) and 408 (not), and stays so until a
- * change that means to alter behaviour aligns them.
+ * (`network`), or a registry answer that is {@link RegistryError.retryable} (408, 429, 5xx but
+ * 501 and 505) — the same rule as for retrying a single request, so that a registry that does not
+ * implement something (501) is told so once instead of being sent the whole blob again.
  */
 export function restartsUpload(err: unknown): boolean {
   if (isNetworkError(err)) return true;
   if (!(err instanceof SardeError) || err.kind !== "registry") return false;
-  const status = registryErrorOf(err)?.status;
-  return status !== undefined && (status === 429 || (status >= 500 && status <= 599));
+  return registryErrorOf(err)?.retryable ?? false;
 }
