@@ -19,9 +19,6 @@
  * @module
  */
 
-/** Alignment O_DIRECT needs for buffers, offsets and lengths (the page size covers all disks). */
-export const DIRECT_ALIGN = 4096;
-
 /** What `pread` and `pwrite` of {@link directIo} return: a byte count, or -1 on an error. */
 export type Positioned<NB extends boolean> = NB extends true ? Promise<number | bigint>
   : number | bigint;
@@ -36,11 +33,11 @@ export type Positioned<NB extends boolean> = NB extends true ? Promise<number | 
  *
  * `SARDE_DIRECT_IO`, read at every open, turns it off when its value is one of `offValues`.
  *
- * Self-contained: it references nothing outside its own body (not even {@link DIRECT_ALIGN}),
- * since lib/image/codec_worker.ts puts its source into the worker script, which cannot import.
+ * Self-contained: it references nothing outside its own body, since lib/image/codec_worker.ts
+ * puts its source into the worker script, which cannot import.
  */
 export function directIo<NB extends boolean>(nonblocking: NB, offValues: readonly string[]) {
-  const align = 4096;
+  const align = 4096; // for buffers, offsets and lengths: the page size covers all disks
   const O_DIRECT = Deno.build.os !== "linux"
     ? 0
     : Deno.build.arch === "x86_64"
@@ -103,6 +100,9 @@ export function directIo<NB extends boolean>(nonblocking: NB, offValues: readonl
 
 // "disk" keeps O_DIRECT for the codec workers' files (decoded disks, chunk blobs) only.
 const direct = directIo(true, ["0", "disk"]);
+
+/** Alignment O_DIRECT needs for buffers, offsets and lengths (the page size covers all disks). */
+export const DIRECT_ALIGN: number = direct.align;
 
 /** An open O_DIRECT file descriptor. */
 export interface DirectFile {
