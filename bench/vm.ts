@@ -14,7 +14,7 @@
  */
 
 import { join } from "node:path";
-import { DEFAULT_ZSTD_CHUNK } from "../lib/vm/export.ts";
+import { DEFAULT_ZSTD_CHUNK } from "../lib/util/defaults.ts";
 import { SARDE } from "../tests/support/images.ts";
 import { startRegistry, type TestRegistry } from "../tests/support/registry.ts";
 import {

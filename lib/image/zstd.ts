@@ -63,7 +63,7 @@ export interface EncodedFile {
 export interface ZstdEncodeOptions {
   /** Uncompressed bytes per chunk (a positive integer). */
   chunkSize: number;
-  /** zstd level 1…19; default 3 (sarde export uses lib/vm/export.ts DEFAULT_ZSTD_LEVEL). */
+  /** zstd level 1…19; default 3 (sarde export uses DEFAULT_ZSTD_LEVEL of lib/util/defaults.ts). */
   level?: number;
   /** Directory for the temp blob files (the OCI `blobs/sha256`, so that a rename adopts them). */
   outDir: string;

@@ -19,6 +19,7 @@ import http from "node:http";
 import https from "node:https";
 import { fail, SardeError } from "../util/errors.ts";
 import { VERSION } from "../util/version.ts";
+import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 
 /** How to reach a registry: scheme and certificate checks. */
 export interface TransportOptions {
@@ -36,8 +37,8 @@ export interface TransportOptions {
   responseTimeoutMs?: number;
 }
 
-/** Default of {@link TransportOptions.responseTimeoutMs}: 30 s. */
-export const DEFAULT_RESPONSE_TIMEOUT_MS = 30_000;
+/** The default response timeout, also for the executor (which imports it from here). */
+export { DEFAULT_RESPONSE_TIMEOUT_MS };
 
 /**
  * A request body: bytes, or a function producing a fresh stream (so retries can resend it). A

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { DEFAULT_RETRY_TIMEOUT_MS } from "./defaults.ts";
 import { SardeError } from "./errors.ts";
 
 /** How often and how patiently to retry. */
@@ -34,7 +35,7 @@ export function defaultRetryPolicy(overrides: Partial<RetryPolicy> = {}): RetryP
     attempts: 5,
     baseDelayMs: Number.isFinite(base) && base > 0 ? base : 500,
     maxDelayMs: 30_000,
-    maxElapsedMs: 120_000,
+    maxElapsedMs: DEFAULT_RETRY_TIMEOUT_MS,
     ...defined,
   };
 }

@@ -49,16 +49,7 @@ import { backingChain, rebaseUnsafe } from "./qemu.ts";
 import { parseReference, type Reference } from "../oci/reference.ts";
 import { layoutDir } from "../oci/store.ts";
 import { checkMinSize, formatSize } from "../util/units.ts";
-
-/** Default size of the uncompressed zstd chunks; see README ("Chunk size") for the measurements. */
-export const DEFAULT_ZSTD_CHUNK = 64 << 20;
-
-/**
- * Default zstd level. 2, not zstd's usual 3: on a 2 GB disk image level 3 cost 40 % more CPU
- * (6.9–7.4 vs 3.8–4.7 s) for a 1.5 % smaller image (919.8 vs 933.4 MB; gzip -6: 943 MB), and an
- * export is CPU-bound while a pull hardly depends on the level. See README ("zstd level").
- */
-export const DEFAULT_ZSTD_LEVEL = 2;
+import { DEFAULT_ZSTD_CHUNK, DEFAULT_ZSTD_LEVEL } from "../util/defaults.ts";
 
 /**
  * Smallest zstd chunk. Every chunk is a layer (about 700 bytes of manifest) and a task of its own:
