@@ -9,6 +9,7 @@ import {
   parseDomainXml,
   prepareImportedDomain,
   serializeDomainXml,
+  setVmSize,
 } from "../lib/vm/domain.ts";
 import { SardeError } from "../lib/util/errors.ts";
 import { validateVmConfig } from "../lib/image/format.ts";
@@ -229,4 +230,65 @@ Deno.test("vmconfig: the sardine schema is enforced with every problem named", (
       /protocol/.test(e.message),
   );
   assert.throws(() => validateVmConfig([], "vm.json"), /must be a JSON object/);
+});
+
+const SIZED = `<domain type='kvm'>
+  <name>sized</name>
+  <memory unit='GiB'>2</memory>
+  <currentMemory unit='MiB'>1024</currentMemory>
+  <vcpu placement='static' current='2'>4</vcpu>
+  <vcpus>
+    <vcpu id='0' enabled='yes'/>
+    <vcpu id='1' enabled='yes'/>
+  </vcpus>
+  <cputune>
+    <vcpupin vcpu='0' cpuset='1'/>
+    <vcpupin vcpu='3' cpuset='2'/>
+  </cputune>
+  <cpu mode='host-model'>
+    <topology sockets='1' dies='1' cores='2' threads='2'/>
+  </cpu>
+  <devices/>
+</domain>`;
+
+Deno.test("setVmSize: vcpus and memory, with what would contradict them", () => {
+  const doc = parseDomainXml(SIZED);
+  setVmSize(doc, { vcpus: 3, memoryBytes: 3 * 1024 ** 3 });
+  const out = serializeDomainXml(doc);
+  assert.match(out, /<vcpu placement="static">3<\/vcpu>/, out);
+  assert.match(out, /<memory unit="KiB">3145728<\/memory>/, out);
+  assert.match(out, /<currentMemory unit="KiB">3145728<\/currentMemory>/, out);
+  assert.doesNotMatch(out, /<vcpus>|<topology|vcpu="3"/, out);
+  assert.match(out, /<vcpupin vcpu="0" cpuset="1"\/>/, "pins of remaining CPUs stay");
+  assert.match(out, /<cpu mode="host-model">/, "the CPU model stays");
+
+  // Only what is given changes; missing elements are created; 1 byte more is a whole KiB.
+  const bare = parseDomainXml("<domain><name>b</name></domain>");
+  setVmSize(bare, { memoryBytes: 64 * 1024 * 1024 + 1 });
+  const b = serializeDomainXml(bare);
+  assert.match(b, /<memory unit="KiB">65537<\/memory>/, b);
+  assert.doesNotMatch(b, /<vcpu|currentMemory/, b);
+  const keep = parseDomainXml(SIZED);
+  setVmSize(keep, {});
+  assert.equal(serializeDomainXml(keep), serializeDomainXml(parseDomainXml(SIZED)));
+});
+
+Deno.test("setVmSize: a guest NUMA topology or memory above maxMemory is refused", () => {
+  const numa = parseDomainXml(
+    "<domain><vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0-1' memory='1' unit='GiB'/></numa>" +
+      "</cpu></domain>",
+  );
+  assert.throws(() => setVmSize(numa, { vcpus: 4 }), (e) => {
+    assert.ok(e instanceof SardeError);
+    assert.match(e.message, /NUMA/);
+    return true;
+  });
+  const max = parseDomainXml(
+    "<domain><maxMemory slots='4' unit='GiB'>4</maxMemory><memory>1048576</memory></domain>",
+  );
+  setVmSize(max, { memoryBytes: 4 * 1024 ** 3 });
+  assert.throws(
+    () => setVmSize(max, { memoryBytes: 5 * 1024 ** 3 }),
+    /above the image's <maxMemory>/,
+  );
 });

@@ -13,6 +13,9 @@ import {
 } from "../lib/oci/layout.ts";
 import { manifestBlobs, parseManifest } from "../lib/oci/types.ts";
 import { findLayouts } from "../lib/oci/store.ts";
+import { makeRoom } from "../lib/vm/prune.ts";
+import { IMPORT_MARKER } from "../lib/vm/import.ts";
+import { SardeError } from "../lib/util/errors.ts";
 import {
   listFiles,
   makeImage,
@@ -27,11 +30,16 @@ import {
 import { startRegistry } from "./support/registry.ts";
 import {
   defineTestVm,
+  domainXml,
   ensureLibvirtd,
+  makeVmDir,
+  removeVmDir,
   shTry,
   TEST_URI,
   undefineVms,
+  uniqueVmName,
   virsh,
+  virshDefine,
   writeRandom,
 } from "./support/vms.ts";
 
@@ -296,6 +304,87 @@ Deno.test({
       proxy.release();
       await live?.done();
       await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "makeRoom: removes unused images and imported VMs in LRU order until it fits; " +
+    "what a defined VM uses stays; an image too big fails with the numbers, removing nothing",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    const root = await makeVmDir("makeroom");
+    const store = join(root, "oci");
+    const vmdir = join(root, "vms");
+    const user = uniqueVmName("sarde-makeroom");
+    const MiB = 1 << 20;
+    const daysAgo = (d: string, ...paths: string[]) =>
+      run("touch", ["-d", `${d} days ago`, ...paths], { check: true });
+    try {
+      // Three cached images and three imported VMs of 2 MiB each, used 1 to 6 days ago.
+      for (const [name, age] of [["a", 6], ["b", 4], ["c", 1]] as const) {
+        const img = await makeImage(store, `local/${name}:v1`, [{ size: 2 * MiB }]);
+        await daysAgo(String(age), join(img.dir, "index.json"));
+      }
+      for (const [name, age] of [["vm-old", 5], ["vm-used", 7], ["vm-new", 2]] as const) {
+        const folder = join(vmdir, name);
+        await Deno.mkdir(folder, { recursive: true });
+        await run("qemu-img", ["create", "-q", "-f", "raw", join(folder, "disk.img"), "2M"], {
+          check: true,
+        });
+        await run("dd", ["if=/dev/urandom", `of=${join(folder, "disk.img")}`, "bs=1M", "count=2"], {
+          check: true,
+        });
+        await Deno.writeTextFile(join(folder, IMPORT_MARKER), "{}");
+        await daysAgo(String(age), join(folder, IMPORT_MARKER));
+      }
+      // A defined VM (never started) whose disk is in the oldest imported VM's folder.
+      await virshDefine(
+        domainXml({
+          name: user,
+          disks: [{ path: join(vmdir, "vm-used", "disk.img"), format: "raw" }],
+        }),
+      );
+      const o = { connect: TEST_URI, ocidir: store, vmdir, what: "the test image" };
+
+      // Everything is ~12.1 MiB; 9 MiB more within 17.5 MiB: 3.6+ MiB must go: a and vm-old.
+      const removed = await makeRoom({ ...o, needBytes: 9 * MiB, budgetBytes: 17.5 * MiB });
+      assert.deepEqual(removed.map((r) => r.what.split(" (")[0]), [
+        "cached image local/a",
+        "imported VM vm-old",
+      ]);
+      for (const r of removed) assert.ok(r.bytes >= 2 * MiB, `${r.what}: ${r.bytes}`);
+      assert.deepEqual(
+        (await findLayouts(store)).map((l) => l.name).sort(),
+        ["local/b", "local/c"],
+      );
+      const vms = async () =>
+        (await Array.fromAsync(Deno.readDir(vmdir))).map((e) => e.name)
+          .filter((n) => !n.startsWith(".")).sort();
+      assert.deepEqual(await vms(), ["vm-new", "vm-used"], "the folder a defined VM uses stays");
+
+      // It fits already: nothing goes.
+      assert.deepEqual(await makeRoom({ ...o, needBytes: MiB, budgetBytes: 100 * MiB }), []);
+
+      // More than the budget even with everything removable gone: an error with the numbers,
+      // and nothing removed.
+      await assert.rejects(
+        () => makeRoom({ ...o, needBytes: 20 * MiB, budgetBytes: 21 * MiB }),
+        (err) => {
+          assert.ok(err instanceof SardeError, String(err));
+          assert.match(
+            err.message,
+            /no room for the test image within cache-budget 21\.0 MiB: it needs 20\.0 MiB, and 2\.\d MiB of the cache is in use/,
+          );
+          return true;
+        },
+      );
+      assert.equal((await findLayouts(store)).length, 2, "nothing removed for an image too big");
+      assert.deepEqual(await vms(), ["vm-new", "vm-used"]);
+    } finally {
+      await undefineVms([user]);
+      await removeVmDir(root);
     }
   },
 });

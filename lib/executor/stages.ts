@@ -36,7 +36,12 @@ import {
   type DomainDoc,
   QEMU_NS,
   removeElement,
+  setVmSize,
+  type VmSize,
 } from "../vm/domain.ts";
+import { makeRoom, pullSizeEstimate } from "../vm/prune.ts";
+import { checkMinSize, formatSize, parsePositiveInt, parseSize } from "../util/units.ts";
+import { formatBytes } from "../util/progress.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import { exists, writeFileAtomic } from "../util/fsutil.ts";
 import { getVmConfig } from "../oci/images.ts";
@@ -105,6 +110,12 @@ export interface JobSettings {
   insecure?: boolean;
   tlsVerify?: boolean;
   certDir?: string;
+  /** `vcpus` / `memory`: the job VM's size (unset: the image's). */
+  size: VmSize;
+  /** `max-vcpus` / `max-memory`: how much a job may ask for with SARDE_VCPUS / SARDE_MEMORY. */
+  maxSize: VmSize;
+  /** `cache-budget`: bytes cached images and imported VMs may take; unset: no limit. */
+  cacheBudgetBytes?: number;
 }
 
 /** What prepare leaves for run, cleanup and the reaper in the job VM's folder. */
@@ -300,7 +311,89 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     insecure: getBoolean(ini, "insecure"),
     tlsVerify: getBoolean(ini, "tls-verify"),
     certDir: getPath(ini, "cert-dir"),
+    size: { vcpus: vcpusValue(ini, "vcpus"), memoryBytes: memoryValue(ini, "memory") },
+    maxSize: { vcpus: vcpusValue(ini, "max-vcpus"), memoryBytes: memoryValue(ini, "max-memory") },
+    cacheBudgetBytes: sizeValue(ini, "cache-budget", 0),
   };
+}
+
+/** A VM's memory is at least this: `memory = 4` (4 bytes) is a missing unit. */
+const MIN_MEMORY = 16 * 1024 * 1024;
+
+/** A size key (`memory`, `cache-budget`) of at least `min` bytes; unset or empty: undefined. */
+function sizeValue(ini: Record<string, string>, key: string, min: number): number | undefined {
+  const text = getString(ini, key)?.trim();
+  return text
+    ? atOrigin(ini, key, (what) => checkMinSize(parseSize(text, what), min, what))
+    : undefined;
+}
+
+function memoryValue(ini: Record<string, string>, key: string): number | undefined {
+  return sizeValue(ini, key, MIN_MEMORY);
+}
+
+/** A vcpus key: a whole number ≥ 1; unset or empty: undefined. */
+function vcpusValue(ini: Record<string, string>, key: string): number | undefined {
+  const text = getString(ini, key)?.trim();
+  return text ? atOrigin(ini, key, (what) => parsePositiveInt(text, what)) : undefined;
+}
+
+/**
+ * The job VM's size: the INI's `vcpus`/`memory` (else the image's), or what the job asks for with
+ * `SARDE_VCPUS`/`SARDE_MEMORY` within `max-vcpus`/`max-memory`. These variables are the job's
+ * own (CUSTOM_ENV_*): without a `max-*` the admin set, the job may not ask at all. A request that
+ * is malformed, above the bound, or not allowed is the job's fault.
+ */
+export function jobSize(s: Pick<JobSettings, "size" | "maxSize">, env: Env): VmSize {
+  const size = { ...s.size };
+  const asks: {
+    variable: string;
+    key: "vcpus" | "memoryBytes";
+    ini: string;
+    parse: (text: string, what: string) => number;
+    show: (n: number) => string;
+  }[] = [
+    {
+      variable: "SARDE_VCPUS",
+      key: "vcpus",
+      ini: "max-vcpus",
+      parse: parsePositiveInt,
+      show: String,
+    },
+    {
+      variable: "SARDE_MEMORY",
+      key: "memoryBytes",
+      ini: "max-memory",
+      parse: (text, what) => checkMinSize(parseSize(text, what), MIN_MEMORY, what),
+      show: formatSize,
+    },
+  ];
+  for (const a of asks) {
+    const text = env[`CUSTOM_ENV_${a.variable}`]?.trim();
+    if (!text) continue;
+    const max = s.maxSize[a.key];
+    if (max === undefined) {
+      throw jobFault(fail(
+        "usage",
+        `the job asks for ${a.variable}=${text}, but this runner does not let jobs choose`,
+        `the runner's admin must set ${a.ini} in the executor's INI file to allow it`,
+      ));
+    }
+    let n: number;
+    try {
+      n = a.parse(text, `job variable ${a.variable}`);
+    } catch (err) {
+      throw err instanceof SardeError ? jobFault(err) : err;
+    }
+    if (n > max) {
+      throw jobFault(fail(
+        "usage",
+        `the job asks for ${a.variable}=${text}, above this runner's ${a.ini} of ${a.show(max)}`,
+      ));
+    }
+    size[a.key] = n;
+  }
+  return size;
 }
 
 /** Reads the job response file and the INI files into {@link JobSettings}. */
@@ -648,6 +741,20 @@ async function baseVm(
       import: importOptions,
       signal,
       onManifest: () => found = true,
+      beforeDownload: s.cacheBudgetBytes === undefined ? undefined : async (fetching) => {
+        const needBytes = await pullSizeEstimate(fetching);
+        const removed = await makeRoom({
+          ...s.libvirt,
+          ocidir: s.ocidir,
+          vmdir: s.vmdir,
+          needBytes,
+          budgetBytes: s.cacheBudgetBytes!,
+          what: image,
+          keep: [fetching.layout.dir],
+        });
+        const freed = removed.reduce((n, r) => n + r.bytes, 0);
+        if (removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
+      },
     });
     return pulled.name;
   } catch (err) {
@@ -693,6 +800,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     ));
   }
   const policy = choosePolicy(s);
+  const size = jobSize(s, env);
   await reapOldJobs(s, vm);
   // Only a prepare run twice in one TMPDIR finds something here: the name is this job's own.
   if (await removeJobVm(vm, jobDir, s.libvirt)) info(`removed the VM of an earlier prepare`);
@@ -710,9 +818,10 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     clonedir: s.clonedir,
     transient: true,
     domainType: s.domainType,
-    editXml: s.network === "user"
-      ? (doc) => userNetworking(doc, hostPort, creds.port, s.networkRestrict)
-      : undefined,
+    editXml: (doc) => {
+      setVmSize(doc, size);
+      if (s.network === "user") userNetworking(doc, hostPort, creds.port, s.networkRestrict);
+    },
   });
   // At once: the reaper tells a live job from a left-over one by the TMPDIR recorded here.
   let state: JobState = {

@@ -105,8 +105,11 @@ export interface FetchingImage {
 export interface FetchOptions extends TransferOptions {
   /** Local name to store the image under (default: the source reference). */
   target?: Reference;
-  /** Called once the manifest is known and before the first blob is downloaded. */
-  onManifest?: (image: FetchingImage) => void;
+  /**
+   * Called once the manifest is known and before the first blob is downloaded; the download
+   * waits for a returned promise (a disk budget makes room there), and fails with its error.
+   */
+  onManifest?: (image: FetchingImage) => void | Promise<void>;
 }
 
 /** A promise with its resolve/reject, observed so that an unawaited rejection is harmless. */
@@ -161,7 +164,7 @@ export async function fetchImage(
       size: fetched.bytes.length,
     };
     const pending = new Map(missing.map((b) => [b.digest, deferred()]));
-    options.onManifest?.({
+    await options.onManifest?.({
       layout,
       descriptor: manifestDescriptor,
       manifest,

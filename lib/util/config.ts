@@ -532,6 +532,11 @@ export const EXECUTOR_KEYS: readonly string[] = [
   "domain-type",
   "response-timeout",
   "retry-timeout",
+  "vcpus",
+  "memory",
+  "max-vcpus",
+  "max-memory",
+  "cache-budget",
 ];
 
 /** The sections and keys a program's INI files may contain (see {@link checkIni}). */

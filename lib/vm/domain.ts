@@ -532,3 +532,89 @@ function strayReferences(doc: DomainDoc, vmFolder: string): string[] {
   scan(root(doc));
   return [...problems];
 }
+
+/** The CPUs and memory a VM gets (see {@link setVmSize}); what is undefined stays as it is. */
+export interface VmSize {
+  vcpus?: number;
+  /** Bytes; written in KiB (libvirt's unit), rounded up. */
+  memoryBytes?: number;
+}
+
+/**
+ * Gives the VM `size.vcpus` CPUs and `size.memoryBytes` of memory (the executor's job sizes).
+ * `<vcpu>` loses a `current` count (hot-plug below the maximum), `<vcpus>` (per-CPU states) goes,
+ * and so does a `<cpu><topology>`, whose sockets×cores×threads must equal the count: libvirt then
+ * makes each CPU a socket, which every guest handles. Pinnings of CPUs that no longer exist
+ * go. `<memory>` and `<currentMemory>` (the balloon's target) both get the new size. A guest
+ * NUMA topology (`<cpu><numa>`) fixes CPUs and memory per node and cannot be resized without
+ * guessing what it was for: such an image is refused (a `usage` error), as is memory above
+ * `<maxMemory>`.
+ */
+export function setVmSize(doc: DomainDoc, size: VmSize): void {
+  const dom = root(doc);
+  if (size.vcpus === undefined && size.memoryBytes === undefined) return;
+  const cpu = childElement(dom, "cpu");
+  if (cpu && childElement(cpu, "numa")) {
+    throw fail(
+      "usage",
+      "the image defines a guest NUMA topology (<cpu><numa>): its vcpus and memory cannot be changed",
+      "leave vcpus/memory unset for this image",
+    );
+  }
+  const set = (name: string, text: string) => {
+    let el = childElement(dom, name);
+    if (!el) {
+      el = doc.createElement(name);
+      dom.appendChild(el);
+    }
+    el.textContent = text;
+    return el;
+  };
+  if (size.vcpus !== undefined) {
+    const vcpu = set("vcpu", String(size.vcpus));
+    vcpu.removeAttribute("current");
+    for (const el of childElements(dom, "vcpus")) removeElement(el);
+    for (const el of cpu ? childElements(cpu, "topology") : []) removeElement(el);
+    const tune = childElement(dom, "cputune");
+    for (const pin of tune ? childElements(tune, "vcpupin") : []) {
+      if (Number(pin.getAttribute("vcpu")) >= size.vcpus) removeElement(pin);
+    }
+  }
+  if (size.memoryBytes !== undefined) {
+    const kib = Math.ceil(size.memoryBytes / 1024);
+    const max = childElement(dom, "maxMemory");
+    if (max && kib > kibOf(max)) {
+      throw fail(
+        "usage",
+        `memory ${kib} KiB is above the image's <maxMemory> of ${kibOf(max)} KiB`,
+      );
+    }
+    for (const name of ["memory", "currentMemory"]) {
+      if (name === "currentMemory" && !childElement(dom, name)) continue;
+      set(name, String(kib)).setAttribute("unit", "KiB");
+    }
+  }
+}
+
+const memoryUnits: Record<string, number> = {
+  b: 1,
+  bytes: 1,
+  k: 1024,
+  kib: 1024,
+  kb: 1000,
+  m: 1024 ** 2,
+  mib: 1024 ** 2,
+  mb: 1000 ** 2,
+  g: 1024 ** 3,
+  gib: 1024 ** 3,
+  gb: 1000 ** 3,
+  t: 1024 ** 4,
+  tib: 1024 ** 4,
+  tb: 1000 ** 4,
+};
+
+/** A libvirt memory element's value in KiB (`unit` as libvirt reads it; default KiB). */
+function kibOf(el: Element): number {
+  const unit = (el.getAttribute("unit") || "KiB").toLowerCase();
+  return Number(childTextOf(el)) * (memoryUnits[unit] ?? 1024) / 1024;
+}

@@ -15,6 +15,7 @@ import { checkDir, exists, type FileLock, osReason, tryLockFile } from "../util/
 import { IMPORT_MARKER, vmLockPath } from "./import.ts";
 import {
   descriptorTag,
+  hasBlob,
   isLayout,
   type Layout,
   layoutLeftovers,
@@ -40,6 +41,8 @@ import { formatBytes } from "../util/progress.ts";
 import { backingChain } from "./qemu.ts";
 import { formatLocalName, parseReference } from "../oci/reference.ts";
 import { findLayouts, layoutDir } from "../oci/store.ts";
+import { groupDiskLayers } from "../image/format.ts";
+import type { FetchingImage } from "../transfer/transfer.ts";
 
 /** One thing removed, and the bytes it freed. */
 export interface Removed {
@@ -222,6 +225,31 @@ interface Candidate {
 }
 
 /**
+ * Removes what `fn` removes, logging one line with its size (stderr) and recording it in
+ * `removed`; `fn` returning false means it turned out to be in use and stayed.
+ */
+async function removeLogged(
+  removed: Removed[],
+  what: string,
+  bytes: number,
+  fn: () => Promise<boolean | void>,
+  options: { dryRun?: boolean; why?: string } = {},
+): Promise<boolean> {
+  if (!options.dryRun) {
+    try {
+      if (await fn() === false) return false;
+    } catch (err) {
+      if (err instanceof SardeError) throw err;
+      throw fail("io", `cannot remove ${what}: ${osReason(err)}`);
+    }
+  }
+  removed.push({ what, bytes });
+  const verb = options.dryRun ? "would remove" : "removed";
+  info(`${options.why ? `${options.why}: ` : ""}${verb} ${what} (${formatBytes(bytes)})`);
+  return true;
+}
+
+/**
  * Prunes: always removes leftovers (clone folders whose VM is gone, temp folders of killed
  * imports, temp files of killed fetches and exports); with `olderThanMs` and/or `keepBytes`, also
  * cached images and unused imported VMs, least recently used first. What another sarde process
@@ -229,18 +257,8 @@ interface Candidate {
  */
 export async function prune(options: PruneOptions): Promise<Removed[]> {
   const removed: Removed[] = [];
-  const act = async (what: string, bytes: number, fn: () => Promise<boolean | void>) => {
-    if (!options.dryRun) {
-      try {
-        if (await fn() === false) return;
-      } catch (err) {
-        if (err instanceof SardeError) throw err;
-        throw fail("io", `cannot remove ${what}: ${osReason(err)}`);
-      }
-    }
-    removed.push({ what, bytes });
-    info(`${options.dryRun ? "would remove" : "removed"} ${what} (${formatBytes(bytes)})`);
-  };
+  const act = (what: string, bytes: number, fn: () => Promise<boolean | void>) =>
+    removeLogged(removed, what, bytes, fn, options);
   // 1. Leftovers.
   const vmdirs = new Set([options.vmdir, ...(options.clonedirs ?? [])]);
   for (const dir of vmdirs) {
@@ -292,17 +310,50 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
   }
   if (options.olderThanMs === undefined && options.keepBytes === undefined) return removed;
 
-  // 2. Candidates: cached images (whole repositories) and imported VMs nobody uses.
+  // 2. Cached images and imported VMs nobody uses, least recently used first.
+  const cache = await cacheUsage(options);
+  let total = cache.totalBytes;
+  const now = Date.now();
+  for (const c of cache.candidates) {
+    const old = options.olderThanMs !== undefined && c.lastUsed < now - options.olderThanMs;
+    const over = options.keepBytes !== undefined && total > options.keepBytes;
+    if (!old && !over) continue;
+    if (await act(c.what, c.bytes, c.remove)) total -= c.bytes;
+  }
+  return removed;
+}
+
+/** What the cache (store and imported VMs) holds, and what of it may go. */
+interface CacheUsage {
+  /** Bytes of every cached image and every imported VM, in use or not. */
+  totalBytes: number;
+  /** What may go, least recently used first. */
+  candidates: Candidate[];
+}
+
+/**
+ * The cache's disk usage: every repository of the store and every imported VM's folder (clones,
+ * the job VMs' overlays, are not cache and not counted), and as candidates for removal every
+ * repository (one another process uses stays when its turn comes) and every imported VM that is
+ * not running and backs no other VM, least recently used first. Layouts in `keep` are counted
+ * but never candidates.
+ */
+async function cacheUsage(
+  options: ConnectOptions & { ocidir: string; vmdir: string; keep?: string[] },
+): Promise<CacheUsage> {
   const candidates: Candidate[] = [];
-  for (const { name, dir } of layouts) {
+  let totalBytes = 0;
+  for (const { name, dir } of await findLayouts(options.ocidir)) {
     const layout = { dir };
     const lastUsed = await lastUse(join(dir, "index.json"));
-    if (lastUsed === undefined) continue; // removed meanwhile
+    const bytes = await layoutUsage(layout);
+    totalBytes += bytes;
+    if (lastUsed === undefined || options.keep?.includes(dir)) continue; // or removed meanwhile
     const what = `cached image ${name}`;
     candidates.push({
       what,
       lastUsed,
-      bytes: await layoutUsage(layout),
+      bytes,
       remove: async () => {
         using lock = await unusedLayout(layout);
         if (!lock || !await isLayout(dir)) {
@@ -318,46 +369,106 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
       },
     });
   }
+  if (!await checkDir(options.vmdir, "the VM folder")) return { totalBytes, candidates };
   const domains = await listDomains({ ...options, all: true });
-  if (await checkDir(options.vmdir, "the VM folder")) {
-    for await (const e of Deno.readDir(options.vmdir)) {
-      const folder = join(options.vmdir, e.name);
-      if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
-      const unused = (state: string) => state === "stopped" || state === "missing";
-      if (!unused(await domainState(e.name, options))) continue;
-      if (await folderInUse(folder, e.name, domains, options)) continue;
-      const what = `imported VM ${e.name} (${folder})`;
-      candidates.push({
-        what,
-        lastUsed: await lastUse(join(folder, IMPORT_MARKER)) ?? 0,
-        bytes: await diskUsage(folder),
-        remove: async () => {
-          // The lock an import (or clone) of this name holds; the VM may have started meanwhile.
-          using lock = await tryLockFile(vmLockPath(options.vmdir, e.name));
-          const state = await domainState(e.name, options);
-          if (!lock || !unused(state)) {
-            info(`kept ${what}: it is in use`);
-            return false;
-          }
-          if (state !== "missing") await undefine(e.name, { ...options, nvram: true });
-          await Deno.remove(folder, { recursive: true });
-          return true;
-        },
-      });
-    }
+  for await (const e of Deno.readDir(options.vmdir)) {
+    const folder = join(options.vmdir, e.name);
+    if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
+    const bytes = await diskUsage(folder);
+    totalBytes += bytes;
+    const unused = (state: string) => state === "stopped" || state === "missing";
+    if (!unused(await domainState(e.name, options))) continue;
+    if (await folderInUse(folder, e.name, domains, options)) continue;
+    const what = `imported VM ${e.name} (${folder})`;
+    candidates.push({
+      what,
+      lastUsed: await lastUse(join(folder, IMPORT_MARKER)) ?? 0,
+      bytes,
+      remove: async () => {
+        // The lock an import (or clone) of this name holds; the VM may have started meanwhile.
+        using lock = await tryLockFile(vmLockPath(options.vmdir, e.name));
+        const state = await domainState(e.name, options);
+        if (!lock || !unused(state)) {
+          info(`kept ${what}: it is in use`);
+          return false;
+        }
+        if (state !== "missing") await undefine(e.name, { ...options, nvram: true });
+        await Deno.remove(folder, { recursive: true });
+        return true;
+      },
+    });
   }
   candidates.sort((a, b) => a.lastUsed - b.lastUsed);
-  let total = candidates.reduce((n, c) => n + c.bytes, 0);
-  const now = Date.now();
-  for (const c of candidates) {
-    const old = options.olderThanMs !== undefined && c.lastUsed < now - options.olderThanMs;
-    const over = options.keepBytes !== undefined && total > options.keepBytes;
-    if (!old && !over) continue;
-    const before = removed.length;
-    await act(c.what, c.bytes, c.remove);
-    if (removed.length > before) total -= c.bytes;
+  return { totalBytes, candidates };
+}
+
+/** Options of {@link makeRoom}. */
+export interface MakeRoomOptions extends ConnectOptions {
+  ocidir: string;
+  vmdir: string;
+  /** What is about to be written (an image's missing blobs plus its imported files). */
+  needBytes: number;
+  /** At most this much for cached images and imported VMs together, the new one included. */
+  budgetBytes: number;
+  /** What the bytes are for, in the messages (`127.0.0.1:5000/sardines/tiny:latest`). */
+  what: string;
+  /** Layout folders that stay whatever their age (the one being pulled into). */
+  keep?: string[];
+}
+
+/**
+ * Makes room for `needBytes` within a disk budget: when the cache (cached images and imported
+ * VMs, see {@link prune}) plus `needBytes` exceeds `budgetBytes`, removes the least recently used
+ * images and imported VMs nobody uses until it fits, one stderr line each. Nothing is removed
+ * when it cannot fit even with everything removable gone: that throws an `io` error with the
+ * numbers (needed, budget, in use). Returns what was removed.
+ */
+export async function makeRoom(options: MakeRoomOptions): Promise<Removed[]> {
+  const { needBytes, budgetBytes } = options;
+  const cache = await cacheUsage(options);
+  let total = cache.totalBytes;
+  if (total + needBytes <= budgetBytes) return [];
+  const removable = cache.candidates.reduce((n, c) => n + c.bytes, 0);
+  const tooBig = (inUse: number) =>
+    fail(
+      "io",
+      `no room for ${options.what} within cache-budget ${formatBytes(budgetBytes)}: it needs ${
+        formatBytes(needBytes)
+      }, and ${formatBytes(inUse)} of the cache is in use or just used`,
+      `raise cache-budget, or free space (sarde prune; the store is ${options.ocidir}, ` +
+        `imported VMs are in ${options.vmdir})`,
+    );
+  if (total - removable + needBytes > budgetBytes) throw tooBig(total - removable);
+  const removed: Removed[] = [];
+  for (const c of cache.candidates) {
+    if (total + needBytes <= budgetBytes) break;
+    if (await removeLogged(removed, c.what, c.bytes, c.remove, { why: "cache-budget" })) {
+      total -= c.bytes;
+    }
   }
+  // Something turned out to be in use while removing.
+  if (total + needBytes > budgetBytes) throw tooBig(total);
   return removed;
+}
+
+/**
+ * The bytes a pull of `image` will add to the cache, known from its manifest before any
+ * download: the blobs not yet in the store, plus the files the import writes — their
+ * uncompressed size from the zstd annotations (an upper bound: holes stay holes), or for gzip
+ * images, which carry no such size, their compressed size (an underestimate).
+ */
+export async function pullSizeEstimate(image: FetchingImage): Promise<number> {
+  let bytes = 0;
+  const seen = new Set<string>(); // identical chunks are one blob
+  for (const b of manifestBlobs(image.manifest)) {
+    if (seen.has(b.digest)) continue;
+    seen.add(b.digest);
+    if (!await hasBlob(image.layout, b)) bytes += b.size;
+  }
+  for (const f of groupDiskLayers(image.manifest, "image")) {
+    bytes += f.size ?? f.layers.reduce((n, l) => n + l.size, 0);
+  }
+  return bytes;
 }
 
 /** The layout's removal lock if no other process uses it; undefined if in use or gone. */

@@ -8,7 +8,12 @@
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
 import { checkVmName } from "./libvirt.ts";
 import { formatLocalName, type Reference } from "../oci/reference.ts";
-import { fetchImage, type TransferOptions, type TransferResult } from "../transfer/transfer.ts";
+import {
+  fetchImage,
+  type FetchingImage,
+  type TransferOptions,
+  type TransferResult,
+} from "../transfer/transfer.ts";
 
 /** Options of {@link pullImage}. */
 export interface PullOptions {
@@ -22,6 +27,11 @@ export interface PullOptions {
   signal?: AbortSignal;
   /** Called once the registry has sent the manifest (the image exists), before any blob. */
   onManifest?: () => void;
+  /**
+   * Called after `onManifest`; the download waits for it and the pull fails with its error
+   * (the executor's disk budget makes room here, see `makeRoom`).
+   */
+  beforeDownload?: (image: FetchingImage) => Promise<void>;
 }
 
 /**
@@ -44,8 +54,9 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
     ...options.fetch,
     signal,
     target,
-    onManifest(image) {
+    async onManifest(image) {
       options.onManifest?.();
+      await options.beforeDownload?.(image);
       importing = importImage(image, formatLocalName(target), {
         ...options.import,
         ocidir: options.fetch.ocidir,
