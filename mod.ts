@@ -86,6 +86,12 @@ export interface RegistryAccessOptions extends TlsSettings, DeadlineOptions {
   concurrency?: number;
   /** Largest PATCH body for uploads; 0 streams each blob in one request (default). */
   chunkSize?: number;
+  /**
+   * containers-registries.conf(5) file for mirrors and blocked registries (default:
+   * `$CONTAINERS_REGISTRIES_CONF` or `/etc/containers/registries.conf`; drop-ins in
+   * `registries.conf.d` apply too).
+   */
+  registriesConf?: string;
   /** Cancels the operation. */
   signal?: AbortSignal;
 }
@@ -114,6 +120,13 @@ async function transferOptions(registry: string, options: RegistryAccessOptions 
     responseTimeoutMs: options.responseTimeoutMs,
     retry: options.retry,
     signal: options.signal,
+    tls: {
+      insecure: options.insecure,
+      tlsVerify: options.tlsVerify,
+      certDir: options.certDir,
+      caFile: options.caFile,
+    },
+    registriesConf: options.registriesConf,
   };
 }
 

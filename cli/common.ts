@@ -26,6 +26,7 @@ export interface CommonCli {
   chunkSize?: number;
   responseTimeout?: number;
   retryTimeout?: number;
+  registriesConf?: string;
 }
 
 /** The library options of the parsed command line (which already holds the INI values). */
@@ -43,6 +44,7 @@ export function settings(o: CommonCli) {
     chunkSize: o.chunkSize,
     responseTimeoutMs: o.responseTimeout,
     retry: o.retryTimeout === undefined ? undefined : { maxElapsedMs: o.retryTimeout },
+    registriesConf: o.registriesConf,
     signal: interruptSignal,
   };
 }
@@ -119,6 +121,12 @@ export function addTransferOptions(cmd: Command): Command {
         "--chunk-size <size>",
         "upload in PATCH requests of at most this size, for registries that cap request bodies (e.g. 4MiB)",
         (text, what) => checkMinSize(parseSize(text, what), MIN_UPLOAD_PIECE, what),
+      ),
+    )
+    .addOption(
+      pathOption(
+        "--registries-conf <file>",
+        "mirrors and blocked registries, containers-registries.conf(5) (default: $CONTAINERS_REGISTRIES_CONF or /etc/containers/registries.conf, plus registries.conf.d/*.conf)",
       ),
     );
 }

@@ -110,6 +110,8 @@ export interface JobSettings {
   insecure?: boolean;
   tlsVerify?: boolean;
   certDir?: string;
+  /** `registries-conf`: mirrors and blocked registries (containers-registries.conf). */
+  registriesConf?: string;
   /** `vcpus` / `memory`: the job VM's size (unset: the image's). */
   size: VmSize;
   /** `max-vcpus` / `max-memory`: how much a job may ask for with SARDE_VCPUS / SARDE_MEMORY. */
@@ -311,6 +313,7 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     insecure: getBoolean(ini, "insecure"),
     tlsVerify: getBoolean(ini, "tls-verify"),
     certDir: getPath(ini, "cert-dir"),
+    registriesConf: getPath(ini, "registries-conf"),
     size: { vcpus: vcpusValue(ini, "vcpus"), memoryBytes: memoryValue(ini, "memory") },
     maxSize: { vcpus: vcpusValue(ini, "max-vcpus"), memoryBytes: memoryValue(ini, "max-memory") },
     cacheBudgetBytes: sizeValue(ini, "cache-budget", 0),
@@ -727,6 +730,8 @@ async function baseVm(
         }),
         ocidir: s.ocidir,
         authfile: s.authfile,
+        tls: { insecure: s.insecure, tlsVerify: s.tlsVerify, certDir: s.certDir },
+        registriesConf: s.registriesConf,
         responseTimeoutMs: Math.min(
           s.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS,
           s.timeoutMs,

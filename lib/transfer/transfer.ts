@@ -7,7 +7,7 @@
 
 import { join } from "node:path";
 import { findCredentials } from "../registry/credentials.ts";
-import { fail } from "../util/errors.ts";
+import { describeError, fail, SardeError } from "../util/errors.ts";
 import { writeFileAtomic } from "../util/fsutil.ts";
 import {
   addToIndex,
@@ -21,7 +21,7 @@ import {
   useLayout,
   writeIndex,
 } from "../oci/layout.ts";
-import { debug, info } from "../util/log.ts";
+import { debug, info, warn } from "../util/log.ts";
 import {
   type Descriptor,
   isIndexMediaType,
@@ -44,6 +44,14 @@ import {
   type RegistryOptions,
 } from "../registry/client.ts";
 import { layoutDir, readLocalManifest } from "../oci/store.ts";
+import {
+  loadRegistriesConf,
+  type PullSource,
+  resolvePullSources,
+  resolvePushTarget,
+} from "../registry/registries_conf.ts";
+import { type TlsSettings, transportFor } from "../registry/tls.ts";
+import type { TransportOptions } from "../registry/http.ts";
 
 /** Options shared by fetch and push. */
 export interface TransferOptions extends Omit<RegistryOptions, "credentials"> {
@@ -53,6 +61,17 @@ export interface TransferOptions extends Omit<RegistryOptions, "credentials"> {
   authfile?: string;
   /** Blobs moved at once (default 4). */
   concurrency?: number;
+  /**
+   * The user's TLS settings, from which the transport of each host contacted is made (its own
+   * certs.d folder, plain http where registries.conf says `insecure`). Without them every host
+   * gets the transport options given here.
+   */
+  tls?: TlsSettings;
+  /**
+   * The main containers-registries.conf file (mirrors, blocked registries; default
+   * `$CONTAINERS_REGISTRIES_CONF` or `/etc/containers/registries.conf`, plus the drop-ins).
+   */
+  registriesConf?: string;
 }
 
 /** What a fetch or push did. */
@@ -80,9 +99,92 @@ function uniqueBlobs(manifest: Manifest): Descriptor[] {
   return manifestBlobs(manifest).filter((d) => !seen.has(d.digest) && seen.add(d.digest));
 }
 
-async function clientFor(registry: string, options: TransferOptions): Promise<RegistryClient> {
+/**
+ * A mirror is an optimisation and the primary location the authority: a dead or hanging cache
+ * must not cost every job of a fleet the full retry timeout (2 min by default) before the
+ * fallback. So a mirror gets one retry within 10 s, and answers within 10 s, whatever the
+ * user's (longer) settings; transient trouble beyond that falls back to the next source, which
+ * serves the same verified bytes.
+ */
+const MIRROR_RETRY = { attempts: 2, maxElapsedMs: 10_000 };
+const MIRROR_RESPONSE_TIMEOUT_MS = 10_000;
+
+/** A client for the host of `source`, with that host's credentials and transport. */
+async function clientFor(source: PullSource, options: TransferOptions): Promise<RegistryClient> {
+  const registry = source.reference.registry;
+  const transport: TransportOptions = options.tls
+    ? await transportFor(registry, {
+      ...options.tls,
+      insecure: options.tls.insecure || source.insecure,
+    })
+    : { ...options, plainHttp: options.plainHttp || source.insecure };
   const credentials = await findCredentials(registry, options.authfile);
-  return createRegistryClient(registry, { ...options, credentials });
+  if (!source.mirror) {
+    return createRegistryClient(registry, { ...options, ...transport, credentials });
+  }
+  return createRegistryClient(registry, {
+    ...options,
+    ...transport,
+    credentials,
+    retry: {
+      ...options.retry,
+      attempts: Math.min(options.retry?.attempts ?? Infinity, MIRROR_RETRY.attempts),
+      maxElapsedMs: Math.min(options.retry?.maxElapsedMs ?? Infinity, MIRROR_RETRY.maxElapsedMs),
+    },
+    responseTimeoutMs: Math.min(
+      options.responseTimeoutMs ?? Infinity,
+      MIRROR_RESPONSE_TIMEOUT_MS,
+    ),
+  });
+}
+
+/** The sources of one fetch, their clients (opened when first used), and which failed. */
+interface Sources {
+  list: (PullSource & { client?: Promise<RegistryClient>; failed?: boolean; used?: boolean })[];
+  /** The first source still worth asking: mirrors before it failed. */
+  current: number;
+}
+
+/**
+ * Runs `step` against the sources from the first one still worth asking: a mirror that fails
+ * (refused, 5xx, 404, digest mismatch, timeout, anything but Ctrl-C) is noted once and not
+ * asked again by this fetch; the primary location's failure is the error.
+ */
+async function fromSources<T>(
+  sources: Sources,
+  options: TransferOptions,
+  step: (client: RegistryClient, reference: Reference) => Promise<T>,
+): Promise<T> {
+  for (let i = sources.current;; i = Math.max(i + 1, sources.current)) {
+    const s = sources.list[i];
+    try {
+      s.client ??= clientFor(s, options);
+      const result = await step(await s.client, s.reference);
+      s.used = true;
+      return result;
+    } catch (err) {
+      const interrupted = options.signal?.aborted ||
+        (err instanceof SardeError && err.kind === "interrupted");
+      if (!s.mirror || interrupted) throw err;
+      if (!s.failed) {
+        s.failed = true;
+        warn(`mirror ${s.reference.registry} skipped: ${describeError(err)}`);
+      }
+      sources.current = Math.max(sources.current, i + 1);
+    }
+  }
+}
+
+/** Says which source served a fetch, when registries.conf gave it mirrors. */
+function reportSources(source: Reference, sources: Sources): void {
+  if (sources.list.length < 2) return;
+  const used = sources.list.filter((s) => s.used);
+  const mirrors = used.filter((s) => s.mirror).map((s) => s.reference.registry);
+  const name = formatReference(source);
+  if (mirrors.length === 0) info(`fetched ${name} from the primary location, not a mirror`);
+  else if (used.length > mirrors.length) {
+    info(`fetched ${name} through mirror ${mirrors.join(", ")} and the primary location`);
+  } else info(`fetched ${name} through mirror ${mirrors.join(", ")}`);
 }
 
 /**
@@ -129,10 +231,18 @@ export async function fetchImage(
   options: FetchOptions,
 ): Promise<TransferResult> {
   const target = options.target ?? source;
-  const client = await clientFor(source.registry, options);
+  // Before any network access: a blocked registry is refused here.
+  const list = resolvePullSources(
+    await loadRegistriesConf({ file: options.registriesConf }),
+    source,
+  );
+  const sources: Sources = { list, current: 0 };
   try {
-    const selector = manifestSelector(source);
-    const fetched = await client.getManifest(source.repository, selector);
+    const fetched = await fromSources(
+      sources,
+      options,
+      (client, ref) => client.getManifest(ref.repository, manifestSelector(ref)),
+    );
     if (isIndexMediaType(fetched.mediaType)) {
       throw fail(
         "usage",
@@ -173,19 +283,28 @@ export async function fetchImage(
     const progress = startProgress("fetch", total);
     try {
       await forEachConcurrent(missing, options.concurrency ?? 4, async (blob) => {
-        // gzip disks (sardinecake 0.4's layout) are decompressed by one pipe reading the blob
-        // right after: through the page cache that took 19–25 s per 2 GB here, 24–36 s with
-        // O_DIRECT; zstd chunks are read with O_DIRECT by the decoding workers.
-        const writer = await createBlobWriter(layout, blob, {
-          direct: !blob.mediaType.includes("+gzip"),
+        await fromSources(sources, options, async (client, ref) => {
+          // gzip disks (sardinecake 0.4's layout) are decompressed by one pipe reading the blob
+          // right after: through the page cache that took 19–25 s per 2 GB here, 24–36 s with
+          // O_DIRECT; zstd chunks are read with O_DIRECT by the decoding workers.
+          const writer = await createBlobWriter(layout, blob, {
+            direct: !blob.mediaType.includes("+gzip"),
+          });
+          let moved = 0;
+          try {
+            await client.downloadBlob(ref.repository, blob, writer, (n) => {
+              moved += n;
+              progress.add(n);
+            });
+            await writer.commit();
+          } catch (err) {
+            progress.add(-moved); // the next source starts this blob over
+            throw err;
+          } finally {
+            await writer.abort();
+          }
         });
-        try {
-          await client.downloadBlob(source.repository, blob, writer, (n) => progress.add(n));
-          await writer.commit();
-          pending.get(blob.digest)?.resolve();
-        } finally {
-          await writer.abort();
-        }
+        pending.get(blob.digest)?.resolve();
       });
     } catch (err) {
       for (const d of pending.values()) d.reject(err);
@@ -201,6 +320,7 @@ export async function fetchImage(
       join(layout.dir, ORIGIN_FILE),
       JSON.stringify({ registry: source.registry, repository: source.repository }) + "\n",
     );
+    reportSources(source, sources);
     return {
       digest: fetched.digest,
       imageId: manifest.config.digest,
@@ -211,7 +331,7 @@ export async function fetchImage(
       blobsSkipped: blobs.length - missing.length,
     };
   } finally {
-    client.close();
+    for (const s of sources.list) s.client?.then((c) => c.close(), () => {});
   }
 }
 
@@ -234,6 +354,15 @@ async function readOrigin(
     if (typeof o?.registry === "string" && typeof o?.repository === "string") return o;
   } catch { /* no origin recorded */ }
   return undefined;
+}
+
+/**
+ * A client for pushing to `target`: its own host (never a mirror), plain http if its
+ * registries.conf entry says `insecure`; a blocked registry is refused before any network access.
+ */
+async function pushClient(target: Reference, options: TransferOptions): Promise<RegistryClient> {
+  const conf = await loadRegistriesConf({ file: options.registriesConf });
+  return await clientFor(resolvePushTarget(conf, target), options);
 }
 
 /**
@@ -270,7 +399,7 @@ export async function pushImage(
       [origin, local].filter((r) => r?.registry === target.registry).map((r) => r!.repository),
     ),
   ].filter((repository) => repository !== target.repository);
-  const client = await clientFor(target.registry, options);
+  const client = await pushClient(target, options);
   try {
     const present = new Set<string>();
     await forEachConcurrent(blobs, 8, async (b) => {
@@ -399,7 +528,7 @@ export function startPushSession(
 ): PushSession {
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
-  const clientP = clientFor(target.registry, { ...options, signal });
+  const clientP = pushClient(target, { ...options, signal });
   clientP.catch(() => {});
   /** Digest → bytes sent (0: the registry had it). */
   const uploaded = new Map<string, number>();

@@ -528,6 +528,7 @@ export const EXECUTOR_KEYS: readonly string[] = [
   "insecure",
   "tls-verify",
   "cert-dir",
+  "registries-conf",
   "max-job-age",
   "domain-type",
   "response-timeout",

@@ -80,6 +80,11 @@ export interface StartRegistryOptions {
   tokenTtlSeconds?: number;
   /** `token` modes: whether anonymous clients may pull. Default true. */
   anonymousPull?: boolean;
+  /**
+   * Runs the registry as a pull-through cache of this upstream URL (distribution's
+   * `proxy: remoteurl:`): it serves pulls from its cache or the upstream and refuses pushes.
+   */
+  proxyRemoteUrl?: string;
 }
 
 /** User name accepted by the auth modes. */
@@ -181,7 +186,7 @@ export async function makeTlsFiles(dir: string): Promise<void> {
 
 /** The registry's config.yml (like recipes/registry/start-registry.sh). */
 function registryConfig(
-  p: { dataDir: string; port: number; tls?: string; auth?: string },
+  p: { dataDir: string; port: number; tls?: string; auth?: string; proxy?: string },
 ): string {
   return [
     "version: 0.1",
@@ -205,6 +210,7 @@ function registryConfig(
     "    X-Content-Type-Options: [nosniff]",
     p.tls ?? "",
     p.auth ?? "",
+    p.proxy ? `proxy:\n  remoteurl: ${p.proxy}` : "",
     "",
   ].join("\n");
 }
@@ -390,7 +396,7 @@ export async function startRegistry(
 
     proc = await spawnRegistry(
       dir,
-      (port) => registryConfig({ dataDir, port, tls, auth }),
+      (port) => registryConfig({ dataDir, port, tls, auth, proxy: opts.proxyRemoteUrl }),
       scheme,
       client,
       logFile,
