@@ -281,3 +281,69 @@ Deno.test(
     }
   },
 );
+
+Deno.test("credentials and CAs are those of the mirror actually contacted", opts, async () => {
+  const fleet = await startFleet();
+  const secure = await startRegistry("htpasswd-tls");
+  try {
+    const direct = await writeConf(fleet, fleet.primary.host, []);
+    const { ref, image } = await pushImage(fleet, direct);
+    const authfile = join(fleet.dir, "auth.json");
+    await Deno.writeTextFile(
+      authfile,
+      JSON.stringify({
+        auths: { [secure.host]: { auth: btoa(`${secure.username}:${secure.password}`) } },
+      }),
+    );
+    const tls = ["--authfile", authfile, "--cert-dir", secure.certDir!];
+    const copy = await sarde([
+      "push",
+      "-q",
+      ...tls,
+      "--registries-conf",
+      direct,
+      "-d",
+      join(fleet.dir, "src"),
+      ref,
+      "-t",
+      `${secure.host}/sarde/vm:1`,
+    ], { env: fleet.env });
+    assert.equal(copy.code, 0, copy.stderr);
+    const conf = join(fleet.dir, "secure.conf");
+    await Deno.writeTextFile(
+      conf,
+      `[[registry]]\nlocation = "${fleet.primary.host}"\ninsecure = true\n` +
+        `[[registry.mirror]]\nlocation = "${secure.host}"\n`,
+    );
+    const before = fleet.primary.hits();
+    const r = await sarde(
+      ["fetch", ...tls, "--registries-conf", conf, "-d", join(fleet.dir, "s1"), ref],
+      { env: fleet.env },
+    );
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout.trim(), image.manifestDigest);
+    assert.match(r.stderr, new RegExp(`through mirror ${secure.host}\\n`));
+    assert.equal(fleet.primary.hits(), before, "the primary was not contacted");
+
+    // Without the mirror's credentials it is skipped, and the primary serves.
+    const anon = await sarde(
+      [
+        "fetch",
+        "--cert-dir",
+        secure.certDir!,
+        "--registries-conf",
+        conf,
+        "-d",
+        join(fleet.dir, "s2"),
+        ref,
+      ],
+      { env: fleet.env },
+    );
+    assert.equal(anon.code, 0, anon.stderr);
+    assert.match(anon.stderr, new RegExp(`mirror ${secure.host} skipped: [^\\n]*(401|auth)`, "i"));
+    assert.ok(fleet.primary.hits() > before);
+  } finally {
+    await secure.stop();
+    await fleet.stop();
+  }
+});
