@@ -1,6 +1,8 @@
 /**
  * Moving images between a registry and the local store: `fetch` (registry → store) and `push`
- * (store → registry), blobs in parallel, each verified before it enters the store.
+ * (store → registry), blobs in parallel, each verified before it enters the store. A fetch tries
+ * the mirrors registries.conf names for the image before its primary location; blocked registries
+ * are refused before any connection.
  *
  * @module
  */
