@@ -13,7 +13,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { ensureJobImage, GUEST_USER, type JobImages } from "./support/job_image.ts";
-import { run, tempDir } from "./support/images.ts";
+import { run, sarde, tempDir } from "./support/images.ts";
 import {
   callOf,
   type CallResult,
@@ -1098,6 +1098,214 @@ Deno.test({
         );
       }
     }
+  },
+});
+
+/** The job VM's `<vcpu>` count and `<memory>` in KiB, from its live XML. */
+async function vmSize(name: string): Promise<{ vcpus: number; memoryKiB: number }> {
+  const xml = (await virsh("dumpxml", "--domain", name)).stdout;
+  const vcpu = /<vcpu\b[^>]*>(\d+)<\/vcpu>/.exec(xml);
+  const mem = /<memory unit='KiB'>(\d+)<\/memory>/.exec(xml);
+  if (!vcpu || !mem) {
+    throw new Error(`no <vcpu>/<memory unit='KiB'> in the XML of ${name}:\n${xml}`);
+  }
+  return { vcpus: Number(vcpu[1]), memoryKiB: Number(mem[1]) };
+}
+
+/** A job that asks for something it may not have: build failure in prepare, no VM, no pull. */
+async function assertRefusedSize(
+  ws: Workspace,
+  image: string,
+  asks: Record<string, string>,
+  message: RegExp,
+) {
+  let seenDuringPrepare = "";
+  const job = await ws.run({
+    image,
+    variables: asks,
+    prepareAttempts: 3,
+    prepareRetryIntervalMs: 50,
+    afterCall: async (call, ctx) => {
+      if (call.stage === "prepare") seenDuringPrepare = await domState(ctx.vmName);
+    },
+  });
+  const info = `${JSON.stringify(asks)}:\n${describeJob(job)}`;
+  assert.equal(job.outcome, "script_failure", info);
+  assert.equal(job.failedStage, "prepare", info);
+  assert.equal(callsOf(job, "prepare").length, 1, `prepare is not retried: ${info}`);
+  const prep = callOf(job, "prepare");
+  assert.match(prep.stderr, message, info);
+  assert.doesNotMatch(prep.stderr, /unexpected failure|\n\s+at |pulling/, info);
+  assert.equal(seenDuringPrepare, "gone", `no VM was created: ${info}`);
+  await assertNothingLeft(ws, job);
+}
+
+Deno.test({
+  name: "executor: job sizes: INI vcpus/memory and SARDE_VCPUS/SARDE_MEMORY within max-* reach " +
+    "the job VM; above max-*, or without max-*, a request is a build failure with no VM",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    // The image's own size is 1 vCPU and 256 MiB: every value below differs from it.
+    await using ws = await workspace("sizes", {
+      vcpus: "2",
+      memory: "320M",
+      "max-vcpus": "3",
+      "max-memory": "384MiB",
+    });
+    await using noMax = await workspace("sizes-nomax", { vcpus: "2", memory: "320M" });
+
+    // Refused at once, before any pull or VM.
+    await assertRefusedSize(
+      ws,
+      img.image,
+      { SARDE_VCPUS: "4" },
+      /SARDE_VCPUS=4, above this runner's max-vcpus of 3/,
+    );
+    await assertRefusedSize(
+      ws,
+      img.image,
+      { SARDE_VCPUS: "2", SARDE_MEMORY: "1G" },
+      /SARDE_MEMORY=1G, above this runner's max-memory of 384MiB/,
+    );
+    await assertRefusedSize(
+      noMax,
+      img.image,
+      { SARDE_VCPUS: "1" },
+      /SARDE_VCPUS=1, but this runner does not let jobs choose[\s\S]*max-vcpus/,
+    );
+    await assertRefusedSize(
+      noMax,
+      img.image,
+      { SARDE_MEMORY: "256M" },
+      /SARDE_MEMORY=256M, but this runner does not let jobs choose[\s\S]*max-memory/,
+    );
+    for (const w of [ws, noMax]) {
+      assert.ok(!(await exists(join(w.ocidir, img.registry.host))), "nothing was pulled");
+    }
+
+    // Two boots cover the four sources: INI vcpus + asked memory, then asked vcpus + INI memory.
+    const cases: { asks: Record<string, string>; vcpus: number; memoryMiB: number }[] = [
+      { asks: { SARDE_MEMORY: "384M" }, vcpus: 2, memoryMiB: 384 },
+      { asks: { SARDE_VCPUS: "3" }, vcpus: 3, memoryMiB: 320 },
+    ];
+    for (const c of cases) {
+      let size: { vcpus: number; memoryKiB: number } | undefined;
+      const job = await ws.run({
+        image: img.image,
+        variables: c.asks,
+        script: [
+          'echo "CPUS=$(grep -c ^processor /proc/cpuinfo)"',
+          "grep MemTotal /proc/meminfo",
+        ],
+        beforeCleanup: async (ctx) => {
+          size = await vmSize(ctx.vmName);
+        },
+      });
+      const info = `${JSON.stringify(c.asks)}:\n${describeJob(job)}`;
+      assert.equal(job.outcome, "success", info);
+      assert.deepEqual(size, { vcpus: c.vcpus, memoryKiB: c.memoryMiB * 1024 }, info);
+      const out = callOf(job, "build_script").stdout;
+      assert.match(out, new RegExp(`^CPUS=${c.vcpus}$`, "m"), `the guest sees the CPUs: ${info}`);
+      const total = Number(/^MemTotal:\s+(\d+) kB$/m.exec(out)?.[1]);
+      // The kernel keeps some for itself: what it reports is a little below what the VM has.
+      assert.ok(
+        total <= c.memoryMiB * 1024 && total > c.memoryMiB * 1024 * 0.8,
+        `MemTotal ${total} kB for ${c.memoryMiB} MiB: ${info}`,
+      );
+      await assertNothingLeft(ws, job);
+    }
+  },
+});
+
+Deno.test({
+  name: "executor: cache-budget: the least recently used unused image goes before the job's " +
+    "pull (logged); a budget below the job's image alone → system failure with numbers, nothing removed",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const host = img.registry.host;
+    await using ws = await workspace("budget", { "cache-budget": "1MiB" });
+    const setBudget = async (value: string) => {
+      const text = await Deno.readTextFile(ws.ini);
+      await Deno.writeTextFile(
+        ws.ini,
+        text.replace(/^cache-budget = .*$/m, `cache-budget = ${value}`),
+      );
+    };
+    const layout = (repo: string) => join(ws.ocidir, host, "sardines", repo);
+    const repos = async () => {
+      const dir = join(ws.ocidir, host, "sardines");
+      if (!await exists(dir)) return [];
+      return (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort();
+    };
+    /** Bytes the layout takes on disk (what makeRoom counts). */
+    const usage = async (repo: string) =>
+      Number((await run("du", ["-s", "-B1", layout(repo)], { check: true })).stdout.split("\t")[0]);
+
+    // Two other images in the store, used 6 and 2 days ago.
+    for (const [ref, age] of [[img.noUserImage, 6], [img.badPortImage, 2]] as const) {
+      const r = await sarde(["fetch", "-d", ws.ocidir, ref]);
+      assert.equal(r.code, 0, r.stderr);
+      const repo = ref.split("/").at(-1)!.split(":")[0];
+      await run("touch", ["-d", `${age} days ago`, join(layout(repo), "index.json")], {
+        check: true,
+      });
+    }
+    assert.deepEqual(await repos(), ["tiny-deaf", "tiny-nouser"]);
+    const oldBytes = await usage("tiny-nouser");
+    const newerBytes = await usage("tiny-deaf");
+
+    // The job's image alone is more than the budget: nothing goes, the numbers are in the error.
+    const tooBig = await ws.run({ image: img.image });
+    let info = describeJob(tooBig);
+    assert.equal(tooBig.outcome, "system_failure", info);
+    assert.equal(tooBig.failedStage, "prepare", info);
+    const prep = callOf(tooBig, "prepare");
+    const m = new RegExp(
+      `no room for ${host.replaceAll(".", "\\.")}/sardines/tiny:latest within cache-budget ` +
+        `1\\.0 MiB: it needs (\\d+\\.\\d) MiB`,
+    ).exec(prep.stderr);
+    assert.ok(m, info);
+    assert.match(prep.stderr, /raise cache-budget/, info);
+    assert.doesNotMatch(prep.stderr, /removed|\n\s+at /, info);
+    assert.ok(tooBig.log.includes(m[0]), "the numbers are in the job log");
+    assert.deepEqual(
+      (await repos()).filter((r) => r !== "tiny"),
+      ["tiny-deaf", "tiny-nouser"],
+      "nothing removed",
+    );
+    // The fetch had opened the job image's layout before the budget said no: it may stay, but
+    // empty (no tag, no blob), so that nothing half-written is taken for an image.
+    if (await exists(layout("tiny"))) {
+      const index = JSON.parse(await Deno.readTextFile(join(layout("tiny"), "index.json")));
+      assert.deepEqual(index.manifests, [], "no tag in the job image's layout");
+      const blobs = await Array.fromAsync(Deno.readDir(join(layout("tiny"), "blobs", "sha256")));
+      assert.deepEqual(blobs.map((e) => e.name), [], "no blob in the job image's layout");
+    }
+    await assertNothingLeft(ws, tooBig);
+
+    // Room for the job's image and the newer image, not for the older one as well.
+    const needBytes = Number(m[1]) * 1024 * 1024;
+    await setBudget(String(Math.round(needBytes + newerBytes + oldBytes / 2)));
+    const job = await ws.run({ image: img.image, script: ["echo BUDGET-JOB-RAN"] });
+    info = describeJob(job);
+    assert.equal(job.outcome, "success", info);
+    assert.match(callOf(job, "build_script").stdout, /BUDGET-JOB-RAN/, info);
+    const stderr = callOf(job, "prepare").stderr;
+    const removedLine = new RegExp(
+      `cache-budget: removed cached image ${host.replaceAll(".", "\\.")}/sardines/tiny-nouser \\(`,
+    );
+    assert.match(stderr, removedLine, info);
+    assert.match(stderr, /cache-budget: freed \d+\.\d MiB for .*\/sardines\/tiny:latest/, info);
+    assert.doesNotMatch(stderr, /removed cached image .*tiny-deaf/, info);
+    assert.ok(
+      stderr.search(removedLine) < stderr.search(/importing|started job VM/),
+      `room is made before the download and import: ${info}`,
+    );
+    assert.match(job.log, removedLine, "the removal is in the job log");
+    assert.deepEqual(await repos(), ["tiny", "tiny-deaf"], "only the least recently used went");
+    await assertNothingLeft(ws, job);
   },
 });
 

@@ -369,7 +369,9 @@ async function cacheUsage(
       },
     });
   }
-  if (!await checkDir(options.vmdir, "the VM folder")) return { totalBytes, candidates };
+  if (!await checkDir(options.vmdir, "the VM folder")) {
+    return { totalBytes, candidates: candidates.sort(leastRecentlyUsedFirst) };
+  }
   const domains = await listDomains({ ...options, all: true });
   for await (const e of Deno.readDir(options.vmdir)) {
     const folder = join(options.vmdir, e.name);
@@ -398,8 +400,11 @@ async function cacheUsage(
       },
     });
   }
-  candidates.sort((a, b) => a.lastUsed - b.lastUsed);
-  return { totalBytes, candidates };
+  return { totalBytes, candidates: candidates.sort(leastRecentlyUsedFirst) };
+}
+
+function leastRecentlyUsedFirst(a: Candidate, b: Candidate): number {
+  return a.lastUsed - b.lastUsed;
 }
 
 /** Options of {@link makeRoom}. */
