@@ -25,7 +25,7 @@ interface PruneCli extends CommonCli {
 export function pruneCommand(program: Command): Command {
   return program.command("prune")
     .description(
-      "remove leftovers, and with --older-than/--keep-bytes cached images and imported VMs\n" +
+      "remove leftovers, and with --older-than/--keep-bytes cached images and imported VMs " +
         "that no defined VM uses, least recently used first",
     )
     .addOption(ocidirOption())
@@ -42,7 +42,8 @@ export function pruneCommand(program: Command): Command {
     .addOption(
       valueOption(
         "--keep-bytes <size>",
-        "then remove until at most this much remains, e.g. 200GiB",
+        "then remove until cached images and imported VMs take at most this, e.g. 200GiB; " +
+          "what is in use counts too (as the executor's cache-budget does), but never goes",
         parseSize,
       ),
     )
