@@ -11,6 +11,11 @@ import { interruptSignal } from "../lib/util/cleanup.ts";
 import { parseDuration, parsePositiveDuration } from "../lib/util/config.ts";
 import { checkMinSize, parseBoolean, parseIntInRange, parseSize } from "../lib/util/units.ts";
 import { pathOption, valueOption } from "./options.ts";
+import {
+  DEFAULT_CONCURRENCY,
+  DEFAULT_RESPONSE_TIMEOUT_MS,
+  DEFAULT_RETRY_TIMEOUT_MS,
+} from "../lib/util/defaults.ts";
 
 /** The parsed values of the shared options (the command line, which already holds the INI's). */
 export interface CommonCli {
@@ -86,14 +91,18 @@ export function addRegistryOptions(cmd: Command): Command {
     .addOption(
       valueOption(
         "--response-timeout <duration>",
-        "give up on a registry request (and retry it) after this long without an answer (default 30s)",
+        `give up on a registry request (and retry it) after this long without an answer (default ${
+          DEFAULT_RESPONSE_TIMEOUT_MS / 1000
+        }s)`,
         parsePositiveDuration,
       ),
     )
     .addOption(
       valueOption(
         "--retry-timeout <duration>",
-        "start no retry of a failing request after this long (default 2m; 0 = no retries)",
+        `start no retry of a failing request after this long (default ${
+          DEFAULT_RETRY_TIMEOUT_MS / 60_000
+        }m; 0 = no retries)`,
         (text, what) => parseDuration(text, what),
       ),
     );
@@ -112,7 +121,7 @@ export function addTransferOptions(cmd: Command): Command {
     .addOption(
       valueOption(
         "-j, --concurrency <n>",
-        "blobs transferred in parallel (default 4)",
+        `blobs transferred in parallel (default ${DEFAULT_CONCURRENCY})`,
         (text, what) => parseIntInRange(text, what, 1),
       ),
     )

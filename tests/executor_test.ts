@@ -522,10 +522,20 @@ Deno.test({
   fn: async () => {
     const img = await jobImages();
     const host = img.registry.host;
+    const registriesConf = await Deno.makeTempFile({
+      prefix: "sarde-registries-",
+      suffix: ".conf",
+    });
+    await using _removeConf = { [Symbol.asyncDispose]: () => Deno.remove(registriesConf) };
+    await Deno.writeTextFile(
+      registriesConf,
+      `[[registry]]\nlocation = "${host}/sardines/blocked"\nblocked = true\n`,
+    );
     await using ws = await workspace("jobfault", {
       "allowed-images": "127.0.0.1:*/sardines/*",
       "pull-policy": "if-not-present, always",
       "retry-timeout": "3s",
+      "registries-conf": registriesConf,
     });
     const cases: { what: string; o: RunJobOptions; message: RegExp }[] = [
       { what: "no image", o: {}, message: /names no image/ },
@@ -535,6 +545,11 @@ Deno.test({
         message: /not allowed/,
       },
       { what: "an invalid reference", o: { image: "UPPER//x::y" }, message: /invalid image/ },
+      {
+        what: "an image of a registry that registries.conf blocks",
+        o: { image: `${host}/sardines/blocked:latest` },
+        message: /is blocked in/,
+      },
       {
         what: "a pull policy the runner does not allow",
         o: { image: img.image, pullPolicy: ["never"] },

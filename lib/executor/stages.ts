@@ -57,7 +57,8 @@ import {
   undefine,
 } from "../vm/libvirt.ts";
 import { error, info, warn } from "../util/log.ts";
-import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../registry/http.ts";
+import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
+import { loadRegistriesConf, resolvePullSources } from "../registry/registries_conf.ts";
 import { freePort } from "../util/net.ts";
 import { pullImage } from "../vm/pull.ts";
 import { parseReference } from "../oci/reference.ts";
@@ -779,6 +780,20 @@ async function baseVm(
   }
 }
 
+/**
+ * Refuses an image whose registry registries.conf blocks, even one already in the store: like
+ * `allowed-images`, the job chose it (a build failure). A broken registries.conf is the runner's
+ * fault and stays a system failure.
+ */
+async function refuseBlockedImage(image: string, registriesConf?: string): Promise<void> {
+  const conf = await loadRegistriesConf({ file: registriesConf });
+  try {
+    resolvePullSources(conf, parseReference(image));
+  } catch (err) {
+    throw err instanceof SardeError ? jobFault(err) : err;
+  }
+}
+
 /** `prepare`: pull, clone, boot, wait for SSH, run the admin's prepare script. */
 export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void> {
   const s = await jobSettings(env);
@@ -804,6 +819,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
       `allowed-images: ${s.allowedImages!.join(", ")}`,
     ));
   }
+  await refuseBlockedImage(image, s.registriesConf);
   const policy = choosePolicy(s);
   const size = jobSize(s, env);
   await reapOldJobs(s, vm);

@@ -11,7 +11,6 @@ import type { Credentials } from "./credentials.ts";
 import { fail, SardeError } from "../util/errors.ts";
 import {
   createHttpClient,
-  DEFAULT_RESPONSE_TIMEOUT_MS,
   type HttpResponse,
   isNetworkError,
   isNoTlsError,
@@ -19,6 +18,7 @@ import {
   type TransportOptions,
 } from "./http.ts";
 import { debug, warn } from "../util/log.ts";
+import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 import { type Descriptor, MANIFEST_ACCEPT } from "../oci/types.ts";
 import { isLoopbackRegistry, registryEndpointHost } from "../oci/reference.ts";
 import {

@@ -37,9 +37,6 @@ export interface TransportOptions {
   responseTimeoutMs?: number;
 }
 
-/** The default response timeout, also for the executor (which imports it from here). */
-export { DEFAULT_RESPONSE_TIMEOUT_MS };
-
 /**
  * A request body: bytes, or a function producing a fresh stream (so retries can resend it). A
  * stream's piece is sent completely before the next one is requested, so it may reuse a buffer.

@@ -33,6 +33,7 @@ import {
   parseManifest,
 } from "../oci/types.ts";
 import { forEachConcurrent } from "../util/pool.ts";
+import { DEFAULT_CONCURRENCY } from "../util/defaults.ts";
 import { formatBytes, startProgress } from "../util/progress.ts";
 import {
   formatLocalName,
@@ -284,7 +285,7 @@ export async function fetchImage(
     });
     const progress = startProgress("fetch", total);
     try {
-      await forEachConcurrent(missing, options.concurrency ?? 4, async (blob) => {
+      await forEachConcurrent(missing, options.concurrency ?? DEFAULT_CONCURRENCY, async (blob) => {
         await fromSources(sources, options, async (client, ref) => {
           // gzip disks (sardinecake 0.4's layout) are decompressed by one pipe reading the blob
           // right after: through the page cache that took 19–25 s per 2 GB here, 24–36 s with
@@ -424,7 +425,7 @@ export async function pushImage(
     let sent = 0;
     let mounted = 0;
     try {
-      await forEachConcurrent(missing, options.concurrency ?? 4, async (b) => {
+      await forEachConcurrent(missing, options.concurrency ?? DEFAULT_CONCURRENCY, async (b) => {
         const from = await mount(b.digest);
         if (from !== undefined) {
           debug(`mounted ${b.digest} from ${from}`);
@@ -539,7 +540,7 @@ export function startPushSession(
   let running = 0;
   let failure: { error: unknown } | undefined;
   let idle: (() => void) | undefined;
-  const limit = options.concurrency ?? 4;
+  const limit = options.concurrency ?? DEFAULT_CONCURRENCY;
 
   const pump = () => {
     while (!failure && running < limit && queue.length > 0) {
