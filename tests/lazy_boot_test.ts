@@ -64,19 +64,8 @@ Deno.test("lazy boot: the tiny guest boots to SSH with its root disk's backing r
     // layers): the boot can only work if QEMU follows the XML's NBD backing instead.
     const info = JSON.parse(await sh("qemu-img", ["info", "--output=json", g.rootfs]));
     const overlay = join(dir, "root.qcow2");
-    await sh("qemu-img", [
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-F",
-      "qcow2",
-      "-b",
-      "rootfs.qcow2",
-      "-u",
-      overlay,
-      String(info["virtual-size"]),
-    ]);
+    const create = "create -q -f qcow2 -F qcow2 -b rootfs.qcow2 -u".split(" ");
+    await sh("qemu-img", [...create, overlay, String(info["virtual-size"])]);
     const port = freePort();
     const serialLog = join(dir, "console.log");
     const plain = guestDomainXml({

@@ -296,6 +296,50 @@ Deno.test("nbd: writes are refused, out-of-range requests get EINVAL", async () 
   }
 });
 
+Deno.test("nbd: a restart takes over a dead server's socket, never a live one or a file", async () => {
+  const dir = await makeVmDir("nbd");
+  const socket = join(dir, "run", "s");
+  const exports = { d: memorySource(patterned(MiB, [[0x66, 0, MiB]])) };
+  try {
+    // a killed server leaves its socket file behind, and nobody answers on it
+    await Deno.mkdir(join(dir, "run"));
+    // (Deno's close() would unlink it; a process that exits does not)
+    const bind = "import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])";
+    await sh("python3", ["-c", bind, socket]);
+    assert.ok((await Deno.lstat(socket)).isSocket);
+    const server = await serveNbd({ socketPath: socket, exports });
+    try {
+      await assert.rejects(
+        serveNbd({ socketPath: socket, exports }),
+        (e: Error) => e.name === "SardeError" && /another server is listening/.test(e.message),
+      );
+      // an idle client in the transmission phase is hung up on by close()
+      const idle = await Deno.connect({ transport: "unix", path: socket });
+      try {
+        await handshake(idle, "d");
+        await server.close();
+        assert.equal(await readToEnd(idle), 0);
+      } finally {
+        closeQuietly(idle);
+      }
+    } finally {
+      await server.close();
+    }
+    assert.equal(await exists(socket), false);
+    assert.ok(await exists(join(dir, "run")), "a directory it did not make stays");
+
+    const file = join(dir, "run", "not-a-socket");
+    await Deno.writeTextFile(file, "keep me");
+    await assert.rejects(
+      serveNbd({ socketPath: file, exports }),
+      (e: Error) => e.name === "SardeError" && e.message.includes(file),
+    );
+    assert.equal(await Deno.readTextFile(file), "keep me");
+  } finally {
+    await removeVmDir(dir);
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // a minimal hand-written NBD client (proto.md), for what QEMU never sends
 

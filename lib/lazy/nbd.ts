@@ -11,7 +11,7 @@
  * @module
  */
 
-import { debug, describeError } from "../util/mod.ts";
+import { debug, describeError, SardeError } from "../util/mod.ts";
 
 /** Bytes an export serves, read on demand. */
 export interface BlockSource {
@@ -110,7 +110,8 @@ class ProtocolError extends Error {}
 
 /**
  * Starts a read-only NBD server on `options.socketPath`. Resolves once the socket accepts
- * connections with its final owner and mode.
+ * connections with its final owner and mode; rejects with a {@link SardeError} when it cannot
+ * listen there (another live server, a file in the way, no permission).
  */
 export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
   const exports = options.exports instanceof Map
@@ -121,15 +122,22 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
   const dir = path.slice(0, path.lastIndexOf("/")) || "/";
 
   const madeDir = await makeSocketDir(dir);
-  await removeStaleSocket(path);
-  let listener: Deno.UnixListener;
+  let listener: Deno.UnixListener | undefined;
   try {
+    await removeStaleSocket(path);
     listener = Deno.listen({ transport: "unix", path });
     await setSocketAccess(path, options);
   } catch (err) {
-    await Deno.remove(path).catch(() => {});
+    // only what this call made: never a file that was at the path before
+    if (listener) {
+      listener.close();
+      await Deno.remove(path).catch(() => {});
+    }
     if (madeDir) await Deno.remove(dir).catch(() => {});
-    throw err;
+    if (err instanceof SardeError) throw err;
+    throw new SardeError("io", `cannot serve NBD on ${path}: ${describeError(err)}`, {
+      cause: err,
+    });
   }
 
   const conns = new Set<Deno.UnixConn>();
@@ -193,13 +201,28 @@ async function makeSocketDir(dir: string): Promise<boolean> {
   return true;
 }
 
+/**
+ * Removes the socket a killed server left behind (QEMU reconnects to the same path when sarde
+ * restarts), but not one a live server still answers on, nor anything that is not a socket.
+ */
 async function removeStaleSocket(path: string): Promise<void> {
+  let st: Deno.FileInfo;
   try {
-    const st = await Deno.lstat(path);
-    if (st.isSocket) await Deno.remove(path);
+    st = await Deno.lstat(path);
   } catch (err) {
-    if (!(err instanceof Deno.errors.NotFound)) throw err;
+    if (err instanceof Deno.errors.NotFound) return;
+    throw err;
   }
+  if (!st.isSocket) return; // listen fails with "address in use"
+  let live: Deno.UnixConn | undefined;
+  try {
+    live = await Deno.connect({ transport: "unix", path });
+  } catch { /* nobody listens: stale */ }
+  if (live) {
+    live.close();
+    throw new SardeError("io", `another server is listening on ${path}`);
+  }
+  await Deno.remove(path);
 }
 
 /**
