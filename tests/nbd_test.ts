@@ -340,6 +340,47 @@ Deno.test("nbd: a restart takes over a dead server's socket, never a live one or
   }
 });
 
+Deno.test("nbd: limits: silent clients are dropped, the request cap is advertised", async () => {
+  const dir = await makeVmDir("nbd");
+  const socket = join(dir, "run", "s");
+  const data = patterned(4 * MiB, [[0x77, 0, 3 * MiB]]);
+  await Deno.writeFile(join(dir, "d.raw"), data);
+  try {
+    await using _server = await serveNbd({
+      socketPath: socket,
+      exports: { d: memorySource(data) },
+      maxRequest: MiB,
+      handshakeTimeoutMs: 300,
+    });
+    const silent = await Deno.connect({ transport: "unix", path: socket });
+    const busy = await Deno.connect({ transport: "unix", path: socket });
+    try {
+      await handshake(busy, "d");
+      assert.equal(await readToEnd(silent), 18); // the greeting, then nothing until hung up
+      // a client past the handshake is never timed out
+      await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual((await request(busy, 0, 1, 0, 4096)).data, data.slice(0, 4096));
+      assert.equal((await request(busy, 0, 2, 0, 2 * MiB)).error, 22);
+    } finally {
+      closeQuietly(silent);
+      closeQuietly(busy);
+    }
+    // QEMU learns the cap (NBD_INFO_BLOCK_SIZE) and splits its requests to fit
+    assert.match(await sh("qemu-nbd", ["--list", "-k", socket]), /max block: 1048576/);
+    await sh("qemu-img", [
+      "compare",
+      "-f",
+      "raw",
+      "-F",
+      "raw",
+      nbdUri(socket, "d"),
+      join(dir, "d.raw"),
+    ]);
+  } finally {
+    await removeVmDir(dir);
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // a minimal hand-written NBD client (proto.md), for what QEMU never sends
 

@@ -42,6 +42,11 @@ export interface NbdServerOptions {
   socketMode?: number;
   /** Largest request accepted (default {@link NBD_MAX_REQUEST}); bigger ones get `EINVAL`. */
   maxRequest?: number;
+  /**
+   * A client that has not chosen an export this long after connecting is dropped (default
+   * 10 000 ms; QEMU needs a few milliseconds), so idle connections cannot pile up.
+   */
+  handshakeTimeoutMs?: number;
 }
 
 /** A running server. */
@@ -105,6 +110,12 @@ const MAX_OPTION = 16 * 1024;
 /** Read bytes in flight per client before its next request waits (bounds memory per client). */
 const MAX_INFLIGHT_BYTES = 64 * 1024 * 1024;
 
+/** Per-client limits, from {@link NbdServerOptions}. */
+interface Limits {
+  maxRequest: number;
+  handshakeTimeoutMs: number;
+}
+
 /** A client broke the protocol: drop it. */
 class ProtocolError extends Error {}
 
@@ -117,7 +128,10 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
   const exports = options.exports instanceof Map
     ? new Map(options.exports)
     : new Map(Object.entries(options.exports));
-  const maxRequest = options.maxRequest ?? NBD_MAX_REQUEST;
+  const limits: Limits = {
+    maxRequest: options.maxRequest ?? NBD_MAX_REQUEST,
+    handshakeTimeoutMs: options.handshakeTimeoutMs ?? 10_000,
+  };
   const path = options.socketPath;
   const dir = path.slice(0, path.lastIndexOf("/")) || "/";
 
@@ -157,7 +171,7 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
         continue;
       }
       conns.add(conn);
-      const h = serveClient(conn, exports, maxRequest)
+      const h = serveClient(conn, exports, limits)
         .catch((err) => debug(`nbd: client dropped: ${describeError(err)}`))
         .finally(() => {
           conns.delete(conn);
@@ -313,10 +327,32 @@ function writer(conn: Deno.UnixConn) {
 async function serveClient(
   conn: Deno.UnixConn,
   exports: ReadonlyMap<string, BlockSource>,
-  maxRequest: number,
+  limits: Limits,
 ): Promise<void> {
   const read = reader(conn);
   const out = writer(conn);
+  const timer = setTimeout(() => {
+    debug("nbd: client dropped: no export chosen in time");
+    try {
+      conn.close(); // the pending read fails, which ends this client
+    } catch { /* already closed */ }
+  }, limits.handshakeTimeoutMs);
+  let source: BlockSource | undefined;
+  try {
+    source = await handshake(read, out, exports, limits);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (source) await transmit(read, out, source, limits.maxRequest);
+}
+
+/** Greeting, client flags, options; the chosen export, or `undefined` when the client left. */
+async function handshake(
+  read: (n: number) => Promise<Uint8Array | null>,
+  out: ReturnType<typeof writer>,
+  exports: ReadonlyMap<string, BlockSource>,
+  limits: Limits,
+): Promise<BlockSource | undefined> {
   const greeting = new DataView(new ArrayBuffer(18));
   greeting.setBigUint64(0, NBDMAGIC);
   greeting.setBigUint64(8, IHAVEOPT);
@@ -324,17 +360,15 @@ async function serveClient(
   out.send(new Uint8Array(greeting.buffer));
 
   const cflags = await read(4);
-  if (!cflags) return;
+  if (!cflags) return undefined;
   const clientFlags = view(cflags).getUint32(0);
   if (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) {
     throw new ProtocolError(`unknown client flags ${clientFlags}`);
   }
-  const source = await negotiate(read, out.send, exports, (clientFlags & FLAG_NO_ZEROES) !== 0);
-  if (!source) {
-    await out.drained();
-    return;
-  }
-  await transmit(read, out, source, maxRequest);
+  const noZeroes = (clientFlags & FLAG_NO_ZEROES) !== 0;
+  const source = await negotiate(read, out.send, exports, noZeroes, limits.maxRequest);
+  if (!source) await out.drained();
+  return source;
 }
 
 /** The option haggling phase; the chosen export, or `undefined` when the client left. */
@@ -343,6 +377,7 @@ async function negotiate(
   send: (b: Uint8Array) => Promise<void>,
   exports: ReadonlyMap<string, BlockSource>,
   noZeroes: boolean,
+  maxRequest: number,
 ): Promise<BlockSource | undefined> {
   const reply = (opt: number, type: number, data = new Uint8Array(0)) => {
     const b = new Uint8Array(20 + data.length);
@@ -436,7 +471,7 @@ async function negotiate(
           view(bs).setUint16(0, INFO_BLOCK_SIZE);
           view(bs).setUint32(2, 1);
           view(bs).setUint32(6, 4096);
-          view(bs).setUint32(10, Math.min(NBD_MAX_REQUEST, 0xffffffff));
+          view(bs).setUint32(10, Math.min(maxRequest, 0xffffffff));
           await reply(opt, REP_INFO, bs);
         }
         await reply(opt, REP_ACK);
