@@ -156,13 +156,17 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
 
   const conns = new Set<Deno.UnixConn>();
   const handlers = new Set<Promise<void>>();
+  let closing: Promise<void> | undefined;
   const accepting = (async () => {
     for (;;) {
       let conn: Deno.UnixConn;
       try {
         conn = await listener.accept();
       } catch (err) {
-        if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) {
+        if (
+          closing || err instanceof Deno.errors.BadResource ||
+          err instanceof Deno.errors.Interrupted
+        ) {
           return; // closed
         }
         // EMFILE and friends: keep serving the clients we have, try again shortly
@@ -184,7 +188,6 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
     }
   })();
 
-  let closing: Promise<void> | undefined;
   const close = () =>
     closing ??= (async () => {
       try {
