@@ -6,12 +6,19 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { type BlockSource, nbdBackingStoreXml, openFileSource, serveNbd } from "../lib/lazy/mod.ts";
+import {
+  type BlockSource,
+  nbdBackingStoreXml,
+  type NbdServer,
+  openFileSource,
+  serveNbd,
+} from "../lib/lazy/mod.ts";
 import { ensureGuest, freePort, guestDomainXml, sshRun, waitForSsh } from "./support/guest.ts";
 import {
   cleanupTestVm,
   ensureLibvirtd,
   makeVmDir,
+  removeVmDir,
   sh,
   uniqueVmName,
   virsh,
@@ -58,8 +65,9 @@ Deno.test("lazy boot: the tiny guest boots to SSH with its root disk's backing r
     },
   };
   const socket = join(dir, "nbd", "layers.sock");
+  let server: NbdServer | undefined;
   try {
-    await using _server = await serveNbd({ socketPath: socket, exports: { rootfs: counted } });
+    server = await serveNbd({ socketPath: socket, exports: { rootfs: counted } });
     // The overlay records only a plain name that does not exist here (like an imported image's
     // layers): the boot can only work if QEMU follows the XML's NBD backing instead.
     const info = JSON.parse(await sh("qemu-img", ["info", "--output=json", g.rootfs]));
@@ -110,6 +118,8 @@ Deno.test("lazy boot: the tiny guest boots to SSH with its root disk's backing r
     const live = await virsh("dumpxml", name);
     assert.match(live.stdout, /<source protocol='nbd' name='rootfs'[ >]/);
   } finally {
-    await cleanupTestVm(name, { dir });
+    await cleanupTestVm(name); // the VM lets go of its disk before the server goes away
+    await server?.close();
+    await removeVmDir(dir);
   }
 });
