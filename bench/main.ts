@@ -9,8 +9,9 @@
  *
  * It records wall-clock seconds and the peak RSS of the client process, checks that every
  * measurement really moved the bytes (no cross-repository mount, no "already exists" skip, digest
- * preserved), and prints a table (or `--json`). Then it runs the VM benchmark of `bench/vm.ts`
- * (`--only registry|vm` runs one of them). See bench/README.md for the method.
+ * preserved), and prints a table (or `--json`). Then it runs the VM benchmark of `bench/vm.ts` and
+ * the fleet benchmark of `bench/fleet.ts` (`--only registry|vm|fleet` runs one of them). See
+ * bench/README.md for the method.
  *
  * @module
  */
@@ -46,6 +47,7 @@ import {
   versions,
 } from "./common.ts";
 import { formatVmReport, runVmBench, type VmReport } from "./vm.ts";
+import { type FleetReport, formatFleetReport, runFleetBench } from "./fleet.ts";
 
 const TAG = "v1";
 
@@ -92,15 +94,17 @@ interface Row {
   samples: Sample[];
 }
 
-const USAGE = `usage: deno task bench [--only registry|vm] [--quick] [--repeat N] [--json]
+const USAGE = `usage: deno task bench [--only registry|vm|fleet] [--quick] [--repeat N] [--json]
 
-  --only WHAT   run one benchmark: registry (sarde push/fetch vs skopeo copy) or vm (export+push,
-                pull, clone, 1 % change of a libvirt VM vs sardinecake 0.4's gzip+skopeo);
-                default: both, registry first
+  --only WHAT   run one benchmark: registry (sarde push/fetch vs skopeo copy), vm (export+push,
+                pull, clone, 1 % change of a libvirt VM vs sardinecake 0.4's gzip+skopeo) or
+                fleet (fetch direct vs through a cold and a warm pull-through mirror; a budget
+                prune of 20 images); default: all three, in that order
   --quick       registry: 256 MiB random + 512 MiB disk-mix instead of 1 GiB + 2 GiB;
-                vm: a 512 MiB disk instead of 2 GiB
+                vm: a 512 MiB disk instead of 2 GiB; fleet: a 256 MiB image instead of 1 GiB
   --repeat N    registry: measure every case N times (default 1), alternating which tool goes
-                first; the table shows the best time and the highest peak RSS (vm: one run)
+                first; fleet: N rounds of the mirror fetches, a fresh mirror each; the tables
+                show the best time and the highest peak RSS (vm: one run)
   --json        machine-readable output on stdout (progress stays on stderr)
 `;
 
@@ -505,12 +509,13 @@ async function main(): Promise<number> {
     Deno.stderr.writeSync(new TextEncoder().encode(`--repeat wants a positive integer\n${USAGE}`));
     return 2;
   }
-  if (values.only !== undefined && values.only !== "registry" && values.only !== "vm") {
-    Deno.stderr.writeSync(new TextEncoder().encode(`--only wants registry or vm\n${USAGE}`));
+  if (values.only !== undefined && !["registry", "vm", "fleet"].includes(values.only)) {
+    Deno.stderr.writeSync(new TextEncoder().encode(`--only wants registry, vm or fleet\n${USAGE}`));
     return 2;
   }
-  const runRegistryBench = values.only !== "vm";
-  const runVm = values.only !== "registry";
+  const runRegistryBench = values.only === undefined || values.only === "registry";
+  const runVm = values.only === undefined || values.only === "vm";
+  const runFleet = values.only === undefined || values.only === "fleet";
   const cases: BenchCase[] = [
     {
       id: "random",
@@ -585,6 +590,16 @@ async function main(): Promise<number> {
         Deno.stdout.writeSync(new TextEncoder().encode((runRegistryBench ? "\n" : "") + text));
       }
     }
+    let fleet: FleetReport | undefined;
+    if (runFleet) {
+      fleet = await runFleetBench({ quick: values.quick, useTime, repeat });
+      if (!values.json) {
+        const text = formatFleetReport(fleet, env);
+        Deno.stdout.writeSync(
+          new TextEncoder().encode((runRegistryBench || runVm ? "\n" : "") + text),
+        );
+      }
+    }
     if (values.json) {
       const out = {
         date: new Date().toISOString(),
@@ -600,6 +615,7 @@ async function main(): Promise<number> {
           }
           : { versions: env }),
         ...(vm ? { vm } : {}),
+        ...(fleet ? { fleet } : {}),
       };
       Deno.stdout.writeSync(new TextEncoder().encode(JSON.stringify(out, null, 2) + "\n"));
     }
