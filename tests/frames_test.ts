@@ -26,6 +26,14 @@ import {
 import { Annotation, type ImageFile } from "../lib/image/format.ts";
 import type { Descriptor } from "../lib/oci/types.ts";
 import { SardeError } from "../lib/util/errors.ts";
+import { run, sarde, tempDir } from "./support/images.ts";
+import {
+  defineTestVm,
+  ensureLibvirtd,
+  TEST_URI,
+  undefineVms,
+  uniqueVmName,
+} from "./support/vms.ts";
 
 const MiB = 1 << 20;
 
@@ -109,7 +117,11 @@ Deno.test("frames: a chunk blob is FRAME_SIZE frames, sarde's sha256 frame and a
     const content = makeContent();
     const { enc } = await encoded(dir, content);
     assert.equal(enc.chunks.length, 4);
-    assert.equal(enc.chunks[2].table, undefined, "the chunk of zeros stays one frame");
+    assert.deepEqual(
+      enc.chunks.map((c) => c.table !== undefined),
+      [true, true, false, true],
+      "every chunk has a table but the chunk of zeros, which stays one frame",
+    );
     assert.equal(enc.chunks[2].uncompressedDigest, zeroDigest(CHUNK));
     for (const c of enc.chunks.filter((c) => c.table)) {
       const blob = await Deno.readFile(c.path);
@@ -343,4 +355,116 @@ Deno.test("frames: unchanged chunks give identical blobs and tables across expor
     assert.equal(old.enc.chunks[2].digest, a.enc.chunks[2].digest, "one blob of zeros for both");
     assert.equal(frameTableLocation(old.layers[0]), undefined);
   });
+});
+
+// ------------------------------------------------------------------------------------------------
+// Images: export writes tables, import reads framed images and those of older sarde.
+
+const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
+const vmOpts = { sanitizeResources: false, sanitizeOps: false };
+
+/** The manifest of the only image of an OCI layout, and a reader of its blobs. */
+async function storedImage(layout: string) {
+  const blob = (d: string) => join(layout, "blobs", "sha256", d.slice(7));
+  const index = JSON.parse(await Deno.readTextFile(join(layout, "index.json")));
+  const manifest = JSON.parse(await Deno.readTextFile(blob(index.manifests[0].digest)));
+  return { manifest: manifest as { layers: Descriptor[] }, blob };
+}
+
+Deno.test({
+  name: "frames: export pins a verified table on every chunk but zeros; the image imports",
+  ...vmOpts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    const work = await tempDir("frames-export");
+    const name = uniqueVmName("sarde-frames-new");
+    try {
+      const store = join(work, "s");
+      const exp = await sarde(["export", "-d", store, "--chunksize", "4MiB", vm.name, "l/f:v1"], {
+        env,
+      });
+      assert.equal(exp.code, 0, exp.stderr);
+      const { manifest, blob } = await storedImage(join(store, "l", "f"));
+      const chunks = manifest.layers.filter((l) => l.mediaType.endsWith("+zstd"));
+      let framed = 0;
+      for (const l of chunks) {
+        const where = frameTableLocation(l);
+        const a = l.annotations!;
+        if (!where) {
+          assert.equal(a[Annotation.chunkDigest], zeroDigest(Number(a[Annotation.chunkSize])));
+          continue;
+        }
+        framed++;
+        const bytes = (await Deno.readFile(blob(l.digest))).subarray(where.offset);
+        const frames = parseFrameTable(bytes, l);
+        assert.equal(frames.length, Math.ceil(Number(a[Annotation.chunkSize]) / FRAME_SIZE));
+      }
+      assert.ok(framed > 0 && framed < chunks.length, `${framed} of ${chunks.length} framed`);
+      const imp = await sarde([
+        "import",
+        "-d",
+        store,
+        "--vmdir",
+        join(work, "vms"),
+        "-n",
+        name,
+        "l/f:v1",
+      ], {
+        env,
+      });
+      assert.equal(imp.code, 0, imp.stderr);
+      for (const d of vm.disks) {
+        const copy = join(work, "vms", name, d.path.split("/").at(-1)!);
+        assert.equal((await run("cmp", [d.path, copy])).code, 0, `${copy} is the disk`);
+      }
+    } finally {
+      await undefineVms([name]);
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "frames: an image of older sarde (one frame per chunk, no table) still imports",
+  ...vmOpts,
+  fn: async () => {
+    await ensureLibvirtd();
+    const work = await tempDir("frames-old");
+    const name = uniqueVmName("sarde-frames-old");
+    try {
+      // Exported by sarde 306f193 (before frames) from a test VM, `--chunksize 1M`.
+      const store = join(work, "s");
+      await Deno.mkdir(store);
+      const fixture = new URL("./fixtures/old-zstd-image.tar.gz", import.meta.url).pathname;
+      await run("tar", ["-xzf", fixture, "-C", store], { check: true });
+      const { manifest } = await storedImage(join(store, "local", "old-zstd"));
+      const chunks = manifest.layers.filter((l) => l.mediaType.endsWith("+zstd"));
+      assert.ok(chunks.length > 60);
+      assert.ok(chunks.every((l) => frameTableLocation(l) === undefined), "no tables");
+      const vmdir = join(work, "vms");
+      const imp = await sarde([
+        "import",
+        "-d",
+        store,
+        "--vmdir",
+        vmdir,
+        "-n",
+        name,
+        "local/old-zstd:v1",
+      ], {
+        env,
+      });
+      assert.equal(imp.code, 0, imp.stderr);
+      // Every file is the one the image pins (import verified chunks and file digests too).
+      const files = new Map(chunks.map((l) => [l.annotations![Annotation.fileName], l]));
+      for (const [file, l] of files) {
+        const bytes = await Deno.readFile(join(vmdir, name, file!));
+        assert.equal(sha256(bytes), l.annotations![Annotation.fileDigest], file);
+      }
+    } finally {
+      await undefineVms([name]);
+      await Deno.remove(work, { recursive: true });
+    }
+  },
 });
