@@ -92,7 +92,7 @@ export interface ZstdEncodeOptions {
   onChunk?: (chunk: ChunkBlob) => void;
 }
 
-/** Options of {@link decodeZstdChunk}. */
+/** Options of {@link decodeZstdChunk} and {@link decodeFrame}. */
 export interface ZstdDecodeOptions {
   signal?: AbortSignal;
   /** Workers to decode on (shared by the chunks of an import); default: a new one-worker pool. */
@@ -402,13 +402,6 @@ export async function decodeZstdChunk(
   }
 }
 
-/** Options of {@link decodeFrame}. */
-export interface FrameDecodeOptions {
-  signal?: AbortSignal;
-  /** Workers to decode on; default: a new one-worker pool. */
-  pool?: CodecPool;
-}
-
 /**
  * Decompresses one frame of a framed chunk (the bytes its table entry names) into memory, on a
  * codec worker, and verifies it.
@@ -421,7 +414,7 @@ export async function decodeFrame(
   bytes: Uint8Array,
   expectedSize: number,
   digest: string,
-  opts: FrameDecodeOptions = {},
+  opts: ZstdDecodeOptions = {},
 ): Promise<Uint8Array> {
   const { signal } = opts;
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 1 || expectedSize > MAX_FRAME_SIZE) {
