@@ -1,6 +1,7 @@
 /**
- * Worker threads that do the heavy byte work of the zstd encoding: compress one chunk of a file,
- * decompress one chunk blob into a file, hash a whole file.
+ * Worker threads that do the heavy byte work of the zstd encoding: compress one chunk of a file
+ * (into frames and their table, lib/image/frames.ts), decompress one chunk blob into a file or
+ * one frame into memory, hash a whole file.
  *
  * Why workers and libzstd: per GiB of disk, an export hashes twice (chunk and file) and
  * compresses once, an import decompresses and hashes once. Piping the data through the `zstd` CLI
@@ -17,21 +18,24 @@
  * main thread uses too) and started from a blob URL, so `deno bundle` and `deno compile` need no
  * extra file.
  *
- * Determinism: a chunk is fed to libzstd (single-threaded streaming mode, content size pledged,
- * XXH64 checksum on, as the `zstd` CLI writes frames) in 4 MiB pieces at fixed offsets from the
- * chunk's start, whatever the holes; so the frame depends only on the chunk's bytes, its length,
- * the level and the libzstd version.
+ * Determinism: a frame is fed to libzstd (single-threaded streaming mode, content size pledged,
+ * XXH64 checksum on, as the `zstd` CLI writes frames) in pieces of at most 4 MiB at fixed offsets
+ * from the frame's start, whatever the holes; so the blob depends only on the chunk's bytes, its
+ * length, the frame size, the level and the libzstd version.
  *
  * @module
  */
 
 import { directIo } from "../util/direct_io.ts";
 import { osReason } from "../util/fsutil.ts";
+import { encodeFrameTable, type FrameTableLocation } from "./frames.ts";
 import type { Range } from "./holes.ts";
 
 /**
- * Compress [offset, offset+length) of `file` into `out` (one zstd frame). `out` must exist and
- * be empty: the caller creates it, so a worker that outlives an abort never creates a file.
+ * Compress [offset, offset+length) of `file` into `out`: zstd frames of `frameSize` bytes and
+ * their table, or one frame without a table if `frameSize` is 0 or the range empty. `out` must
+ * exist and be empty: the caller creates it, so a worker that outlives an abort never creates a
+ * file.
  */
 export interface EncodeJob {
   kind: "encode";
@@ -42,6 +46,8 @@ export interface EncodeJob {
   holes: Range[];
   out: string;
   level: number;
+  /** Uncompressed bytes per frame (the last one shorter); 0: one frame, no table. */
+  frameSize: number;
   /**
    * Report an all-zero chunk as `{ zero: true }` without compressing it (the caller has the
    * frame of zeros cached); `out` is then not created.
@@ -52,7 +58,14 @@ export interface EncodeJob {
 /** What an {@link EncodeJob} made. */
 export type EncodeResult =
   | { zero: true }
-  | { zero: false; digest: string; size: number; uncompressedDigest: string };
+  | {
+    zero: false;
+    digest: string;
+    size: number;
+    uncompressedDigest: string;
+    /** The frame table, for a framed blob. */
+    table?: FrameTableLocation;
+  };
 
 /**
  * Decompress the blob `blob` into `out` at `offset`: `out` must exist, be long enough and read as
@@ -89,8 +102,19 @@ export interface HashResult {
   size: number;
 }
 
+/**
+ * Decompress one zstd frame held in memory: `bytes` must be exactly one frame whose header gives
+ * `size` as its content size, and decompress to `size` bytes whose sha256 is `digest`.
+ */
+export interface InflateJob {
+  kind: "inflate";
+  bytes: Uint8Array;
+  size: number;
+  digest: string;
+}
+
 /** Any job of a codec worker. */
-export type CodecJob = EncodeJob | DecodeJob | HashJob;
+export type CodecJob = EncodeJob | DecodeJob | HashJob | InflateJob;
 
 /** The error a worker reports: a message and the sarde error kind it maps to. */
 export interface WorkerFailure {
@@ -108,6 +132,7 @@ export interface WorkerFailure {
 interface WorkerShared {
   directIo: typeof directIo;
   osReason: typeof osReason;
+  encodeFrameTable: typeof encodeFrameTable;
 }
 
 /**
@@ -118,7 +143,7 @@ function codecWorkerMain(shared: WorkerShared): void {
   const IO = 4 << 20;
   const scope = self as unknown as {
     onmessage: ((e: MessageEvent) => void) | null;
-    postMessage(m: unknown): void;
+    postMessage(m: unknown, transfer?: Transferable[]): void;
   };
 
   class Failure extends Error {
@@ -131,7 +156,11 @@ function codecWorkerMain(shared: WorkerShared): void {
     }
   }
 
-  type Hash = { update(b: Uint8Array): Hash; digest(enc: "hex"): string };
+  type Hash = {
+    update(b: Uint8Array): Hash;
+    digest(enc: "hex"): string;
+    digest(): Uint8Array;
+  };
   let createHash: (alg: string) => Hash;
   let isZero: (b: Uint8Array) => boolean;
   let zstd: ReturnType<typeof openZstd>;
@@ -164,6 +193,12 @@ function codecWorkerMain(shared: WorkerShared): void {
       ZSTD_decompressStream: { parameters: ["pointer", "buffer", "buffer"], result: "usize" },
       ZSTD_isError: { parameters: ["usize"], result: "u32" },
       ZSTD_getErrorName: { parameters: ["usize"], result: "pointer" },
+      ZSTD_getFrameContentSize: { parameters: ["buffer", "usize"], result: "u64" },
+      ZSTD_findFrameCompressedSize: { parameters: ["buffer", "usize"], result: "usize" },
+      ZSTD_decompressDCtx: {
+        parameters: ["pointer", "buffer", "usize", "buffer", "usize"],
+        result: "usize",
+      },
     } as const;
     let lib;
     try {
@@ -384,18 +419,45 @@ function codecWorkerMain(shared: WorkerShared): void {
       pieces = [0, 1, 2].map((i) => arena.subarray(i * (PIECE + GAP), i * (PIECE + GAP) + PIECE));
     }
     const bufs = pieces;
-    // The parameters libzstd picks for this level and size, plus a content checksum (as the
-    // zstd CLI writes) and the content size in the frame header.
-    const params = s.ZSTD_getParams(job.level, BigInt(job.length), 0n);
-    new DataView(params.buffer, params.byteOffset).setInt32(32, 1, true); // checksumFlag
-    check(s.ZSTD_compressBegin_advanced(cctx, null, 0n, params, BigInt(job.length)), "zstd");
+    const framed = job.frameSize > 0 && job.length > 0;
+    const frameSize = framed ? job.frameSize : job.length;
+    /** End of the frame holding chunk position `rel`. */
+    const frameEnd = (rel: number) =>
+      framed ? Math.min(job.length, rel - (rel % frameSize) + frameSize) : job.length;
     const chunkHash = createHash("sha256");
     const blobHash = createHash("sha256");
     const blob = appender(job.out);
+    const frames: { compressedSize: number; size: number; sha256: Uint8Array }[] = [];
+    let frameHash = framed ? createHash("sha256") : undefined;
+    let frameStart = 0; // compressed size when the current frame began
+    let frameRel = 0; // chunk position where it began
+    let begun = false;
     let size = 0;
     let previous = -1; // the buffer of the last piece compressed: the window, keep it intact
-    const compress = (buf: number, n: number, last: boolean) => {
+    const emit = (bytes: Uint8Array) => {
+      if (bytes.length === 0) return;
+      blobHash.update(bytes);
+      blob.append(bytes);
+      size += bytes.length;
+    };
+    /** Compresses piece `buf` (`n` bytes at chunk position `rel`), beginning or ending frames. */
+    const compress = (buf: number, rel: number, n: number) => {
+      const end = frameEnd(rel);
+      if (framed ? rel % frameSize === 0 : rel === 0) {
+        // The parameters libzstd picks for this level and frame size, plus a content checksum
+        // (as the zstd CLI writes) and the content size in the frame header.
+        const length = BigInt(end - rel);
+        const params = s.ZSTD_getParams(job.level, length, 0n);
+        new DataView(params.buffer, params.byteOffset).setInt32(32, 1, true); // checksumFlag
+        check(s.ZSTD_compressBegin_advanced(cctx, null, 0n, params, length), "zstd");
+        frameStart = size;
+        frameRel = rel;
+        begun = true;
+      }
       const src = bufs[buf].subarray(0, n);
+      chunkHash.update(src);
+      frameHash?.update(src);
+      const last = rel + n === end;
       const cap = BigInt(out.length);
       const written = check(
         last
@@ -404,48 +466,58 @@ function codecWorkerMain(shared: WorkerShared): void {
         "zstd compress",
       );
       previous = buf;
-      if (written === 0) return;
-      const bytes = out.subarray(0, written);
-      blobHash.update(bytes);
-      blob.append(bytes);
-      size += written;
+      emit(out.subarray(0, written));
+      if (last && frameHash) {
+        const sha256 = new Uint8Array(frameHash.digest());
+        frames.push({ compressedSize: size - frameStart, size: end - frameRel, sha256 });
+        frameHash = createHash("sha256");
+      }
     };
     const free = (busy: number) => [0, 1, 2].find((b) => b !== previous && b !== busy)!;
     try {
-      // All-zero pieces are held back: a chunk that turns out all zeros is never compressed.
-      let heldZeros = 0;
+      // Leading all-zero pieces are held back: a chunk that turns out all zeros is never
+      // compressed.
+      const held: { rel: number; n: number }[] = [];
       let current = free(-1);
       const release = () => {
-        for (; heldZeros > 0; heldZeros--) {
+        for (const h of held.splice(0)) {
           const b = free(current);
-          bufs[b].fill(0);
-          chunkHash.update(bufs[b]);
-          compress(b, PIECE, false);
+          bufs[b].fill(0, 0, h.n);
+          compress(b, h.rel, h.n);
         }
       };
-      for (let rel = 0; rel < job.length; rel += PIECE) {
-        const n = Math.min(PIECE, job.length - rel);
+      for (let rel = 0; rel < job.length;) {
+        const n = Math.min(PIECE, frameEnd(rel) - rel);
         const last = rel + n === job.length;
         current = free(-1);
         const piece = bufs[current].subarray(0, n);
         fill(f, job.file, piece, job.offset + rel, job.holes);
-        if (job.detectZeros && n === PIECE && !last && isZero(piece)) {
-          heldZeros++;
-          continue;
-        }
-        if (job.detectZeros && last && heldZeros * PIECE === rel && isZero(piece)) {
+        const zero = job.detectZeros && !begun && isZero(piece);
+        if (zero && !last) {
+          held.push({ rel, n });
+        } else if (zero && last) {
           return { zero: true };
+        } else {
+          release();
+          compress(current, rel, n);
         }
-        release();
-        chunkHash.update(piece);
-        compress(current, n, last);
+        rel += n;
       }
-      if (job.length === 0) compress(free(-1), 0, true);
+      if (job.length === 0) compress(free(-1), 0, 0);
+      let table: FrameTableLocation | undefined;
+      if (framed) {
+        const bytes = shared.encodeFrameTable(frames);
+        const offset = size;
+        emit(bytes);
+        const digest = `sha256:${createHash("sha256").update(bytes).digest("hex")}`;
+        table = { offset, length: bytes.length, digest };
+      }
       return {
         zero: false,
         digest: `sha256:${blobHash.digest("hex")}`,
         size,
         uncompressedDigest: `sha256:${chunkHash.digest("hex")}`,
+        ...(table ? { table } : {}),
       };
     } finally {
       blob[Symbol.dispose]();
@@ -531,6 +603,36 @@ function codecWorkerMain(shared: WorkerShared): void {
     }
   }
 
+  function inflate(job: InflateJob): Uint8Array {
+    const { s, check, dctx } = zstd;
+    const src = job.bytes;
+    const n = BigInt(src.length);
+    // One whole frame whose header pledges the expected size: the output buffer is that size,
+    // and a second frame or trailing bytes cannot hide behind the first.
+    const frame = check(s.ZSTD_findFrameCompressedSize(src, n), "corrupt zstd frame");
+    if (frame !== src.length) {
+      throw new Failure(`holds ${frame} bytes of frame, not ${src.length}`, "integrity");
+    }
+    const declared = s.ZSTD_getFrameContentSize(src, n);
+    if (declared !== BigInt(job.size)) {
+      const what = declared >= 0xfffffffffffffffen ? "no content size" : `${declared} bytes`;
+      throw new Failure(`declares ${what}, expected ${job.size}`, "integrity");
+    }
+    const data = new Uint8Array(job.size);
+    const got = check(
+      s.ZSTD_decompressDCtx(dctx, data, BigInt(data.length), src, n),
+      "corrupt zstd frame",
+    );
+    if (got !== job.size) {
+      throw new Failure(`decompresses to ${got} bytes, expected ${job.size}`, "integrity");
+    }
+    const digest = `sha256:${createHash("sha256").update(data).digest("hex")}`;
+    if (digest !== job.digest) {
+      throw new Failure(`content is ${digest}, expected ${job.digest}`, "integrity");
+    }
+    return data;
+  }
+
   function hashFile(job: HashJob): HashResult {
     using f = Deno.openSync(job.file, { read: true });
     const hash = createHash("sha256");
@@ -545,18 +647,26 @@ function codecWorkerMain(shared: WorkerShared): void {
   scope.onmessage = async ({ data: job }: MessageEvent<CodecJob>) => {
     try {
       await load();
-      const what = job.kind === "decode" ? job.blob : job.file;
+      const what = job.kind === "decode"
+        ? job.blob
+        : job.kind === "inflate"
+        ? "a zstd frame"
+        : job.file;
       let result: unknown;
       try {
         result = job.kind === "encode"
           ? encode(job)
           : job.kind === "decode"
           ? decode(job)
+          : job.kind === "inflate"
+          ? inflate(job)
           : hashFile(job);
       } catch (err) {
         throw ioFailure(err, `cannot ${job.kind} ${what}`);
       }
-      scope.postMessage({ ok: result });
+      // A frame's bytes move to the caller instead of being copied.
+      const transfer = result instanceof Uint8Array ? [result.buffer as ArrayBuffer] : [];
+      scope.postMessage({ ok: result }, transfer);
     } catch (err) {
       const f = err instanceof Failure ? err : new Failure(String(err), "io");
       scope.postMessage({ error: f.message, kind: f.kind, written: f.written });
@@ -569,6 +679,7 @@ function workerSource(): string {
   const shared: Record<keyof WorkerShared, string> = {
     directIo: directIo.toString(),
     osReason: osReason.toString(),
+    encodeFrameTable: encodeFrameTable.toString(),
   };
   const args = Object.entries(shared).map(([name, fn]) => `${name}: ${fn}`).join(",\n");
   return `(${codecWorkerMain.toString()})({\n${args}\n});`;
@@ -580,6 +691,7 @@ export interface CodecPool {
   run(job: EncodeJob): Promise<EncodeResult>;
   run(job: DecodeJob): Promise<DecodeResult>;
   run(job: HashJob): Promise<HashResult>;
+  run(job: InflateJob): Promise<Uint8Array>;
   /** Stops every worker at once (jobs in flight reject). Idempotent. */
   close(): void;
 }

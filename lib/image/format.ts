@@ -6,7 +6,8 @@
  * - `gzip`: sardinecake 0.4's layout. One gzip stream per file (the file name lives in the gzip
  *   header), cut into pieces; the first piece has media type `<mime>+gzip`, the N-th following
  *   one `<mime>+gzip;chunk=N`. 0.4 can import these.
- * - `zstd`: fixed-size uncompressed chunks, each an independent zstd frame, media type
+ * - `zstd`: fixed-size uncompressed chunks, each independent zstd frames plus a table of them
+ *   (lib/image/frames.ts; one frame without a table from older sarde), media type
  *   `<mime>+zstd`, with annotations naming the file, the chunk's place and the uncompressed
  *   digests, so chunks can be fetched, decoded and verified in parallel and unchanged chunks are
  *   identical blobs.
@@ -29,6 +30,11 @@ export const Annotation = {
   chunkOffset: "org.sardinecake.chunk.offset",
   chunkSize: "org.sardinecake.chunk.size",
   chunkDigest: "org.sardinecake.chunk.digest",
+  /**
+   * Where a framed chunk's frame table is and its sha256: `<offset>:<length>:sha256:<hex>` (see
+   * lib/image/frames.ts). Absent on chunks read whole: zero or empty chunks, older sarde.
+   */
+  chunkFrames: "org.sardinecake.chunk.frames",
   /** Basename of the file's qcow2 backing file inside the image, and its format. */
   backingFile: "org.sardinecake.file.backing",
   backingFormat: "org.sardinecake.file.backing-format",

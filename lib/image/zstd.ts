@@ -1,6 +1,6 @@
 /**
- * sarde's disk encoding: a file cut into fixed-size *uncompressed* chunks, every chunk one
- * independent zstd frame.
+ * sarde's disk encoding: a file cut into fixed-size *uncompressed* chunks, every chunk a blob of
+ * independent zstd frames of {@link FRAME_SIZE} bytes followed by their table (lib/image/frames.ts).
  *
  * Fixed uncompressed boundaries keep the blob of an unchanged region identical across exports
  * (registry dedup), and independent frames let a pull fetch, decode and verify chunks in
@@ -11,7 +11,8 @@
  * Holes: `qemu-img map -f raw` (SEEK_DATA/SEEK_HOLE) lists the regions that read as zeros; they
  * are not read. A chunk that is all zeros, be it a hole or written zeros, is not compressed
  * either: its blob is a copy of the frame of zeros made once per chunk length, so both give the
- * same blob. On decoding, a chunk whose digest is that of zeros is not even read, and all-zero
+ * same blob. That blob is one frame without a table, as older sarde wrote every chunk: a reader
+ * never fetches a chunk of zeros. On decoding, a chunk whose digest is that of zeros is not even read, and all-zero
  * 4 MiB blocks are left as holes.
  *
  * Running VMs (`export --force`): chunks and the whole-file digest are computed from separate
@@ -30,6 +31,7 @@ import {
   type EncodeResult,
   type WorkerFailure,
 } from "./codec_worker.ts";
+import { FRAME_SIZE, type FrameTableLocation, MAX_FRAME_SIZE } from "./frames.ts";
 import { createDigester } from "../oci/digest.ts";
 import { fail, SardeError } from "../util/errors.ts";
 
@@ -47,6 +49,8 @@ export interface ChunkBlob {
   length: number;
   /** sha256 of the uncompressed range. */
   uncompressedDigest: string;
+  /** Where the frame table is; absent for a blob of one frame (zero or empty chunks). */
+  table?: FrameTableLocation;
 }
 
 /** Result of {@link encodeZstd}. */
@@ -65,6 +69,11 @@ export interface ZstdEncodeOptions {
   chunkSize: number;
   /** zstd level 1…19; default 3 (sarde export uses DEFAULT_ZSTD_LEVEL of lib/util/defaults.ts). */
   level?: number;
+  /**
+   * Uncompressed bytes per frame (default {@link FRAME_SIZE}, at most {@link MAX_FRAME_SIZE});
+   * 0 writes each chunk as one frame without a table, as sarde did before frames.
+   */
+  frameSize?: number;
   /** Directory for the temp blob files (the OCI `blobs/sha256`, so that a rename adopts them). */
   outDir: string;
   /**
@@ -83,7 +92,7 @@ export interface ZstdEncodeOptions {
   onChunk?: (chunk: ChunkBlob) => void;
 }
 
-/** Options of {@link decodeZstdChunk}. */
+/** Options of {@link decodeZstdChunk} and {@link decodeFrame}. */
 export interface ZstdDecodeOptions {
   signal?: AbortSignal;
   /** Workers to decode on (shared by the chunks of an import); default: a new one-worker pool. */
@@ -129,9 +138,13 @@ async function unlessAborted<T>(work: Promise<T>, signal: AbortSignal | undefine
 export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise<EncodedFile> {
   const { chunkSize, outDir, signal, onProgress, onChunk } = opts;
   const level = opts.level ?? 3;
+  const frameSize = opts.frameSize ?? FRAME_SIZE;
   const concurrency = opts.concurrency ?? navigator.hardwareConcurrency ?? 2;
   if (!Number.isSafeInteger(chunkSize) || chunkSize <= 0) {
     throw fail("usage", `invalid zstd chunk size ${chunkSize}: a positive number of bytes`);
+  }
+  if (!Number.isSafeInteger(frameSize) || frameSize < 0 || frameSize > MAX_FRAME_SIZE) {
+    throw fail("usage", `invalid zstd frame size ${frameSize}: 0…${MAX_FRAME_SIZE} bytes`);
   }
   if (!Number.isInteger(level) || level < 1 || level > 19) {
     throw fail("usage", `invalid zstd level ${level}: 1…19`);
@@ -170,10 +183,19 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       (await Deno.open(path, { write: true, createNew: true })).close();
       return path;
     };
-    const encode = async (offset: number, length: number, holes: Range[], detectZeros = true) => {
+    const encode = async (offset: number, length: number, holes: Range[], zeroBlob = false) => {
       const out = await newTemp();
-      const r: EncodeResult = await pool
-        .run({ kind: "encode", file, offset, length, holes, out, level, detectZeros });
+      const r: EncodeResult = await pool.run({
+        kind: "encode",
+        file,
+        offset,
+        length,
+        holes,
+        out,
+        level,
+        frameSize: zeroBlob ? 0 : frameSize,
+        detectZeros: !zeroBlob,
+      });
       return { out, r };
     };
     // The frame of zeros per chunk length (at most two: chunkSize and the tail), encoded once
@@ -183,7 +205,7 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
       let blob = zeroBlobs.get(length);
       if (!blob) {
         blob = (async () => {
-          const { out, r } = await encode(0, length, [{ start: 0, end: length }], false);
+          const { out, r } = await encode(0, length, [{ start: 0, end: length }], true);
           if (r.zero) throw new Error("a zero frame was not encoded");
           return {
             path: out,
@@ -238,6 +260,7 @@ export async function encodeZstd(file: string, opts: ZstdEncodeOptions): Promise
               offset,
               length,
               uncompressedDigest: r.uncompressedDigest,
+              ...(r.table ? { table: r.table } : {}),
             };
           }
         }
@@ -374,6 +397,44 @@ export async function decodeZstdChunk(
       throw new SardeError("integrity", `${what}: ${e.message}`, { cause: err });
     }
     throw e;
+  } finally {
+    own?.close();
+  }
+}
+
+/**
+ * Decompresses one frame of a framed chunk (the bytes its table entry names) into memory, on a
+ * codec worker, and verifies it.
+ *
+ * Throws an `integrity` error unless `bytes` is exactly one zstd frame whose header declares
+ * `expectedSize` bytes and which decompresses to `expectedSize` bytes with sha256 `digest`; the
+ * output buffer is never larger than `expectedSize` (at most {@link MAX_FRAME_SIZE}).
+ */
+export async function decodeFrame(
+  bytes: Uint8Array,
+  expectedSize: number,
+  digest: string,
+  opts: ZstdDecodeOptions = {},
+): Promise<Uint8Array> {
+  const { signal } = opts;
+  if (!Number.isSafeInteger(expectedSize) || expectedSize < 1 || expectedSize > MAX_FRAME_SIZE) {
+    throw fail("usage", `invalid frame size ${expectedSize}: 1…${MAX_FRAME_SIZE} bytes`);
+  }
+  checkAborted(signal);
+  const own = opts.pool ? undefined : createCodecPool(1);
+  const pool = opts.pool ?? own!;
+  try {
+    return await unlessAborted(
+      pool.run({ kind: "inflate", bytes, size: expectedSize, digest }),
+      signal,
+    );
+  } catch (err) {
+    const e = fromWorker(err, signal, "cannot decompress a zstd frame");
+    throw e.kind === "integrity"
+      ? new SardeError("integrity", `zstd frame of ${expectedSize} bytes: ${e.message}`, {
+        cause: err,
+      })
+      : e;
   } finally {
     own?.close();
   }

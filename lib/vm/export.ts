@@ -6,7 +6,7 @@
  */
 
 import { basename, dirname, extname, join, resolve } from "node:path";
-import { encodeGzip } from "../image/mod.ts";
+import { encodeGzip, frameTableAnnotation } from "../image/mod.ts";
 import { type ChunkBlob, encodeZstd } from "../image/zstd.ts";
 import { onInterrupt } from "../util/cleanup.ts";
 import { digestOf } from "../oci/digest.ts";
@@ -249,6 +249,7 @@ function zstdChunkLayer(
       [Annotation.chunkOffset]: String(chunk.offset),
       [Annotation.chunkSize]: String(chunk.length),
       [Annotation.chunkDigest]: chunk.uncompressedDigest,
+      ...(chunk.table ? { [Annotation.chunkFrames]: frameTableAnnotation(chunk.table) } : {}),
       ...(f.backing
         ? {
           [Annotation.backingFile]: f.backing.name,
@@ -288,6 +289,7 @@ function checkManifestSize(
         offset: size,
         length: chunk,
         uncompressedDigest: digest,
+        table: { offset: chunk, length: chunk, digest },
       });
     } else {
       // Deflate adds at most a few bytes per 16 KiB block to incompressible data.
