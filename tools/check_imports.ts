@@ -11,7 +11,16 @@
 import { dirname, join, relative, resolve } from "node:path";
 
 /** The layers of `lib/`, lowest first. */
-export const LAYERS = ["util", "oci", "registry", "image", "transfer", "vm", "executor"] as const;
+export const LAYERS = [
+  "util",
+  "oci",
+  "registry",
+  "image",
+  "transfer",
+  "lazy",
+  "vm",
+  "executor",
+] as const;
 
 const root = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const lib = join(root, "lib");
