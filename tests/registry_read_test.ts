@@ -12,6 +12,7 @@ import {
   type RegistryClient,
 } from "../lib/registry/client.ts";
 import { SardeError } from "../lib/util/errors.ts";
+import { assertSameBytes } from "./support/bytes.ts";
 import { startFaultyProxy, startRegistry, type TestRegistry } from "./support/registry.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -64,20 +65,16 @@ Deno.test({
     await withClient(reg.host, async (c) => {
       for (const [offset, length] of [[0, 1000], [1 << 20, 777_777], [data.length - 4097, 4097]]) {
         const got = await c.readBlob(REPO, blob, { offset, length });
-        assert.equal(got.length, length);
-        assert.ok(
-          got.every((b, i) => b === data[offset + i]),
-          `bytes ${offset}+${length}`,
-        );
+        assertSameBytes(got, data.subarray(offset, offset + length), `bytes ${offset}+${length}`);
       }
-      assert.deepEqual(await c.readBlob(REPO, blob), data);
+      assertSameBytes(await c.readBlob(REPO, blob), data);
       assert.equal((await c.readBlob(REPO, blob, { offset: 5, length: 0 })).length, 0);
     });
   },
 });
 
 Deno.test({
-  name: "readBlob: a range beyond the blob, or a blob shorter than announced, is an error",
+  name: "readBlob: a range beyond the blob, a short blob, other bytes or another blob are errors",
   ...opts,
   fn: async () => {
     await using reg = await startRegistry("plain");
@@ -94,10 +91,25 @@ Deno.test({
         c.readBlob(REPO, longer, { offset: 150_000, length: 1000 }),
         (e) => e instanceof SardeError && e.kind === "integrity" && /fewer than/.test(e.message),
       );
-      // A whole read of a blob that is not what its descriptor says.
+    });
+    // Bytes other than the ones asked for, and a whole blob that is not the one asked for.
+    await using shifted = await startFaultyProxy({ url: reg.url }, {
+      kind: "rewrite",
+      requests: "blob-get",
+      headers: { "content-range": `bytes 0-999/${blob.size}` },
+    });
+    await withClient(shifted.host, async (c) => {
       await assert.rejects(
-        c.readBlob(REPO, { ...blob, digest: digestOf("other") }),
-        (e) => e instanceof SardeError && e.kind !== "usage",
+        c.readBlob(REPO, blob, { offset: 1000, length: 1000 }),
+        (e) => e instanceof SardeError && /sent bytes 0-999/.test(e.message),
+      );
+    });
+    await using corrupting = await startFaultyProxy({ url: reg.url }, { kind: "corrupt-blob" });
+    await withClient(corrupting.host, async (c) => {
+      await assert.rejects(
+        c.readBlob(REPO, blob),
+        (e) =>
+          e instanceof SardeError && e.kind === "integrity" && /another digest/.test(e.message),
       );
     });
   },
@@ -119,7 +131,7 @@ Deno.test({
     const got = await withClient(cut.host, (c) => c.readBlob(REPO, blob, range));
     assert.equal(cut.faults(), 2);
     assert.equal(blobGets(cut), 3, "two cuts, then the rest");
-    assert.deepEqual(got, data.subarray(range.offset, range.offset + range.length));
+    assertSameBytes(got, data.subarray(range.offset, range.offset + range.length));
 
     await using busy = await startFaultyProxy({ url: reg.url }, {
       kind: "status",
@@ -129,7 +141,7 @@ Deno.test({
     });
     const again = await withClient(busy.host, (c) => c.readBlob(REPO, blob, range));
     assert.equal(busy.faults(), 3);
-    assert.deepEqual(again, data.subarray(range.offset, range.offset + range.length));
+    assertSameBytes(again, data.subarray(range.offset, range.offset + range.length));
   },
 });
 
@@ -145,7 +157,7 @@ Deno.test({
     await using proxy = await startFaultyProxy({ url: reg.url }, { kind: "ignore-range" });
     await withClient(proxy.host, async (c) => {
       const got = await c.readBlob(REPO, smallBlob, { offset: 500_000, length: 1000 });
-      assert.deepEqual(got, small.subarray(500_000, 501_000));
+      assertSameBytes(got, small.subarray(500_000, 501_000));
       assert.equal(proxy.faults(), 1, "the Range header was dropped");
       await assert.rejects(
         c.readBlob(REPO, largeBlob, { offset: 0, length: 1000 }),

@@ -15,9 +15,11 @@
  * unit number plus one. The `+ 1` makes an entry of zeros invalid: after a power loss, some file
  * systems can show an append whose size reached the disk before its bytes as zeros, which must
  * not read as "unit 0 is present". A torn last entry (a crash mid-append) is ignored and cut off.
- * The log belongs to the file: when the file has to be created, an old log is emptied. The path
- * must be specific to one image (the lazy server keeps its files per image ID), since the log
- * cannot tell one unit list from another of the same length.
+ * The log belongs to the file: a file that is missing, has another size, or has no usable log
+ * (missing, empty, or listing units the file does not have) starts over, emptied to zeros, with
+ * an empty log; so a zero unit always reads as zeros without being fetched. The path must be
+ * specific to one image (the lazy server keeps its files per image ID), since the log cannot
+ * tell one unit list from another of the same length.
  *
  * @module
  */
@@ -229,8 +231,15 @@ function groupSync(fh: FileHandle): () => Promise<void> {
   };
 }
 
-/** Reads the presence log: the units listed in it (a torn last entry is cut off). */
-async function readLog(log: FileHandle, count: number, what: string): Promise<number[]> {
+/**
+ * Reads the presence log: the units listed in it (a torn last entry is cut off), or `undefined`
+ * when it lists a unit the file does not have (the log of another file).
+ */
+async function readLog(
+  log: FileHandle,
+  count: number,
+  what: string,
+): Promise<number[] | undefined> {
   const { size } = await log.stat();
   const whole = size - (size % ENTRY);
   if (whole !== size) {
@@ -244,11 +253,8 @@ async function readLog(log: FileHandle, count: number, what: string): Promise<nu
     const entry = view.getUint32(pos, true);
     if (entry === 0) continue; // see the module doc: zeros are never written
     if (entry > count) {
-      throw fail(
-        "integrity",
-        `${what}: the presence log lists unit ${entry - 1} of ${count}: it belongs to another file`,
-        "remove the file and its presence log",
-      );
+      warn(`${what}: the presence log lists unit ${entry - 1} of ${count}: ignoring it`);
+      return undefined;
     }
     units.push(entry - 1);
   }
@@ -292,15 +298,19 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   };
   try {
     const { size: onDisk } = await fh.stat();
-    if (created) await fh.truncate(size); // sparse: nothing allocated yet
-    else if (onDisk !== size) {
-      throw fail("io", `${path} has ${onDisk} bytes, not the ${size} of ${file.name}`);
-    }
     log = await open(path + PRESENCE_LOG_SUFFIX, "a+");
-    if (created) await log.truncate(0);
-    for (const i of await readLog(log, units.length, what)) markPresent(i);
-    // A zero unit is already there: the sparse file reads as zeros, and only verified bytes of
-    // other units are ever written.
+    const listed = created ? undefined : await readLog(log, units.length, what);
+    if (listed?.length && onDisk === size) listed.forEach(markPresent);
+    else {
+      // Nothing of the file is known: it starts over as zeros (sparse: nothing allocated), so
+      // that zero units below are zeros whatever was in the file before.
+      if (!created) debug(`${what}: no usable presence log; ${path} starts over`);
+      await fh.truncate(0);
+      await fh.truncate(size);
+      await log.truncate(0);
+    }
+    // A zero unit is already there: the file started as zeros, and only verified bytes of other
+    // units are ever written.
     units.forEach((u, i) => {
       if (u.length > 0 && u.digest === zeroDigest(u.length)) markPresent(i);
     });
