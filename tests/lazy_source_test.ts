@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { chunkUnits, type FileUnit, groupDiskLayers, type ImageFile } from "../lib/image/format.ts";
 import { zeroDigest } from "../lib/image/zstd.ts";
 import {
+  decodeZstdUnit,
   type LazyFile,
   openLazyFile,
   PRESENCE_LOG_SUFFIX,
@@ -321,10 +322,13 @@ Deno.test({
       const file: ImageFile = { name: "d", encoding: "zstd", layers: [], size: data.length };
       const order: number[] = [];
       const gates = new Map<number, () => void>();
-      const fetchUnit: UnitFetcher = async (u) => {
+      const fetchUnit: UnitFetcher = async (u, signal) => {
         const i = units.indexOf(u);
         order.push(i);
-        await new Promise<void>((go) => gates.set(i, go));
+        await new Promise<void>((go, stop) => {
+          gates.set(i, go);
+          signal?.addEventListener("abort", () => stop(signal.reason), { once: true });
+        });
         return data.slice(u.offset, u.offset + u.length);
       };
       const open = (path: string) =>
@@ -358,10 +362,53 @@ Deno.test({
       await prefetching;
       assert.deepEqual(order, [0, 5, 1, 3, 4, 6], "unit 2 is zeros: never fetched");
       assert.equal((await digestFile(join(work, "d"))).digest, digestOf(data));
+
+      // An aborted prefetch stops after the fetch in flight; closing ends a fetch that hangs.
+      order.length = 0;
+      gates.clear();
+      const other = await open(join(work, "e"));
+      const stop = new AbortController();
+      const aborted = other.prefetch(stop.signal);
+      await until(() => order.length === 1);
+      stop.abort();
+      gates.get(0)!();
+      await assert.rejects(aborted);
+      assert.deepEqual(order, [0]);
+      assert.equal(other.presentBytes, 2 * MiB, "unit 0 and the zero unit");
+      const hanging = other.read(MiB, 10);
+      await until(() => order.length === 2);
+      await other.close();
+      await assert.rejects(hanging);
+      await assert.rejects(other.read(0, 10), /closed/);
     } finally {
       await Deno.remove(work, { recursive: true });
     }
   },
+});
+
+Deno.test("decodeZstdUnit: a frame that decodes to more than its unit is refused", async () => {
+  const zeros = new Uint8Array(4 * MiB);
+  const z = await new Deno.Command("zstd", { args: ["-c", "-q"], stdin: "piped", stdout: "piped" })
+    .spawn();
+  const writer = z.stdin.getWriter();
+  await writer.write(zeros);
+  await writer.close();
+  const frame = (await z.output()).stdout;
+  const unit = (length: number): FileUnit => ({
+    offset: 0,
+    length,
+    blob: { mediaType: "x", digest: digestOf(frame), size: frame.length },
+    digest: digestOf(zeros),
+  });
+  assertSameBytes(await decodeZstdUnit(frame, unit(zeros.length)), zeros);
+  await assert.rejects(
+    decodeZstdUnit(frame, unit(1000)),
+    (e) => e instanceof SardeError && e.kind === "integrity" && /more than 1000/.test(e.message),
+  );
+  await assert.rejects(
+    decodeZstdUnit(frame.subarray(0, frame.length - 3), unit(zeros.length)),
+    (e) => e instanceof SardeError && e.kind === "integrity" && /not a valid zstd/.test(e.message),
+  );
 });
 
 /** A zstd file of `sizes` chunks with valid annotations, for `chunkUnits`. */
