@@ -391,9 +391,9 @@ Deno.test("decodeZstdUnit: a frame that decodes to more than its unit is refused
   const z = await new Deno.Command("zstd", { args: ["-c", "-q"], stdin: "piped", stdout: "piped" })
     .spawn();
   const writer = z.stdin.getWriter();
-  await writer.write(zeros);
-  await writer.close();
+  const fed = writer.write(zeros).then(() => writer.close()); // zstd's output is read meanwhile
   const frame = (await z.output()).stdout;
+  await fed;
   const unit = (length: number): FileUnit => ({
     offset: 0,
     length,
