@@ -16,6 +16,7 @@
  */
 
 import { fail } from "../util/errors.ts";
+import { isDigest } from "../oci/digest.ts";
 import type { Descriptor, Manifest } from "../oci/types.ts";
 import { MediaType } from "../oci/types.ts";
 
@@ -365,4 +366,95 @@ export function validateVmConfig(value: unknown, where: string): VmConfig {
     );
   }
   return v as VmConfig;
+}
+
+/**
+ * The smallest verified piece of an image file (docs/lazy-pull.md, part 2): what a lazy pull
+ * fetches, decodes and checks on its own. Today a whole zstd chunk; with framed chunks, one zstd
+ * frame of a chunk blob, located by `range`.
+ */
+export interface FileUnit {
+  /** Where the unit starts in the uncompressed file. */
+  offset: number;
+  /** Uncompressed bytes of the unit. */
+  length: number;
+  /** The chunk layer holding the unit. */
+  blob: Descriptor;
+  /** The compressed bytes of the unit in the blob; absent: the whole blob. */
+  range?: { offset: number; length: number };
+  /** sha256 of the uncompressed bytes (`sha256:…`). */
+  digest: string;
+}
+
+/**
+ * Upper bound of a zstd frame's size for `length` input bytes: libzstd's `ZSTD_COMPRESSBOUND`
+ * plus room for the frame header and checksum. An honest chunk blob is never larger; a manifest
+ * that says otherwise would make a reader buffer whatever the registry sends.
+ */
+export function zstdFrameBound(length: number): number {
+  const small = length < 128 << 10 ? ((128 << 10) - length) >> 11 : 0;
+  return length + Math.floor(length / 256) + small + 64;
+}
+
+/**
+ * The units of a zstd file at chunk granularity: one per chunk layer, at the offset, size and
+ * uncompressed digest its annotations give. The annotations come from the manifest, which may be
+ * hostile, so they are checked here again even though {@link groupDiskLayers} checked them: the
+ * chunks must be numbered 0…n-1 in order and tile the file exactly (no gap, no overlap, no empty
+ * chunk but the one of an empty file), and a blob may not be larger than a zstd frame of its
+ * chunk can be (what a lazy reader holds in memory is bounded by that).
+ *
+ * gzip files (sardinecake 0.4) are one compressed stream each: no part of them can be decoded
+ * without all that comes before, so they cannot be read lazily. They are refused with a `usage`
+ * error; callers pull them in full (check `file.encoding` first).
+ */
+export function chunkUnits(file: ImageFile, what = file.name): FileUnit[] {
+  if (file.encoding !== "zstd") {
+    throw fail(
+      "usage",
+      `${what} is a gzip file (sardinecake 0.4): it cannot be read lazily`,
+      "pull the image in full",
+    );
+  }
+  const size = file.size;
+  if (size === undefined || !Number.isSafeInteger(size) || size < 0) {
+    throw fail("integrity", `${what}: the file size is missing or invalid`);
+  }
+  const units: FileUnit[] = [];
+  let next = 0;
+  for (const [i, blob] of file.layers.entries()) {
+    const where = `${what}: chunk ${i}`;
+    if (intAnnotation(blob, Annotation.chunkIndex, where) !== i) {
+      throw fail("integrity", `${where} is missing, duplicated or out of order`);
+    }
+    const offset = intAnnotation(blob, Annotation.chunkOffset, where);
+    const length = intAnnotation(blob, Annotation.chunkSize, where);
+    if (offset !== next) {
+      throw fail(
+        "integrity",
+        `${where} starts at ${offset}, not at ${next}: the chunks ${
+          offset < next ? "overlap" : "leave a gap"
+        }`,
+      );
+    }
+    if (length === 0 && size !== 0) throw fail("integrity", `${where} is empty`);
+    if (offset + length > size) throw fail("integrity", `${where} ends beyond the file's size`);
+    const digest = blob.annotations?.[Annotation.chunkDigest] ?? "";
+    if (!isDigest(digest)) throw fail("integrity", `${where} has no valid chunk digest`);
+    if (!isDigest(blob.digest) || !Number.isSafeInteger(blob.size) || blob.size <= 0) {
+      throw fail("integrity", `${where}: the layer has an invalid digest or size`);
+    }
+    if (blob.size > zstdFrameBound(length)) {
+      throw fail(
+        "integrity",
+        `${where}: a blob of ${blob.size} bytes for ${length} bytes is larger than zstd makes`,
+      );
+    }
+    units.push({ offset, length, blob, digest });
+    next = offset + length;
+  }
+  if (next !== size || units.length === 0) {
+    throw fail("integrity", `${what}: the chunks cover ${next} of the file's ${size} bytes`);
+  }
+  return units;
 }

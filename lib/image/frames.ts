@@ -36,7 +36,7 @@
 import { createDigester } from "../oci/digest.ts";
 import type { Descriptor } from "../oci/types.ts";
 import { fail } from "../util/errors.ts";
-import { Annotation, type ImageFile } from "./format.ts";
+import { Annotation, type FileUnit, type ImageFile } from "./format.ts";
 
 /**
  * Uncompressed bytes per frame of a zstd chunk: 2 MiB, the smallest size that stays within the
@@ -229,20 +229,6 @@ export function parseFrameTable(bytes: Uint8Array, layer: Descriptor): Frame[] {
     throw bad(`has frames of ${chunkOffset} bytes in all, the chunk has ${chunkSize}`);
   }
   return frames;
-}
-
-/** The smallest verified piece of an image file: a frame, or a whole chunk (see docs/lazy-pull.md). */
-export interface FileUnit {
-  /** Offset in the uncompressed file. */
-  offset: number;
-  /** Uncompressed bytes. */
-  length: number;
-  /** The chunk layer holding it. */
-  blob: Descriptor;
-  /** Compressed bytes in the blob; absent = the whole blob. */
-  range?: { offset: number; length: number };
-  /** sha256 of the uncompressed bytes. */
-  digest: string;
 }
 
 /**

@@ -1,7 +1,9 @@
 /**
- * Lazy pull: serving an image's disks to QEMU before they have finished downloading. For now the
- * transport: a read-only NBD server on a UNIX socket with named exports, each backed by a
- * {@link BlockSource} that knows nothing about NBD, and the domain XML that points a disk at it.
+ * Lazy pull: serving an image's disks to QEMU before they have finished downloading
+ * (docs/lazy-pull.md). The lazy file fetches, verifies and keeps each unit (a frame or a chunk) of
+ * a file on first read and fills the rest in the background; a read-only NBD server on a UNIX
+ * socket serves such files as named exports, each a {@link BlockSource} that knows nothing about
+ * NBD; and the domain XML points a disk at it.
  *
  * @module
  */
@@ -9,3 +11,4 @@
 export * from "./domain_xml.ts";
 export * from "./file_source.ts";
 export * from "./nbd.ts";
+export * from "./source.ts";

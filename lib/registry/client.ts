@@ -65,6 +65,19 @@ export interface BlobSink {
 /** Produces the bytes of a blob starting at `offset`, for (re)sending. */
 export type BlobSource = (offset: number, length: number) => AsyncIterable<Uint8Array>;
 
+/** Bytes `offset` to `offset + length - 1` of a blob. */
+export interface BlobRange {
+  offset: number;
+  length: number;
+}
+
+/**
+ * The largest blob {@link RegistryClient.readBlob} reads whole when the registry answers a
+ * `Range` request with the whole blob (`200`): enough for a chunk of a small image, small enough
+ * that a read of a few KiB never costs the download of a 64 MiB chunk.
+ */
+export const FULL_READ_LIMIT = 16 << 20;
+
 /** Progress callback: bytes moved since the last call. */
 export type ProgressFn = (bytes: number) => void;
 
@@ -107,6 +120,19 @@ export interface RegistryClient {
     progress?: ProgressFn,
   ): Promise<void>;
   /**
+   * Reads a blob, or `range` of it, into memory: a `Range` GET answered `206` (a `200` — a server
+   * ignoring `Range` — is read and cut when the blob is at most {@link FULL_READ_LIMIT} bytes,
+   * refused otherwise). Never buffers more than the bytes asked for; a cut connection resumes
+   * where it stopped, with the retry policy of every other request. A whole blob is verified
+   * against its digest; a range cannot be (its reader verifies what it decodes from it).
+   */
+  readBlob(
+    repository: string,
+    descriptor: Descriptor,
+    range?: BlobRange,
+    signal?: AbortSignal,
+  ): Promise<Uint8Array>;
+  /**
    * Uploads a blob (POST → PATCH… → PUT `?digest=`), restarting on failure unless the registry
    * turns out to have the blob (a `HEAD` after a failed PATCH or PUT).
    */
@@ -141,6 +167,8 @@ interface CallOptions {
   answerTimeoutMs?: number;
   /** The API check itself: `url` is absolute, no authentication. */
   probe?: boolean;
+  /** Aborts this call only (on top of the client's own signal). */
+  signal?: AbortSignal;
 }
 
 /** Whether a call takes `status` as an answer (rather than retrying it or failing). */
@@ -259,13 +287,16 @@ export function createRegistryClient(
     const retries = startRetries(policy);
     const origin = o.probe ? undefined : (await baseUrl()).origin;
     const { method, body, bulk, answerTimeoutMs } = o;
-    let send = sending(http, { method, body, signal: options.signal, bulk, answerTimeoutMs });
+    const signal = o.signal && options.signal
+      ? AbortSignal.any([o.signal, options.signal])
+      : o.signal ?? options.signal;
+    let send = sending(http, { method, body, signal, bulk, answerTimeoutMs });
     send = authenticating(send, { auth, origin, scopes: o.scopes, registry, what });
     if (o.retry !== false) {
       send = retrying(send, {
         retries,
         policy,
-        signal: options.signal,
+        signal,
         registry,
         what,
         accepts: (status) => accepts(o, status),
@@ -288,6 +319,37 @@ export function createRegistryClient(
    */
   const commitTimeoutMs = (size: number) =>
     6 * (options.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS) + Math.ceil(size / 50_000);
+
+  /**
+   * The retries of a blob body that can be resumed (downloads, reads): the returned function,
+   * called with what a body read threw and how far it got, waits the policy's delay before the
+   * caller resumes there, or throws when the error is no cut connection or the retries are spent.
+   * The budget starts anew whenever a body got further than at the previous cut.
+   */
+  function resumingAfterCuts(what: string, action: string, signal = options.signal) {
+    let retries: RetryBudget | undefined;
+    let cutAt = -1;
+    return async (err: unknown, position: number, total: number): Promise<void> => {
+      const cut = isNetworkError(err) || (err instanceof Error && !(err instanceof SardeError));
+      if (!cut) throw err;
+      if (!retries || position > cutAt) retries = startRetries(policy);
+      cutAt = position;
+      const ms = retries.next();
+      if (ms === undefined) {
+        throw retries.exhausted(
+          new SardeError("network", `${what}: ${action} failed: ${(err as Error).message}`, {
+            hint: err instanceof SardeError ? err.hint : undefined,
+          }),
+        );
+      }
+      warn(
+        `${what}: interrupted at ${position} of ${total} bytes; resuming in ${
+          (ms / 1000).toFixed(1)
+        } s`,
+      );
+      await sleep(ms, signal);
+    };
+  }
 
   async function hasBlob(repository: string, blob: Descriptor): Promise<boolean> {
     const what = `blob ${blob.digest.slice(0, 19)}`;
@@ -506,9 +568,7 @@ export function createRegistryClient(
     async downloadBlob(repository, descriptor, sink, progress) {
       const what = `blob ${descriptor.digest.slice(0, 19)}`;
       let offset = 0;
-      // Counted from the first cut; a download that got further since the last one counts anew.
-      let retries: RetryBudget | undefined;
-      let cutAt = -1;
+      const resume = resumingAfterCuts(what, "download");
       for (;;) {
         const res = await call({
           method: "GET",
@@ -543,26 +603,104 @@ export function createRegistryClient(
             `${what}: connection closed after ${offset} of ${descriptor.size} bytes`,
           );
         } catch (err) {
-          const cut = isNetworkError(err) || (err instanceof Error && !(err instanceof SardeError));
-          if (!cut) throw err;
-          if (!retries || offset > cutAt) retries = startRetries(policy);
-          cutAt = offset;
-          const ms = retries.next();
-          if (ms === undefined) {
-            throw retries.exhausted(
-              new SardeError("network", `${what}: download failed: ${(err as Error).message}`, {
-                hint: err instanceof SardeError ? err.hint : undefined,
-              }),
-            );
-          }
-          warn(
-            `${what}: interrupted at ${offset} of ${descriptor.size} bytes; resuming in ${
-              (ms / 1000).toFixed(1)
-            } s`,
-          );
-          await sleep(ms, options.signal);
+          await resume(err, offset, descriptor.size);
         }
       }
+    },
+
+    async readBlob(repository, descriptor, range, signal) {
+      const what = `blob ${descriptor.digest.slice(0, 19)}`;
+      const start = range?.offset ?? 0;
+      const length = range?.length ?? descriptor.size;
+      if (
+        !Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 ||
+        start + length > descriptor.size
+      ) {
+        throw fail(
+          "usage",
+          `${what}: bytes ${start}+${length} are not within the blob's ${descriptor.size} bytes`,
+        );
+      }
+      const out = new Uint8Array(length);
+      if (length === 0) return out;
+      const end = start + length - 1;
+      let got = 0;
+      const resume = resumingAfterCuts(what, "read", signal ?? options.signal);
+      for (;;) {
+        signal?.throwIfAborted();
+        const res = await call({
+          method: "GET",
+          url: await api(`${repository}/blobs/${descriptor.digest}`),
+          headers: range || got > 0 ? { range: `bytes=${start + got}-${end}` } : {},
+          scopes: pull(repository),
+          follow: true,
+          accept: [200, 206, 416],
+          bulk: true,
+          signal,
+        }, what);
+        // A whole blob sent for a range: how many of its bytes come before ours.
+        let skip = 0;
+        let whole = false;
+        if (res.status === 416) {
+          await res.discard();
+          throw fail(
+            "integrity",
+            `${what}: the registry has fewer than the ${descriptor.size} bytes announced`,
+          );
+        } else if (res.status === 206) {
+          const cr = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
+          if (!cr || Number(cr[1]) !== start + got || Number(cr[2]) !== end) {
+            await res.discard();
+            throw fail(
+              "registry",
+              `${what}: asked for bytes ${start + got}-${end}, the registry sent ${
+                res.headers.get("content-range") ?? "no Content-Range"
+              }`,
+            );
+          }
+        } else if (range || got > 0) {
+          if (descriptor.size > FULL_READ_LIMIT) {
+            await res.discard();
+            throw fail(
+              "registry",
+              `${what}: the registry ignores Range requests (it sent all ${descriptor.size} bytes)`,
+              "lazy reads need a registry that serves byte ranges",
+            );
+          }
+          debug(`${what}: server ignored Range; reading the whole blob`);
+          skip = start + got;
+          whole = true;
+        }
+        try {
+          for await (const piece of res.body) {
+            signal?.throwIfAborted();
+            const drop = Math.min(skip, piece.length);
+            skip -= drop;
+            const keep = piece.subarray(drop, drop + Math.min(piece.length - drop, length - got));
+            if (keep.length < piece.length - drop && !whole) {
+              throw fail(
+                "integrity",
+                `${what}: the registry sent more than bytes ${start}-${end}`,
+              );
+            }
+            out.set(keep, got); // a copy: bulk bodies reuse their buffer
+            got += keep.length;
+            if (whole && got === length) break; // the rest of the blob is not ours
+          }
+          if (got === length) break;
+          throw new SardeError(
+            "network",
+            `${what}: connection closed after ${got} of ${length} bytes`,
+          );
+        } catch (err) {
+          if (signal?.aborted) throw err;
+          await resume(err, start + got, descriptor.size);
+        }
+      }
+      if (!range && digestOf(out) !== descriptor.digest) {
+        throw fail("integrity", `${what}: the registry sent content with another digest`);
+      }
+      return out;
     },
 
     async uploadBlob(repository, descriptor, source, progress) {

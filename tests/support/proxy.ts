@@ -65,8 +65,9 @@ function seen(req: Request): SeenRequest {
  * - `manifest-put`: `PUT /v2/…/manifests/<reference>`
  * - `mount`: `POST /v2/…/blobs/uploads/?mount=<digest>&from=<repository>`
  * - `blob-commit`: the closing `PUT /v2/…/blobs/uploads/…?digest=<digest>` of an upload
+ * - `blob-get`: `GET /v2/…/blobs/<digest>`
  */
-export type RequestKind = "blob-head" | "manifest-put" | "mount" | "blob-commit";
+export type RequestKind = "blob-head" | "manifest-put" | "mount" | "blob-commit" | "blob-get";
 
 /** Whether `req` is a request of `kind`. */
 export function isRequestOf(req: Request, kind: RequestKind): boolean {
@@ -82,6 +83,8 @@ export function isRequestOf(req: Request, kind: RequestKind): boolean {
     case "blob-commit":
       return req.method === "PUT" && /\/blobs\/uploads\/[^/]+$/.test(url.pathname) &&
         url.searchParams.has("digest");
+    case "blob-get":
+      return isBlobGet(req);
   }
 }
 
@@ -138,7 +141,12 @@ export type Fault =
    * Forward the first `times` requests of the kind `requests` at once (the registry acts on
    * them) and hold back the registry's answer for `delayMs`.
    */
-  | { kind: "late-answer"; requests: RequestKind; delayMs: number; times: number };
+  | { kind: "late-answer"; requests: RequestKind; delayMs: number; times: number }
+  /**
+   * Forward blob GETs without their `Range` header, as a server or cache that does not serve byte
+   * ranges: the client gets `200` and the whole blob.
+   */
+  | { kind: "ignore-range" };
 
 /** Hooks of the generic forwarder. */
 interface ProxyHooks {
@@ -146,6 +154,8 @@ interface ProxyHooks {
   port?: number;
   /** Answer a request directly instead of forwarding it (return undefined to forward). */
   intercept?(req: Request): Response | undefined;
+  /** Change the headers a request is forwarded with. */
+  requestHeaders?(req: Request, headers: Headers): void;
   /** Replace the request body stream (e.g. to count bytes). */
   requestBody?(req: Request, body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array>;
   /** Turn a forwarding error into a response (e.g. 413 after a counting stream gave up). */
@@ -224,6 +234,7 @@ async function startProxy(
     const inUrl = new URL(req.url);
     const outUrl = new URL(inUrl.pathname + inUrl.search, upstream);
     const headers = copyHeaders(req.headers);
+    hooks.requestHeaders?.(req, headers);
     let body: BodyInit | null = null;
     if (req.body) {
       const len = Number(req.headers.get("content-length") ?? NaN);
@@ -569,6 +580,7 @@ function pauseAfter(
  * - `rewrite`: answers to requests of the kind `requests` get another status and headers.
  * - `late-answer`: the registry's answers to the first `times` requests of the kind `requests`
  *   reach the client `delayMs` late.
+ * - `ignore-range`: blob GETs lose their `Range` header on the way.
  */
 export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<RunningProxy> {
   switch (fault.kind) {
@@ -648,6 +660,14 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
             if (value === null) res.headers.delete(name);
             else res.headers.set(name, value);
           }
+        },
+      }));
+    case "ignore-range":
+      return startProxy(target, (counted) => ({
+        requestHeaders(req, headers) {
+          if (!isBlobGet(req) || !headers.has("range")) return;
+          counted();
+          headers.delete("range");
         },
       }));
     case "late-answer": {

@@ -1,0 +1,472 @@
+/**
+ * The lazy file (lib/lazy/source.ts) over a real image: a raw disk exported by sarde in 1 MiB
+ * chunks, pushed to a real registry (`docker-registry` on 127.0.0.1), and read back unit by unit
+ * through proxies that count, corrupt or swap what the registry sends. Plus the unit list of
+ * hostile manifests (`chunkUnits`).
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { chunkUnits, type FileUnit, groupDiskLayers, type ImageFile } from "../lib/image/format.ts";
+import { zeroDigest } from "../lib/image/zstd.ts";
+import {
+  decodeZstdUnit,
+  type LazyFile,
+  openLazyFile,
+  PRESENCE_LOG_SUFFIX,
+  registryUnitFetcher,
+  type UnitFetcher,
+} from "../lib/lazy/source.ts";
+import { digestFile, digestOf } from "../lib/oci/digest.ts";
+import type { Descriptor, Manifest } from "../lib/oci/types.ts";
+import { createRegistryClient, type RegistryClient } from "../lib/registry/client.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import * as api from "../mod.ts";
+import { assertSameBytes } from "./support/bytes.ts";
+import { tempDir } from "./support/images.ts";
+import {
+  type RunningProxy,
+  startFaultyProxy,
+  startForwarder,
+  startRegistry,
+  type TestRegistry,
+} from "./support/registry.ts";
+import { domainXml } from "./support/vms.ts";
+
+const opts = { sanitizeResources: false, sanitizeOps: false };
+const MiB = 1 << 20;
+const REPO = "lazy/disk";
+
+/**
+ * The disk: 6.5 MiB of random bytes but for MiB 2 (zeros: a zero chunk), so 7 units of 1 MiB,
+ * the last one half full.
+ */
+function diskBytes(): Uint8Array {
+  const data = new Uint8Array(6 * MiB + MiB / 2);
+  for (let pos = 0; pos < data.length; pos += 65536) {
+    crypto.getRandomValues(data.subarray(pos, Math.min(data.length, pos + 65536)));
+  }
+  data.fill(0, 2 * MiB, 3 * MiB);
+  return data;
+}
+
+/** An exported and pushed image with one raw disk, and what a lazy reader needs of it. */
+interface Fixture {
+  reg: TestRegistry;
+  work: string;
+  data: Uint8Array;
+  file: ImageFile;
+  units: FileUnit[];
+}
+
+async function pushedDisk(): Promise<Fixture> {
+  const reg = await startRegistry("plain");
+  const work = await tempDir("lazy-source");
+  const data = diskBytes();
+  const vmDir = join(work, "vm");
+  await Deno.mkdir(vmDir);
+  await Deno.writeFile(join(vmDir, "disk.raw"), data);
+  const xml = join(vmDir, "domain.xml");
+  await Deno.writeTextFile(
+    xml,
+    domainXml({
+      name: "lazy",
+      disks: [{ path: join(vmDir, "disk.raw"), format: "raw" }],
+      osinfo: null,
+    }),
+  );
+  const ocidir = join(work, "oci");
+  const ref = `${reg.host}/${REPO}:v1`;
+  await api.exportVm("lazy", ref, { ocidir, libvirtConfig: xml, chunkSize: MiB });
+  await api.push(ref, { ocidir });
+  const client = createRegistryClient(reg.host);
+  try {
+    const got = await client.getManifest(REPO, "v1");
+    const manifest = JSON.parse(new TextDecoder().decode(got.bytes)) as Manifest;
+    const [file] = groupDiskLayers(manifest, "test image");
+    return { reg, work, data, file, units: chunkUnits(file) };
+  } finally {
+    client.close();
+  }
+}
+
+/** The GETs of blobs a proxy forwarded, by digest. */
+function blobGets(proxy: RunningProxy): string[] {
+  return proxy.requests().filter((r) => r.method === "GET" && r.path.includes("/blobs/sha256:"))
+    .map((r) => r.path.slice(r.path.lastIndexOf("/") + 1));
+}
+
+/** The units listed in a presence log (entries are unit numbers + 1). */
+async function logged(path: string): Promise<number[]> {
+  const bytes = await Deno.readFile(path + PRESENCE_LOG_SUFFIX);
+  const view = new DataView(bytes.buffer);
+  const out: number[] = [];
+  for (let pos = 0; pos + 4 <= bytes.length; pos += 4) {
+    const entry = view.getUint32(pos, true); // unit + 1; 0 is no entry
+    if (entry > 0) out.push(entry - 1);
+  }
+  return out.sort((a, b) => a - b);
+}
+
+/** A client on `host` and a fetcher through it; both closed by `using`. */
+function fetcherVia(host: string): UnitFetcher & Disposable {
+  const client: RegistryClient = createRegistryClient(host, {
+    retry: { baseDelayMs: 20, maxElapsedMs: 5000 },
+  });
+  const fetchUnit = registryUnitFetcher(client, REPO);
+  return Object.assign(fetchUnit, { [Symbol.dispose]: () => client.close() });
+}
+
+Deno.test({
+  name: "lazy file over a pushed 1 MiB-chunk image",
+  ...opts,
+  fn: async (t) => {
+    const fx = await pushedDisk();
+    const { reg, work, data, file, units } = fx;
+    const out = join(work, "out");
+    await Deno.mkdir(out);
+    const path = join(out, "disk.raw");
+    const open = (fetchUnit: UnitFetcher): Promise<LazyFile> =>
+      openLazyFile({ path, file, units, fetchUnit });
+    const expect = (offset: number, length: number) => data.subarray(offset, offset + length);
+    try {
+      assert.equal(units.length, 7);
+      assert.equal(units[2].digest, zeroDigest(MiB), "MiB 2 is a zero chunk");
+      assert.equal(file.size, data.length);
+
+      await t.step("reads equal the disk; only the touched units are fetched", async () => {
+        await using counter = await startForwarder({ url: reg.url }, 0);
+        using fetchUnit = fetcherVia(counter.host);
+        await using lazy = await open(fetchUnit);
+        assert.equal(lazy.size, data.length);
+        assert.equal((await Deno.stat(path)).size, data.length, "created at its full size");
+        assert.equal(lazy.presentBytes, MiB, "only the zero unit is present");
+        assertSameBytes(await lazy.read(100, 4000), expect(100, 4000));
+        // Across units 4 and 5, and the last byte of the file.
+        assertSameBytes(await lazy.read(5 * MiB - 10, 20), expect(5 * MiB - 10, 20));
+        assertSameBytes(await lazy.read(data.length - 1, 1), expect(data.length - 1, 1));
+        // The zero unit needs no fetch.
+        assertSameBytes(await lazy.read(2 * MiB + 5, 1000), expect(2 * MiB + 5, 1000));
+        // Again from the file, without fetching.
+        assertSameBytes(await lazy.read(200, 50), expect(200, 50));
+        assert.deepEqual(
+          blobGets(counter).sort(),
+          [0, 4, 5, 6].map((i) => units[i].blob.digest).sort(),
+        );
+        assert.deepEqual(await logged(path), [0, 4, 5, 6]);
+        assert.equal(lazy.presentBytes, 4 * MiB + MiB / 2);
+        assert.equal(lazy.complete, false);
+        await assert.rejects(lazy.read(data.length - 5, 10), /outside/);
+      });
+
+      await t.step("two concurrent reads of one unit fetch it once", async () => {
+        await using counter = await startForwarder({ url: reg.url }, 0);
+        using fetchUnit = fetcherVia(counter.host);
+        await using lazy = await open(fetchUnit);
+        const [a, b, c] = await Promise.all([
+          lazy.read(MiB + 10, 100),
+          lazy.read(MiB + 500_000, 70_000),
+          lazy.read(MiB + 10, 100),
+        ]);
+        assertSameBytes(a, expect(MiB + 10, 100));
+        assertSameBytes(b, expect(MiB + 500_000, 70_000));
+        assertSameBytes(c, a);
+        assert.deepEqual(blobGets(counter), [units[1].blob.digest]);
+      });
+
+      await t.step(
+        "a corrupt unit fails the read, leaves no bytes, and is fetched later",
+        async () => {
+          const unit = units[3];
+          await using corrupting = await startFaultyProxy({ url: reg.url }, {
+            kind: "corrupt-blob",
+            digests: [unit.blob.digest],
+          });
+          using bad = fetcherVia(corrupting.host);
+          using good = fetcherVia(reg.host);
+          let via: UnitFetcher = bad;
+          await using lazy = await open((u, s) => via(u, s));
+          const before = lazy.presentBytes;
+          await assert.rejects(
+            lazy.read(3 * MiB + 100, 100),
+            (e) => e instanceof SardeError && e.kind === "integrity",
+          );
+          assert.equal(corrupting.faults(), 2, "fetched once more, then given up");
+          assert.equal(lazy.presentBytes, before);
+          assert.ok(!(await logged(path)).includes(3), "not logged");
+          const onDisk = await Deno.readFile(path);
+          assert.ok(onDisk.subarray(3 * MiB, 4 * MiB).every((b) => b === 0), "nothing written");
+
+          // The same as a range (as frames will be fetched): not checked by the client, so the
+          // decoder meets the corrupt bytes.
+          via = (u, s) => bad({ ...u, range: { offset: 0, length: u.blob.size } }, s);
+          await assert.rejects(lazy.read(3 * MiB, 10), /not a valid zstd frame/);
+          assert.equal(corrupting.faults(), 4);
+          assert.ok((await Deno.readFile(path)).subarray(3 * MiB, 4 * MiB).every((b) => b === 0));
+
+          // A registry answering with another (valid) blob of the same length: decodes fine, but
+          // to other bytes.
+          via = (u, s) => good({ ...u, blob: units[0].blob }, s);
+          await assert.rejects(lazy.read(3 * MiB, 10), /does not decode to/);
+          assert.ok((await Deno.readFile(path)).subarray(3 * MiB, 4 * MiB).every((b) => b === 0));
+
+          via = good; // the fault is gone
+          assertSameBytes(await lazy.read(3 * MiB + 100, 100), expect(3 * MiB + 100, 100));
+          assert.ok((await logged(path)).includes(3));
+        },
+      );
+
+      await t.step(
+        "reopened, even after a torn log entry, present units are not fetched",
+        async () => {
+          const present = await logged(path);
+          assert.deepEqual(present, [0, 1, 3, 4, 5, 6]);
+          // A crash in the middle of an append.
+          using f = await Deno.open(path + PRESENCE_LOG_SUFFIX, { append: true });
+          await f.write(new Uint8Array([9, 0]));
+          await using counter = await startForwarder({ url: reg.url }, 0);
+          using fetchUnit = fetcherVia(counter.host);
+          {
+            await using lazy = await open(fetchUnit);
+            assert.equal(lazy.presentBytes, data.length, "every unit is present");
+            for (const i of [0, 1, 2, 3, 4, 5, 6]) {
+              const u = units[i];
+              assertSameBytes(await lazy.read(u.offset, u.length), expect(u.offset, u.length));
+            }
+            assert.equal(lazy.complete, true);
+          }
+          assert.deepEqual(blobGets(counter), []);
+          assert.equal((await Deno.stat(path + PRESENCE_LOG_SUFFIX)).size % 4, 0, "torn tail cut");
+        },
+      );
+
+      await t.step("zero and torn entries list nothing and misalign nothing", async () => {
+        // Forget units 0 and 5 (as if their entries had not reached the disk), with an entry of
+        // zeros first (an append whose size reached the disk before its bytes) and a torn one
+        // last, then reopen.
+        const kept = (await logged(path)).filter((i) => i !== 0 && i !== 5);
+        const log = new Uint8Array(4 + kept.length * 4 + 3);
+        kept.forEach((u, k) => new DataView(log.buffer).setUint32(4 + k * 4, u + 1, true));
+        log.set([1, 2, 3], 4 + kept.length * 4);
+        await Deno.writeFile(path + PRESENCE_LOG_SUFFIX, log);
+        await using counter = await startForwarder({ url: reg.url }, 0);
+        using fetchUnit = fetcherVia(counter.host);
+        {
+          await using lazy = await open(fetchUnit);
+          assert.equal(lazy.presentBytes, data.length - 2 * MiB);
+          assertSameBytes(await lazy.read(5 * MiB, 10), expect(5 * MiB, 10));
+          assertSameBytes(await lazy.read(0, 10), expect(0, 10));
+        }
+        assert.deepEqual(blobGets(counter), [units[5].blob.digest, units[0].blob.digest]);
+        assert.deepEqual(await logged(path), [0, 1, 3, 4, 5, 6]);
+      });
+
+      await t.step("a file without its log starts over: zero units are zeros", async () => {
+        const junk = new Uint8Array(data.length).fill(0x5a);
+        await Deno.writeFile(path, junk);
+        await Deno.remove(path + PRESENCE_LOG_SUFFIX);
+        await using counter = await startForwarder({ url: reg.url }, 0);
+        using fetchUnit = fetcherVia(counter.host);
+        {
+          await using lazy = await open(fetchUnit);
+          assert.equal(lazy.presentBytes, MiB, "only the zero unit");
+          assertSameBytes(await lazy.read(2 * MiB, MiB), expect(2 * MiB, MiB));
+          assertSameBytes(await lazy.read(6 * MiB, 10), expect(6 * MiB, 10));
+        }
+        assert.deepEqual(blobGets(counter), [units[6].blob.digest]);
+        // Another size: the same.
+        await Deno.truncate(path, 100);
+        await using lazy = await open(fetchUnit);
+        assert.equal(lazy.presentBytes, MiB);
+        assert.equal((await Deno.stat(path)).size, data.length);
+      });
+
+      await t.step("prefetch fills the rest: the file is the image's file", async () => {
+        await Deno.remove(path);
+        await using counter = await startForwarder({ url: reg.url }, 0);
+        using fetchUnit = fetcherVia(counter.host);
+        {
+          await using lazy = await open(fetchUnit);
+          assert.equal(lazy.presentBytes, MiB, "a new file: the old log does not count");
+          assertSameBytes(await lazy.read(4 * MiB, 10), expect(4 * MiB, 10));
+          await lazy.prefetch();
+          assert.equal(lazy.complete, true);
+          assert.equal(lazy.presentBytes, data.length);
+          await lazy.prefetch(); // nothing left: returns at once
+        }
+        assert.equal(blobGets(counter).length, 6, "every unit but the zero one, once");
+        assert.equal((await digestFile(path)).digest, file.digest);
+        assert.deepEqual(await logged(path), [0, 1, 3, 4, 5, 6]);
+      });
+    } finally {
+      await reg.stop();
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "lazy file: prefetch starts no fetch while a read waits for a unit",
+  ...opts,
+  fn: async () => {
+    // No registry needed to watch the order: units of a local "blob" store, fetched on a signal.
+    const data = diskBytes();
+    const work = await tempDir("lazy-order");
+    try {
+      const units: FileUnit[] = [];
+      for (let offset = 0; offset < data.length; offset += MiB) {
+        const length = Math.min(MiB, data.length - offset);
+        const bytes = data.subarray(offset, offset + length);
+        const blob: Descriptor = { mediaType: "x", digest: digestOf(bytes), size: length };
+        units.push({ offset, length, blob, digest: digestOf(bytes) });
+      }
+      const file: ImageFile = { name: "d", encoding: "zstd", layers: [], size: data.length };
+      const order: number[] = [];
+      const gates = new Map<number, () => void>();
+      const fetchUnit: UnitFetcher = async (u, signal) => {
+        const i = units.indexOf(u);
+        order.push(i);
+        await new Promise<void>((go, stop) => {
+          gates.set(i, go);
+          signal?.addEventListener("abort", () => stop(signal.reason), { once: true });
+        });
+        return data.slice(u.offset, u.offset + u.length);
+      };
+      const open = (path: string) =>
+        openLazyFile({
+          path,
+          file,
+          units,
+          fetchUnit,
+          decode: (c) => Promise.resolve(c), // the "compression" of this store is none
+          prefetchConcurrency: 1,
+        });
+      await using lazy = await open(join(work, "d"));
+      const until = async (cond: () => boolean) => {
+        while (!cond()) await new Promise((r) => setTimeout(r, 5));
+      };
+      const prefetching = lazy.prefetch();
+      await until(() => order.length === 1); // unit 0, the prefetch's first
+      const reading = lazy.read(5 * MiB, 10);
+      await until(() => order.length === 2);
+      gates.get(0)!(); // the prefetch's fetch ends while the read still waits
+      await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual(order, [0, 5], "no new prefetch fetch while the read waits");
+      gates.get(5)!();
+      assertSameBytes(await reading, data.subarray(5 * MiB, 5 * MiB + 10));
+      await until(() => order.length === 3);
+      assert.deepEqual(order, [0, 5, 1], "then the prefetch goes on");
+      for (const i of [1, 3, 4, 6]) {
+        await until(() => gates.has(i));
+        gates.get(i)!();
+      }
+      await prefetching;
+      assert.deepEqual(order, [0, 5, 1, 3, 4, 6], "unit 2 is zeros: never fetched");
+      assert.equal((await digestFile(join(work, "d"))).digest, digestOf(data));
+
+      // An aborted prefetch stops after the fetch in flight; closing ends a fetch that hangs.
+      order.length = 0;
+      gates.clear();
+      const other = await open(join(work, "e"));
+      const stop = new AbortController();
+      const aborted = other.prefetch(stop.signal);
+      await until(() => order.length === 1);
+      stop.abort();
+      gates.get(0)!();
+      await assert.rejects(aborted);
+      assert.deepEqual(order, [0]);
+      assert.equal(other.presentBytes, 2 * MiB, "unit 0 and the zero unit");
+      const hanging = other.read(MiB, 10);
+      await until(() => order.length === 2);
+      await other.close();
+      await assert.rejects(hanging);
+      await assert.rejects(other.read(0, 10), /closed/);
+    } finally {
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test("decodeZstdUnit: a frame that decodes to more than its unit is refused", async () => {
+  const zeros = new Uint8Array(4 * MiB);
+  const z = await new Deno.Command("zstd", { args: ["-c", "-q"], stdin: "piped", stdout: "piped" })
+    .spawn();
+  const writer = z.stdin.getWriter();
+  const fed = writer.write(zeros).then(() => writer.close()); // zstd's output is read meanwhile
+  const frame = (await z.output()).stdout;
+  await fed;
+  const unit = (length: number): FileUnit => ({
+    offset: 0,
+    length,
+    blob: { mediaType: "x", digest: digestOf(frame), size: frame.length },
+    digest: digestOf(zeros),
+  });
+  assertSameBytes(await decodeZstdUnit(frame, unit(zeros.length)), zeros);
+  await assert.rejects(
+    decodeZstdUnit(frame, unit(1000)),
+    (e) => e instanceof SardeError && e.kind === "integrity" && /more than 1000/.test(e.message),
+  );
+  await assert.rejects(
+    decodeZstdUnit(frame.subarray(0, frame.length - 3), unit(zeros.length)),
+    (e) => e instanceof SardeError && e.kind === "integrity" && /not a valid zstd/.test(e.message),
+  );
+});
+
+/** A zstd file of `sizes` chunks with valid annotations, for `chunkUnits`. */
+function chunkedFile(sizes: number[]): ImageFile {
+  let offset = 0;
+  const layers = sizes.map((size, index) => {
+    const layer: Descriptor = {
+      mediaType: "application/octet-stream+zstd",
+      digest: digestOf(`blob ${index}`),
+      size: 100,
+      annotations: {
+        "org.sardinecake.chunk.index": String(index),
+        "org.sardinecake.chunk.offset": String(offset),
+        "org.sardinecake.chunk.size": String(size),
+        "org.sardinecake.chunk.digest": digestOf(`chunk ${index}`),
+      },
+    };
+    offset += size;
+    return layer;
+  });
+  return { name: "d", encoding: "zstd", layers, size: offset };
+}
+
+Deno.test("chunkUnits: one unit per chunk; hostile annotations are refused", () => {
+  const good = chunkedFile([MiB, MiB, 1000]);
+  assert.deepEqual(
+    chunkUnits(good).map((u) => [u.offset, u.length, u.digest, u.blob.digest, u.range]),
+    good.layers.map((l) => [
+      Number(l.annotations!["org.sardinecake.chunk.offset"]),
+      Number(l.annotations!["org.sardinecake.chunk.size"]),
+      l.annotations!["org.sardinecake.chunk.digest"],
+      l.digest,
+      undefined,
+    ]),
+  );
+  const refused = (change: (f: ImageFile) => void, why: RegExp) => {
+    const f = chunkedFile([MiB, MiB, 1000]);
+    change(f);
+    assert.throws(
+      () => chunkUnits(f),
+      (e) => e instanceof SardeError && e.kind === "integrity" && why.test(e.message),
+    );
+  };
+  const set = (f: ImageFile, i: number, key: string, value: string) =>
+    f.layers[i].annotations![`org.sardinecake.chunk.${key}`] = value;
+  refused((f) => set(f, 1, "offset", String(MiB - 1)), /overlap/);
+  refused((f) => set(f, 1, "offset", String(MiB + 1)), /gap/);
+  refused((f) => set(f, 2, "offset", "x"), /not a whole number/);
+  refused((f) => set(f, 1, "index", "2"), /out of order/);
+  refused((f) => set(f, 2, "digest", "sha256:nothex"), /chunk digest/);
+  refused((f) => f.size = 3 * MiB, /cover/);
+  refused((f) => f.size = MiB, /beyond/);
+  refused((f) => set(f, 1, "size", "0"), /empty/);
+  refused((f) => f.layers[2].size = 2 * MiB, /larger than zstd makes/);
+  refused((f) => f.layers[0].size = -1, /invalid digest or size/);
+  refused((f) => f.layers.pop(), /cover/);
+  assert.throws(
+    () => chunkUnits({ name: "d.qcow2", encoding: "gzip", layers: [] }),
+    (e) => e instanceof SardeError && e.kind === "usage" && /cannot be read lazily/.test(e.message),
+  );
+});
