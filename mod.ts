@@ -45,6 +45,7 @@ import { parseReference, type Reference } from "./lib/oci/reference.ts";
 import type { RetryPolicy } from "./lib/util/retry.ts";
 import { defaultOcidir } from "./lib/oci/store.ts";
 import { type TlsSettings, transportFor } from "./lib/registry/tls.ts";
+import { trustVerifier } from "./lib/trust/verify.ts";
 import {
   fetchImage,
   pushImage,
@@ -92,6 +93,17 @@ export interface RegistryAccessOptions extends TlsSettings, DeadlineOptions {
    * `registries.conf.d` apply too).
    */
   registriesConf?: string;
+  /**
+   * containers-policy.json(5) trust policy that fetches and pulls check before storing anything
+   * (default: `~/.config/containers/policy.json` if it exists, else `/etc/containers/policy.json`;
+   * neither: every image is accepted).
+   */
+  policy?: string;
+  /**
+   * containers-registries.d(5) folder saying where signatures are (`use-sigstore-attachments`;
+   * default `~/.config/containers/registries.d` if it exists, else `/etc/containers/registries.d`).
+   */
+  registriesD?: string;
   /** Cancels the operation. */
   signal?: AbortSignal;
 }
@@ -127,6 +139,7 @@ async function transferOptions(registry: string, options: RegistryAccessOptions 
       caFile: options.caFile,
     },
     registriesConf: options.registriesConf,
+    verify: trustVerifier({ policy: options.policy, registriesD: options.registriesD }),
   };
 }
 

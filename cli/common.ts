@@ -32,6 +32,8 @@ export interface CommonCli {
   responseTimeout?: number;
   retryTimeout?: number;
   registriesConf?: string;
+  policy?: string;
+  "registries.d"?: string;
 }
 
 /** The library options of the parsed command line (which already holds the INI values). */
@@ -50,6 +52,8 @@ export function settings(o: CommonCli) {
     responseTimeoutMs: o.responseTimeout,
     retry: o.retryTimeout === undefined ? undefined : { maxElapsedMs: o.retryTimeout },
     registriesConf: o.registriesConf,
+    policy: o.policy,
+    registriesD: o["registries.d"],
     signal: interruptSignal,
   };
 }
@@ -136,6 +140,23 @@ export function addTransferOptions(cmd: Command): Command {
       pathOption(
         "--registries-conf <file>",
         "mirrors and blocked registries, containers-registries.conf(5) (default: $CONTAINERS_REGISTRIES_CONF or /etc/containers/registries.conf, plus registries.conf.d/*.conf)",
+      ),
+    );
+}
+
+/** Options of the commands that check images against a trust policy (skopeo's flag names). */
+export function addTrustOptions(cmd: Command): Command {
+  return cmd
+    .addOption(
+      pathOption(
+        "--policy <file>",
+        "trust policy, containers-policy.json(5), checked before anything is stored (default: ~/.config/containers/policy.json or /etc/containers/policy.json; neither: accept all)",
+      ),
+    )
+    .addOption(
+      pathOption(
+        "--registries.d <dir>",
+        "where signatures are, containers-registries.d(5) *.yaml (default: ~/.config/containers/registries.d or /etc/containers/registries.d)",
       ),
     );
 }

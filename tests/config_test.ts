@@ -462,7 +462,7 @@ Deno.test("config: the example sarde.ini parses, and its documented keys have th
   assert.deepEqual(sectionValues(data, "export"), {}, "everything is commented out");
   // The same file with every `#key = value` line switched on must still parse and type-check.
   const text = (await Deno.readTextFile(join(examples, "sarde.ini")))
-    .replace(/^#([a-z][a-z_-]* ?= ?.*)$/gm, "$1");
+    .replace(/^#([a-z][a-z_.-]* ?= ?.*)$/gm, "$1");
   const { data: on, files } = await load(text);
   await withEnv({ SARDE_CONF_FILES: files[0] }, async () => {
     // Every documented key is a known key of its section.
@@ -536,7 +536,7 @@ Deno.test("config: the example executor ini parses, with image sections", async 
   );
 
   // Every documented key, switched on, has the documented type.
-  const text = (await Deno.readTextFile(file)).replace(/^#([a-z][a-z_-]* ?= ?.*)$/gm, "$1");
+  const text = (await Deno.readTextFile(file)).replace(/^#([a-z][a-z_.-]* ?= ?.*)$/gm, "$1");
   const { data, files } = await load(text);
   await withEnv({ GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES: files[0] }, async () => {
     // Every documented key is known, in [DEFAULT] and in the image sections.

@@ -17,6 +17,7 @@ export const LAYERS = [
   "registry",
   "image",
   "transfer",
+  "trust",
   "lazy",
   "vm",
   "executor",

@@ -6,13 +6,19 @@
 
 import type { Command } from "commander";
 import * as sarde from "../../mod.ts";
-import { addImportOptions, addTransferOptions, type ImportCli, importSettings } from "../common.ts";
+import {
+  addImportOptions,
+  addTransferOptions,
+  addTrustOptions,
+  type ImportCli,
+  importSettings,
+} from "../common.ts";
 import { printImported } from "../output.ts";
 
 /** Adds `pull` to `program`. */
 export function pullCommand(program: Command): Command {
   return addImportOptions(
-    addTransferOptions(
+    addTrustOptions(addTransferOptions(
       program.command("pull")
         .description("fetch an image and import it as a libvirt VM; prints the VM name")
         .argument("<image>", "image reference")
@@ -23,7 +29,7 @@ export function pullCommand(program: Command): Command {
           "after",
           '\nExample:\n  name=$(sarde pull registry.example.org/sardines/debian12:latest) && virsh start "$name"',
         ),
-    ),
+    )),
   ).action(async (image: string, o: ImportCli & { source?: string }) => {
     printImported(await sarde.pull(image, { ...importSettings(o), source: o.source }), o);
   });

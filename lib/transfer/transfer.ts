@@ -43,6 +43,7 @@ import {
 } from "../oci/reference.ts";
 import {
   createRegistryClient,
+  type FetchedManifest,
   type RegistryClient,
   type RegistryOptions,
 } from "../registry/client.ts";
@@ -215,6 +216,26 @@ export interface FetchOptions extends TransferOptions {
    * waits for a returned promise (a disk budget makes room there), and fails with its error.
    */
   onManifest?: (image: FetchingImage) => void | Promise<void>;
+  /**
+   * Called once the manifest is known, before anything is written to the store; a throw ends
+   * the fetch with nothing stored (the trust policy's signature check).
+   */
+  verify?: (image: ManifestToVerify) => Promise<void>;
+}
+
+/** What {@link FetchOptions.verify} receives: the manifest, and reads from where it came from. */
+export interface ManifestToVerify {
+  /** The reference fetched (as asked for, before mirrors rewrote it). */
+  reference: Reference;
+  /** The manifest's digest. */
+  digest: string;
+  /**
+   * A manifest of the image's repository by tag or digest, `undefined` when the primary
+   * location does not have it (a mirror without it falls back to the next source).
+   */
+  getManifest(selector: string): Promise<FetchedManifest | undefined>;
+  /** A (small) blob of the image's repository, whole and unverified. */
+  readBlob(descriptor: Descriptor): Promise<Uint8Array>;
 }
 
 /** A promise with its resolve/reject, observed so that an unawaited rejection is harmless. */
@@ -255,6 +276,25 @@ export async function fetchImage(
     }
     const manifest = parseManifest(fetched.bytes, `manifest of ${formatReference(source)}`);
     const mediaType = manifest.mediaType ?? (fetched.mediaType || MediaType.ociManifest);
+    await options.verify?.({
+      reference: source,
+      digest: fetched.digest,
+      getManifest: async (selector) => {
+        try {
+          return await fromSources(
+            sources,
+            options,
+            (client, ref) => client.getManifest(ref.repository, selector),
+          );
+        } catch (err) {
+          // Only the primary location's answer counts: a mirror without it falls back.
+          if (err instanceof SardeError && err.kind === "not-found") return undefined;
+          throw err;
+        }
+      },
+      readBlob: (blob) =>
+        fromSources(sources, options, (client, ref) => client.readBlob(ref.repository, blob)),
+    });
     const layout = await openLayout(layoutDir(options.ocidir, target), { create: true });
     using _lock = await lockLayout(layout);
 

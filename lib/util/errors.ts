@@ -15,6 +15,7 @@ export type ErrorKind =
   | "network" // connection refused, DNS, TLS, timeouts
   | "registry" // the registry answered with an unexpected status
   | "integrity" // a digest or size did not match
+  | "trust" // the trust policy (containers-policy.json) refused the image
   | "io" // local filesystem trouble
   | "interrupted" // Ctrl-C / SIGTERM
   | "external"; // an external program (virsh, qemu-img, zstd) failed
@@ -26,6 +27,7 @@ const exitCodes: Record<ErrorKind, number> = {
   network: 5,
   registry: 5,
   integrity: 6,
+  trust: 7,
   io: 1,
   interrupted: 130,
   external: 1,

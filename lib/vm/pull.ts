@@ -11,14 +11,14 @@ import { formatLocalName, type Reference } from "../oci/reference.ts";
 import {
   fetchImage,
   type FetchingImage,
-  type TransferOptions,
+  type FetchOptions,
   type TransferResult,
 } from "../transfer/transfer.ts";
 
 /** Options of {@link pullImage}. */
 export interface PullOptions {
   /** How to fetch: the store (`ocidir`), transport, credentials, concurrency, retries. */
-  fetch: Omit<TransferOptions, "signal">;
+  fetch: Omit<FetchOptions, "signal" | "target" | "onManifest">;
   /** How to import: `vmdir`, VM name, domain type, libvirt connection (the store is `fetch`'s). */
   import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
   /** Where to download from (default: `target`). */
