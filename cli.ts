@@ -13,6 +13,7 @@ import { SardeError } from "./lib/util/errors.ts";
 import { error, setVerbosity } from "./lib/util/log.ts";
 import { VERSION } from "./lib/util/version.ts";
 import { commands } from "./cli/commands/mod.ts";
+import { lazyServeCommand } from "./cli/commands/lazy_serve.ts";
 import { applyConfig, commandKeys, counterOption } from "./cli/options.ts";
 
 export { commandKeys, VERSION };
@@ -39,6 +40,7 @@ export function buildProgram(): Command {
     });
 
   for (const add of commands) add(program);
+  lazyServeCommand(program);
   return program;
 }
 

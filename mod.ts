@@ -32,7 +32,8 @@ import {
 } from "./lib/vm/import.ts";
 import { type ConnectOptions, domainState } from "./lib/vm/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/vm/prune.ts";
-import { pullImage } from "./lib/vm/pull.ts";
+import { pullImage, pullLazily } from "./lib/vm/pull.ts";
+import { lazySessions } from "./lib/vm/lazy_pull.ts";
 import {
   getVmConfig,
   type ImageEntry,
@@ -279,7 +280,7 @@ async function vmState(id: string, connect?: string): Promise<VmState> {
  */
 export async function list(
   options: StoreOptions & VmOptions & LibvirtOptions & { stateOf?: StateLookup | false } = {},
-): Promise<ImageEntry[]> {
+): Promise<(ImageEntry & { lazy?: LazyProgress })[]> {
   let stateOf: StateLookup | undefined = options.stateOf || undefined;
   if (options.stateOf === undefined) {
     const imported = await importedVms(options.vmdir ?? defaultVmdir());
@@ -294,7 +295,32 @@ export async function list(
         : "missing";
     };
   }
-  return await listImages(options.ocidir ?? defaultOcidir(), stateOf);
+  const entries = await listImages(options.ocidir ?? defaultOcidir(), stateOf);
+  const sessions = await lazySessions(options.vmdir ?? defaultVmdir());
+  return entries.map((e) => {
+    const s = sessions.find((s) => s.imageId === e.id);
+    if (!s) return e;
+    const sum = (k: "present" | "total") => s.files.reduce((n, f) => n + f[k], 0);
+    return {
+      ...e,
+      lazy: { name: s.name, phase: s.phase, present: sum("present"), total: sum("total") },
+    };
+  });
+}
+
+/** A lazy pull in progress (`sarde pull --lazy`), as {@link list} shows it. */
+export interface LazyProgress {
+  /** The VM it defined. */
+  name: string;
+  /**
+   * `serving`: the VM runs on files still downloading; `committed`: the files are complete and
+   * in the VM folder, the VM still runs on its lazy overlays; `done`: a normal import.
+   */
+  phase: "serving" | "committed" | "done";
+  /** Bytes of the image's files present locally. */
+  present: number;
+  /** Bytes of the image's files. */
+  total: number;
 }
 
 /**
@@ -416,6 +442,28 @@ export async function importVm(
   return await importFromStore(reference, importOptions(options));
 }
 
+/** Options of {@link pull} beyond those of {@link importVm} and registry access. */
+export interface PullVmOptions {
+  /** Download from this reference instead, and store under `reference`. */
+  source?: string;
+  /**
+   * Return as soon as the VM can start (`sarde pull --lazy`): a detached server (one per image
+   * and vmdir, shared by every lazy pull of it) serves the VM's disks over NBD, fetching what the
+   * guest reads first while the whole image downloads in the background, and then commits the
+   * files as a normal import (same files, marker and name). A plain `pull` of the same image
+   * waits for that. sardinecake 0.4's gzip images are pulled in full.
+   *
+   * @example Start a VM before its image has finished downloading
+   *
+   * ```ts
+   * import { pull } from "./mod.ts";
+   * const vm = await pull("registry.example.org/sardines/debian12:latest", { lazy: true });
+   * await new Deno.Command("virsh", { args: ["start", vm.name] }).output();
+   * ```
+   */
+  lazy?: boolean;
+}
+
 /**
  * Fetches an image and imports it (`sarde pull`): `name=$(sarde pull REF); virsh start "$name"`.
  *
@@ -432,12 +480,12 @@ export async function importVm(
  */
 export async function pull(
   reference: string,
-  options: ImportVmOptions & RegistryAccessOptions & { source?: string } = {},
+  options: ImportVmOptions & RegistryAccessOptions & PullVmOptions = {},
 ): Promise<ImportResult> {
   const target = parseReference(reference);
   const source = options.source ? parseReference(options.source) : target;
   const { signal: _, ...fetch } = await transferOptions(source.registry, options);
-  return await pullImage(target, {
+  return await (options.lazy ? pullLazily : pullImage)(target, {
     fetch,
     import: importOptions(options),
     source,

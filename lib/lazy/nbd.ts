@@ -53,6 +53,8 @@ export interface NbdServerOptions {
 export interface NbdServer {
   /** The socket's path. */
   readonly socketPath: string;
+  /** Clients connected now (a lazy server exits once none has been for a while). */
+  readonly clients: number;
   /** Stops listening, disconnects every client, removes the socket (and the directory made). */
   close(): Promise<void>;
   /** Same as {@link NbdServer.close}, for `await using`. */
@@ -203,7 +205,14 @@ export async function serveNbd(options: NbdServerOptions): Promise<NbdServer> {
       await Deno.remove(path).catch(() => {});
       if (madeDir) await Deno.remove(dir).catch(() => {});
     })();
-  return { socketPath: path, close, [Symbol.asyncDispose]: close };
+  return {
+    socketPath: path,
+    get clients() {
+      return conns.size;
+    },
+    close,
+    [Symbol.asyncDispose]: close,
+  };
 }
 
 /** Creates the socket's directory (0711: others may reach a known path, not list it). */

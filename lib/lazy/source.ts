@@ -75,6 +75,13 @@ export interface LazyFile extends BlockSource {
    * complete; rejects on the first unit that cannot be had, or with `signal`'s abort.
    */
   prefetch(signal?: AbortSignal): Promise<void>;
+  /**
+   * Offers `data` as the bytes of unit `i` (the background download decoded its chunk from the
+   * store): verified against the unit's digest like a fetched unit, then written, synced and
+   * logged. Resolves to whether the unit is present afterwards; bytes that do not verify are
+   * neither written nor logged (false). A unit already present or in flight is left as it is.
+   */
+  fill(i: number, data: Uint8Array): Promise<boolean>;
   /** Stops the prefetch, waits for units in flight, closes the files. Idempotent. */
   close(): Promise<void>;
   /** Same as {@link LazyFile.close}. */
@@ -352,15 +359,16 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   }
 
   /**
-   * Makes unit `i` present: verified, written, synced, logged. Concurrent callers share it, so it
-   * runs until done or until the file is closed, whoever asked for it first.
+   * Makes unit `i` present with the verified bytes `produce` gives: written, synced, logged.
+   * Concurrent callers share it, so it runs until done or until the file is closed, whoever asked
+   * for it first.
    */
-  function ensure(i: number): Promise<void> {
+  function keep(i: number, produce: () => Promise<Uint8Array>): Promise<void> {
     if (present[i]) return Promise.resolve();
     let p = inFlight.get(i);
     if (!p) {
       p = (async () => {
-        const data = await verified(i);
+        const data = await produce();
         await writeFully(fh, data, units[i].offset);
         await sync();
         const entry = new Uint8Array(ENTRY);
@@ -372,6 +380,26 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
       inFlight.set(i, p);
     }
     return p;
+  }
+
+  /** Makes unit `i` present, fetching it (see {@link verified}). */
+  const ensure = (i: number): Promise<void> => keep(i, () => verified(i));
+
+  async function fill(i: number, data: Uint8Array): Promise<boolean> {
+    checkOpen();
+    if (!Number.isInteger(i) || i < 0 || i >= units.length) {
+      throw fail("usage", `${what}: no unit ${i}`);
+    }
+    if (present[i]) return true;
+    const running = inFlight.get(i);
+    if (running) return await running.then(() => true, () => false);
+    const unit = units[i];
+    if (data.length !== unit.length || digestOf(data) !== unit.digest) {
+      warn(`${what}: ${unitName(unit)}: the downloaded bytes do not match; not kept`);
+      return false;
+    }
+    await keep(i, () => Promise.resolve(data));
+    return true;
   }
 
   const checkOpen = () => {
@@ -464,6 +492,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     },
     read,
     prefetch,
+    fill,
     close,
     [Symbol.asyncDispose]: close,
   };

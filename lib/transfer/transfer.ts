@@ -142,6 +142,23 @@ async function clientFor(source: PullSource, options: TransferOptions): Promise<
   });
 }
 
+/**
+ * A client for the primary location of `source` (registries.conf's rewriting and `insecure`
+ * applied, a blocked registry refused; mirrors are not asked), and the reference to ask it for:
+ * what a lazy pull reads single frames from. Close the client when done.
+ */
+export async function openPrimaryClient(
+  source: Reference,
+  options: TransferOptions,
+): Promise<{ client: RegistryClient; reference: Reference }> {
+  const list = resolvePullSources(
+    await loadRegistriesConf({ file: options.registriesConf }),
+    source,
+  );
+  const primary = list.find((s) => !s.mirror) ?? list[list.length - 1];
+  return { client: await clientFor(primary, options), reference: primary.reference };
+}
+
 /** The sources of one fetch, their clients (opened when first used), and which failed. */
 interface Sources {
   list: (PullSource & { client?: Promise<RegistryClient>; failed?: boolean; used?: boolean })[];

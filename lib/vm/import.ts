@@ -10,7 +10,7 @@
  * @module
  */
 
-import { basename, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { onInterrupt } from "../util/cleanup.ts";
 import { decodeGzip, parseGzipHeader } from "../image/mod.ts";
 import { decodeZstdChunk } from "../image/zstd.ts";
@@ -169,11 +169,21 @@ async function readMarker(folder: string): Promise<Marker | undefined> {
   );
 }
 
+/**
+ * The hidden folder where a lazy pull of the VM `name` fills its files: the temp folder of a
+ * normal import, but with a fixed name, since a restarted lazy server continues in it.
+ */
+export function lazyPartialName(name: string): string {
+  return `.${name}.partial-lazy`;
+}
+
 /** Removes temp folders of earlier imports of `name` whose process is gone. */
 async function removeStalePartials(vmdir: string, name: string): Promise<void> {
   const prefix = `.${name}.partial-`;
   for await (const e of Deno.readDir(vmdir)) {
     if (!e.name.startsWith(prefix)) continue;
+    // A lazy pull's files: its session (lib/vm/lazy_pull.ts) owns and removes them.
+    if (e.name === lazyPartialName(name)) continue;
     const pid = Number(e.name.slice(prefix.length).split("-")[0]);
     if (pid && pid !== Deno.pid && await exists(`/proc/${pid}`)) continue;
     debug(`removing leftovers of an interrupted import: ${e.name}`);
@@ -263,6 +273,20 @@ async function extractFiles(
   } finally {
     progress.stop();
   }
+  await finishFiles(folder, files, all);
+}
+
+/**
+ * The last step of an extraction into `folder`, once `files` hold the image's bytes: their qcow2
+ * headers are checked ({@link checkImageHeaders}) and backing references become plain names of
+ * files in the folder. A lazy pull runs it on its completed files too, so that they end as a
+ * normal import's.
+ */
+export async function finishFiles(
+  folder: string,
+  files: ImageFile[],
+  all: ImageFile[],
+): Promise<void> {
   await checkImageHeaders(folder, files, all);
   // Backing references become plain names of files in this folder (0.4 images already have them).
   for (const f of files) {
@@ -406,28 +430,55 @@ export async function importImage(
   } else {
     const files = await imageFiles(image);
     info(`importing ${what} as VM ${name}: ${files.length} file(s)`);
-    await extractAtomically(image, files, files, name, options, async (tmp) => {
-      const m: Marker = {
-        image: imageId,
-        manifest: descriptor.digest,
-        reference: what,
-        files: await Promise.all(files.map(async (f) => ({
-          name: f.name,
-          size: (await Deno.stat(join(tmp, f.name))).size,
-        }))),
-      };
-      await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
-      await Deno.rename(tmp, vmFolder);
-      await syncDir(options.vmdir);
-    });
+    await extractAtomically(
+      image,
+      files,
+      files,
+      name,
+      options,
+      (tmp) => commitFolder(tmp, vmFolder, { imageId, manifest: descriptor.digest, what, files }),
+    );
   }
   await options.beforeCommit?.();
   await defineXml(serializeDomainXml(doc), options);
   return await result(false);
 }
 
+/** What {@link commitFolder} records in the import marker. */
+export interface CommitInfo {
+  /** The image ID. */
+  imageId: string;
+  /** The manifest digest. */
+  manifest: string;
+  /** The image's name in messages and in the marker. */
+  what: string;
+  /** The files extracted into the folder. */
+  files: ImageFile[];
+}
+
+/**
+ * Commits a complete extraction: writes the import marker (with each file's size) into `tmp`,
+ * renames `tmp` to `vmFolder` and syncs the parent. From here on the folder is an imported VM
+ * folder; only the VM's definition is left. Both a normal import and a lazy pull's completion
+ * end here, so their folders are the same.
+ */
+export async function commitFolder(tmp: string, vmFolder: string, c: CommitInfo): Promise<void> {
+  const m: Marker = {
+    image: c.imageId,
+    manifest: c.manifest,
+    reference: c.what,
+    files: await Promise.all(c.files.map(async (f) => ({
+      name: f.name,
+      size: (await Deno.stat(join(tmp, f.name))).size,
+    }))),
+  };
+  await writeFileAtomic(join(tmp, IMPORT_MARKER), JSON.stringify(m, null, 2) + "\n");
+  await Deno.rename(tmp, vmFolder);
+  await syncDir(dirname(vmFolder));
+}
+
 /** What the extraction reads: the image, named `what` in messages, and its blobs' readiness. */
-interface ImageToExtract {
+export interface ImageToExtract {
   layout: Layout;
   manifest: Manifest;
   what: string;
@@ -438,7 +489,9 @@ interface ImageToExtract {
  * The image's files, named, in order, and checked against its config (the image ID pins the
  * chunk list and the files' digests).
  */
-async function imageFiles({ layout, manifest, what, ready }: ImageToExtract): Promise<ImageFile[]> {
+export async function imageFiles(
+  { layout, manifest, what, ready }: ImageToExtract,
+): Promise<ImageFile[]> {
   await ready(manifest.config.digest);
   const config = parseJsonObject(
     await readBlob(layout, manifest.config.digest, 4 << 20),

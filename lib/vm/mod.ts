@@ -11,6 +11,7 @@ export * from "./clone.ts";
 export * from "./domain.ts";
 export * from "./export.ts";
 export * from "./import.ts";
+export * from "./lazy_pull.ts";
 export * from "./libvirt.ts";
 export * from "./prune.ts";
 export * from "./pull.ts";

@@ -5,9 +5,17 @@
  * @module
  */
 
+import { join } from "node:path";
+import { fail } from "../util/errors.ts";
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
-import { checkVmName } from "./libvirt.ts";
-import { formatLocalName, type Reference } from "../oci/reference.ts";
+import { checkVmName, domainUuid } from "./libvirt.ts";
+import {
+  type LazyPullSpec,
+  lazySessionOf,
+  startLazyPull,
+  waitForLazySession,
+} from "./lazy_pull.ts";
+import { formatLocalName, formatReference, type Reference } from "../oci/reference.ts";
 import {
   fetchImage,
   type FetchingImage,
@@ -44,6 +52,9 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
   // A bad name is refused before the download, not after the first manifest of many GB.
   if (options.import.name !== undefined) checkVmName(options.import.name);
   const source = options.source ?? target;
+  // A lazy pull of this image is filling the VM's files: its result is this pull's.
+  const session = await lazySessionOf(options.import.vmdir, formatLocalName(target));
+  if (session) await waitForLazySession(session.imageId, lazySpec(target, options));
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
   let importing: Promise<ImportResult> | undefined;
@@ -84,4 +95,46 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
   } catch (err) {
     throw first?.error ?? err;
   }
+}
+
+/** What a lazy server needs of a pull's options (JSON: no signal, no callbacks). */
+function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
+  // A hook (a check run on the manifest, say) cannot cross to the server process: refuse rather
+  // than let the server pull without it.
+  const hooks = Object.entries({ ...options.fetch, ...options.import })
+    .filter(([, v]) => typeof v === "function").map(([k]) => k);
+  if (hooks.length) {
+    throw fail(
+      "usage",
+      `--lazy cannot pass ${hooks.join(", ")} to its server yet`,
+      "pull without --lazy",
+    );
+  }
+  return {
+    target: formatReference(target),
+    source: options.source ? formatReference(options.source) : undefined,
+    fetch: options.fetch,
+    import: options.import,
+  };
+}
+
+/**
+ * `sarde pull --lazy`: starts (or finds) the lazy server of the image (lib/vm/lazy_pull.ts) and
+ * returns as soon as the VM is defined and can start, its disks read on demand while the image
+ * downloads in the background; the server commits a normal import once complete. An image that
+ * cannot be read lazily (sardinecake 0.4's gzip) is pulled in full, as {@link pullImage} does.
+ * `beforeDownload` and `onManifest` are not called (the server does the download).
+ */
+export async function pullLazily(target: Reference, options: PullOptions): Promise<ImportResult> {
+  if (options.import.name !== undefined) checkVmName(options.import.name);
+  options.signal?.throwIfAborted();
+  const served = await startLazyPull(lazySpec(target, options));
+  if (!served) return await pullImage(target, options);
+  return {
+    name: served.name,
+    uuid: await domainUuid(served.name, options.import),
+    vmFolder: join(options.import.vmdir, served.name),
+    imageId: served.imageId,
+    alreadyImported: false,
+  };
 }

@@ -683,3 +683,70 @@ export function startFaultyProxy(target: ProxyTarget, fault: Fault): Promise<Run
     }
   }
 }
+
+/** Bytes of blob GET response bodies a {@link startThrottledProxy} has sent. */
+export interface BlobBytes {
+  /** All blob GET bodies. */
+  all: number;
+  /** Those answering a `Range` request (a lazy pull's demand reads and frame tables). */
+  ranged: number;
+}
+
+/** Options of {@link startThrottledProxy}. */
+export interface ThrottleOptions {
+  /** Bytes per second of each blob GET response body (each response is paced on its own). */
+  bytesPerSecond: number;
+  /**
+   * Flip bytes in the ranged GETs of these blobs that start at the blob's first byte (its first
+   * zstd frame): corrupt data for a lazy reader, while whole downloads stay intact.
+   */
+  corruptFirstFrames?: string[];
+}
+
+/** A {@link RunningProxy} that paces blob downloads and counts their bytes. */
+export interface ThrottledProxy extends RunningProxy {
+  /** Blob body bytes sent so far. */
+  blobBytes(): BlobBytes;
+}
+
+/**
+ * Starts a proxy whose blob GET bodies go at most `bytesPerSecond` each (a slow network, so that
+ * a full pull takes a while) and are counted, ranged ones apart; other requests pass unpaced.
+ */
+export async function startThrottledProxy(
+  target: ProxyTarget,
+  options: ThrottleOptions,
+): Promise<ThrottledProxy> {
+  const bytes: BlobBytes = { all: 0, ranged: 0 };
+  const slice = 16 * 1024;
+  const proxy = await startProxy(target, () => ({
+    responseBody(req, _res, body) {
+      if (!isBlobGet(req)) return body;
+      const ranged = req.headers.has("range");
+      const digest = new URL(req.url).pathname.split("/").pop() ?? "";
+      const flip = ranged && /^bytes=0-/.test(req.headers.get("range")!) &&
+        (options.corruptFirstFrames?.includes(digest) ?? false);
+      const start = performance.now();
+      let sent = 0;
+      const paced = body.pipeThrough(
+        new TransformStream<Uint8Array, Uint8Array>({
+          async transform(chunk, ctl) {
+            for (let off = 0; off < chunk.length; off += slice) {
+              const piece = new Uint8Array(chunk.subarray(off, off + slice));
+              if (flip) piece[0] ^= 0xff;
+              sent += piece.length;
+              const due = start + (sent / options.bytesPerSecond) * 1000;
+              const wait = due - performance.now();
+              if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+              bytes.all += piece.length;
+              if (ranged) bytes.ranged += piece.length;
+              ctl.enqueue(piece);
+            }
+          },
+        }),
+      );
+      return paced;
+    },
+  }));
+  return { ...proxy, blobBytes: () => ({ ...bytes }) };
+}

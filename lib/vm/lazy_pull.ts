@@ -1,0 +1,709 @@
+/**
+ * `sarde pull --lazy` (docs/lazy-pull.md, part 5): the VM is defined and can start before its
+ * image has finished downloading.
+ *
+ * One session per image and vmdir, in `<vmdir>/.lazy/<first 20 hex digits of the image ID>/` (a
+ * UNIX socket path must stay under 108 bytes): `lock` (an exclusive flock held by the server
+ * process), the NBD socket `nbd/nbd.sock`, the disks' local overlays `overlays/`, `state.json`
+ * (written atomically at most once a second) and `server.log`. The files being filled live
+ * where a normal import extracts, a hidden folder beside the VM folder
+ * ({@link lazyPartialName}), and are committed into the VM folder by the same function
+ * ({@link commitFolder}), so the result is exactly a normal import.
+ *
+ * The server is a detached process (`sarde lazy-serve SPEC`, hidden): {@link startLazyPull}
+ * starts it in a new session and reads one JSON line from its stdout once it serves (or fails);
+ * everything else it says goes to its log.
+ *
+ * @module
+ */
+
+import { basename, join } from "node:path";
+import { DOMParser } from "@xmldom/xmldom";
+import { createCodecPool } from "../image/codec_worker.ts";
+import { type Frame, frameTableLocation, frameUnits, parseFrameTable } from "../image/frames.ts";
+import {
+  chunkUnits,
+  domainLayer,
+  type FileUnit,
+  hasZstdLayers,
+  type ImageFile,
+} from "../image/format.ts";
+import { decodeFrame } from "../image/zstd.ts";
+import {
+  type BlockSource,
+  decodeZstdUnit,
+  type LazyFile,
+  nbdBackingStoreXml,
+  type NbdServer,
+  openFileSource,
+  openLazyFile,
+  PRESENCE_LOG_SUFFIX,
+  registryUnitFetcher,
+  serveNbd,
+  type UnitDecoder,
+} from "../lazy/mod.ts";
+import { digestHex } from "../oci/digest.ts";
+import { blobPath, readBlob } from "../oci/layout.ts";
+import { formatLocalName, manifestSelector, parseReference } from "../oci/reference.ts";
+import { isIndexMediaType, parseManifest } from "../oci/types.ts";
+import {
+  fetchImage,
+  type FetchingImage,
+  openPrimaryClient,
+  type TransferOptions,
+} from "../transfer/transfer.ts";
+import { describeError, fail, SardeError } from "../util/errors.ts";
+import {
+  ensureDir,
+  exists,
+  type FileLock,
+  lockFile,
+  tryLockFile,
+  writeFileAtomic,
+} from "../util/fsutil.ts";
+import { debug, info, warn } from "../util/log.ts";
+import { forEachConcurrent } from "../util/pool.ts";
+import {
+  childElement,
+  childElements,
+  type DomainDoc,
+  fileDisks,
+  parseDomainXml,
+  prepareImportedDomain,
+  serializeDomainXml,
+} from "./domain.ts";
+import {
+  commitFolder,
+  finishFiles,
+  imageFiles,
+  IMPORT_MARKER,
+  type ImportOptions,
+  lazyPartialName,
+  vmLockPath,
+} from "./import.ts";
+import { checkVmName, defineXml, domainExists, domainState, domainUuid } from "./libvirt.ts";
+import { rebaseUnsafe } from "./qemu.ts";
+import { runQemuImgOk } from "../util/qemu_img.ts";
+
+/** What a lazy server is asked to do: a pull's options, as JSON on its command line. */
+export interface LazyPullSpec {
+  /** The local name of the image (`formatReference`). */
+  target: string;
+  /** Where to download from (default: `target`). */
+  source?: string;
+  /** How to fetch (the store, transport, credentials, concurrency, retries). */
+  fetch: Omit<TransferOptions, "signal">;
+  /** How to import (vmdir, VM name, domain type, libvirt connection). */
+  import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
+}
+
+/** Where a session is in its life. */
+export type LazyPhase = "serving" | "committed" | "done";
+
+/** `state.json` of a session: what `sarde list` and waiting pulls read. */
+export interface LazyState {
+  /** The server's process. */
+  pid: number;
+  /** The image ID. */
+  imageId: string;
+  /** The VM name. */
+  name: string;
+  /** The image's local name. */
+  reference: string;
+  /** The NBD socket. */
+  socket: string;
+  /** `serving`: the VM is defined on NBD; `committed`: files are in the VM folder (the VM still
+   * runs on its overlays); `done`: the VM is defined on its local files. */
+  phase: LazyPhase;
+  /** Each file's present and total bytes. */
+  files: { name: string; present: number; total: number }[];
+}
+
+/** What the server says on its stdout, once. */
+type ReadyLine =
+  | { name: string; imageId: string }
+  | { fallback: string }
+  | { error: string; kind: string; hint?: string };
+
+/** The folder of all lazy sessions of `vmdir`. */
+export function lazyRoot(vmdir: string): string {
+  return join(vmdir, ".lazy");
+}
+
+/** The session folder of image `imageId` in `vmdir`. */
+export function lazyStateDir(vmdir: string, imageId: string): string {
+  return join(lazyRoot(vmdir), digestHex(imageId).slice(0, 20));
+}
+
+/** The state of the session in `dir`, or `undefined` when there is none (or it is unreadable). */
+export async function readLazyState(dir: string): Promise<LazyState | undefined> {
+  try {
+    const s = JSON.parse(await Deno.readTextFile(join(dir, "state.json")));
+    return typeof s?.name === "string" && typeof s?.imageId === "string" ? s : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every session of `vmdir` with a readable state (for `sarde list`). */
+export async function lazySessions(vmdir: string): Promise<LazyState[]> {
+  const out: LazyState[] = [];
+  try {
+    for await (const e of Deno.readDir(lazyRoot(vmdir))) {
+      if (!e.isDirectory) continue;
+      const s = await readLazyState(join(lazyRoot(vmdir), e.name));
+      if (s) out.push(s);
+    }
+  } catch { /* no sessions */ }
+  return out;
+}
+
+/** Whether the server of the session in `dir` is alive (it holds the lock). */
+async function serverAlive(dir: string): Promise<boolean> {
+  if (!await exists(join(dir, "lock"))) return false;
+  const probe = await tryLockFile(join(dir, "lock"), { folderMustExist: true }).catch(() => null);
+  if (probe === null) return false; // the folder went away: finished
+  if (!probe) return true;
+  probe.release();
+  return false;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * How to run this program again: the executable itself when compiled; else `deno run` of the
+ * bundle or of `cli.ts` (the main module when it is sarde's, else the one of this tree: a library
+ * user's program is not sarde), with the `deno.json` beside it (its import map).
+ */
+async function serverCommand(): Promise<string[]> {
+  const exe = Deno.execPath();
+  if (!/^deno(\.exe)?$/.test(basename(exe))) return [exe];
+  const own = new URL("../../cli.ts", import.meta.url);
+  const main = /(cli\.ts|\.js)$/.test(Deno.mainModule) || own.protocol !== "file:"
+    ? new URL(Deno.mainModule)
+    : own;
+  if (main.pathname.endsWith(".js")) return [exe, "run", "-A", "--no-config", main.href];
+  const config = new URL("deno.json", main);
+  const withConfig = config.protocol === "file:" && await exists(config.pathname)
+    ? ["--config", config.pathname]
+    : [];
+  return [exe, "run", "-A", "--quiet", ...withConfig, main.href];
+}
+
+/**
+ * Starts a lazy server for `spec` as a detached process (its own session, stdio away from this
+ * terminal) and waits until it serves: the VM is defined and can start. Returns its name, or
+ * `undefined` when the image cannot be pulled lazily (the reason was logged) and a normal pull
+ * must be done instead. If a server for that image already runs, the new process only waits for
+ * it and reports its VM: never two downloads.
+ */
+export async function startLazyPull(
+  spec: LazyPullSpec,
+): Promise<{ name: string; imageId: string } | undefined> {
+  const vmdir = spec.import.vmdir;
+  await ensureDir(lazyRoot(vmdir), "the lazy pull folder", "choose another one with --vmdir");
+  const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
+  const log = join(lazyRoot(vmdir), `server-${Deno.pid}-${rand}.log`);
+  const cmd = [...await serverCommand(), "lazy-serve", JSON.stringify(spec)];
+  const child = new Deno.Command("setsid", {
+    args: ["-f", "sh", "-c", 'log=$1; shift; exec "$@" </dev/null 2>>"$log"', "sh", log, ...cmd],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  let text = "";
+  const decoder = new TextDecoder();
+  for await (const piece of child.stdout) {
+    text += decoder.decode(piece, { stream: true });
+    if (text.includes("\n")) break;
+  }
+  await child.status;
+  const line = text.split("\n")[0];
+  let ready: ReadyLine;
+  try {
+    ready = JSON.parse(line);
+  } catch {
+    const tail = await Deno.readTextFile(log).catch(() => "");
+    throw fail(
+      "external",
+      `the lazy pull server stopped before serving: ${
+        tail.trim().split("\n").pop() ?? "no output"
+      }`,
+      `its log: ${log}`,
+    );
+  }
+  if ("error" in ready) {
+    await Deno.remove(log).catch(() => {});
+    throw new SardeError(ready.kind as SardeError["kind"], ready.error, { hint: ready.hint });
+  }
+  if ("fallback" in ready) {
+    await Deno.remove(log).catch(() => {});
+    if (ready.fallback) warn(ready.fallback);
+    return undefined;
+  }
+  return ready;
+}
+
+/**
+ * Waits until the lazy session of image `imageId` (if any) has committed the VM's files, so that
+ * a plain pull finds a normal import. A session whose server died is started again (it goes on
+ * from what it had) with `spec`.
+ */
+export async function waitForLazySession(imageId: string, spec: LazyPullSpec): Promise<void> {
+  const dir = lazyStateDir(spec.import.vmdir, imageId);
+  let announced = false;
+  for (;;) {
+    const state = await readLazyState(dir);
+    if (!state || state.phase !== "serving") return;
+    if (!announced) {
+      info(`waiting for the lazy pull of ${state.reference} (VM ${state.name}) to complete`);
+      announced = true;
+    }
+    if (!await serverAlive(dir)) {
+      info("its server is gone: starting it again");
+      await startLazyPull({ ...spec, import: { ...spec.import, name: state.name } });
+    }
+    await sleep(500);
+  }
+}
+
+/** Finds the session of `target` by its reference (the image ID is not known before a fetch). */
+export async function lazySessionOf(vmdir: string, target: string): Promise<LazyState | undefined> {
+  return (await lazySessions(vmdir)).find((s) => s.reference === target && s.phase === "serving");
+}
+
+/** How long the server stays once done while no NBD client is connected. */
+const IDLE_MS = Number(Deno.env.get("SARDE_LAZY_IDLE_MS") ?? 30_000);
+
+/** A disk of the VM while lazy: its overlay and the image files of its backing chain. */
+interface LazyDisk {
+  overlay: string;
+  file: string;
+  format: string;
+}
+
+/**
+ * The lazy server (`sarde lazy-serve`): fetches the image in the background, serves its files
+ * over NBD while they fill, defines the VM on local overlays, commits the import once complete,
+ * and returns once done and idle. `ready` is called exactly once, before any long wait: with the
+ * VM's name once it can start, with a fallback reason, or with the error that stopped it first.
+ */
+export async function serveLazyPull(
+  spec: LazyPullSpec,
+  ready: (line: ReadyLine) => void,
+): Promise<void> {
+  let told = false;
+  const tell = (line: ReadyLine) => {
+    if (!told) ready(line);
+    told = true;
+  };
+  try {
+    await serve(spec, tell);
+  } catch (err) {
+    const e = err instanceof SardeError ? err : fail("external", describeError(err));
+    tell({ error: e.message, kind: e.kind, hint: e.hint });
+    throw err;
+  }
+}
+
+async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promise<void> {
+  const target = parseReference(spec.target);
+  const source = parseReference(spec.source ?? spec.target);
+  const what = formatLocalName(target);
+  const vmdir = spec.import.vmdir;
+  const connect = { connect: spec.import.connect };
+  if (spec.import.name !== undefined) checkVmName(spec.import.name);
+  const { client, reference } = await openPrimaryClient(source, spec.fetch);
+  try {
+    const fetched = await client.getManifest(reference.repository, manifestSelector(reference));
+    if (isIndexMediaType(fetched.mediaType)) {
+      throw fail("usage", `${what} is a multi-platform image index, not a sardinecake VM image`);
+    }
+    const manifest = parseManifest(fetched.bytes, `manifest of ${what}`);
+    const imageId = manifest.config.digest;
+    const name = checkVmName(spec.import.name ?? imageId);
+    const vmFolder = join(vmdir, name);
+    if (!hasZstdLayers(manifest)) {
+      return tell({
+        fallback: `${what} is a sardinecake 0.4 (gzip) image, which cannot be read lazily: ` +
+          "pulling it in full",
+      });
+    }
+    const dir = lazyStateDir(vmdir, imageId);
+    await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
+    const lock = await tryLockFile(join(dir, "lock"));
+    if (!lock) return await attach(dir, name, tell);
+    using _lock = lock;
+    const previous = await readLazyState(dir);
+    if (previous && previous.name !== name) {
+      throw fail(
+        "usage",
+        `${what} is being pulled lazily as VM ${previous.name}`,
+        `use -n ${previous.name}, or wait for it to complete`,
+      );
+    }
+    if (!previous && await exists(join(vmFolder, IMPORT_MARKER))) {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      return tell({ fallback: "" }); // imported already: a plain pull is a no-op
+    }
+    // Moved beside the session's other files, where list and the user look for it.
+    await adoptLog(dir);
+
+    // The name is ours until the files are committed: imports and prune of it wait.
+    let nameLock: FileLock | undefined = await lockFile(vmLockPath(vmdir, name));
+    const gotImage = Promise.withResolvers<FetchingImage>();
+    gotImage.promise.catch(() => {});
+    const fetching = fetchImage(source, {
+      ...spec.fetch,
+      target,
+      onManifest: (image) => gotImage.resolve(image),
+    });
+    fetching.catch((err) => gotImage.reject(err));
+    const image = await gotImage.promise;
+    if (image.descriptor.digest !== fetched.digest) {
+      throw fail("usage", `${what} changed while the lazy pull started`, "run it again");
+    }
+    const ex = { layout: image.layout, manifest, what, ready: image.blobReady };
+    const files = await imageFiles(ex);
+    if (files.some((f) => f.encoding !== "zstd")) {
+      throw fail("integrity", `${what} mixes gzip and zstd files`);
+    }
+    const xmlDigest = domainLayer(manifest, what).digest;
+    await image.blobReady(xmlDigest);
+    const xml = new TextDecoder().decode(await readBlob(image.layout, xmlDigest, 4 << 20));
+    const partial = join(vmdir, lazyPartialName(name));
+
+    if (!previous) {
+      if (await domainExists(name, connect)) {
+        throw fail(
+          "usage",
+          `a libvirt VM named '${name}' already exists and was not imported from ${what} by sarde`,
+          "choose another name with -n NAME, or remove that VM first",
+        );
+      }
+      if (await exists(vmFolder)) {
+        throw fail("usage", `${vmFolder} exists`, "choose another name with -n NAME");
+      }
+      await Deno.remove(partial, { recursive: true }).catch(() => {});
+    }
+    const committedBefore = previous?.phase === "committed" &&
+      await exists(join(vmFolder, IMPORT_MARKER));
+    const pool = createCodecPool(Math.max(2, navigator.hardwareConcurrency ?? 2));
+    const lazy = new Map<string, LazyFile>();
+    /** What the NBD server exports: the lazy files, or the local files once committed. */
+    const sources = new Map<string, BlockSource & { close(): Promise<void> }>();
+    const unitsOf = new Map<string, FileUnit[]>();
+    let server: NbdServer | undefined;
+    const socket = join(dir, "nbd", "nbd.sock");
+    let phase: LazyPhase = committedBefore ? "committed" : "serving";
+    const writeState = () => {
+      const state: LazyState = {
+        pid: Deno.pid,
+        imageId,
+        name,
+        reference: what,
+        socket,
+        phase,
+        files: files.map((f) => ({
+          name: f.name,
+          present: phase === "serving" ? lazy.get(f.name)?.presentBytes ?? 0 : f.size ?? 0,
+          total: f.size ?? 0,
+        })),
+      };
+      return writeFileAtomic(join(dir, "state.json"), JSON.stringify(state, null, 2) + "\n");
+    };
+    const stateTimer = setInterval(() => writeState().catch(() => {}), 1000);
+    try {
+      const folder = committedBefore ? vmFolder : partial;
+      await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
+      const fetchUnit = registryUnitFetcher(client, reference.repository);
+      const decode: UnitDecoder = (bytes, unit, signal) =>
+        unit.range
+          ? decodeFrame(bytes, unit.length, unit.digest, { pool, signal })
+          : decodeZstdUnit(bytes, unit, signal);
+      for (const f of committedBefore ? files : []) {
+        sources.set(f.name, await openFileSource(join(vmFolder, f.name)));
+      }
+      for (const f of committedBefore ? [] : files) {
+        chunkUnits(f, `${what}: ${f.name}`); // the chunk annotations, checked
+        const tables: (Frame[] | undefined)[] = new Array(f.layers.length);
+        // All tables up front: one small ranged GET per chunk (docs/lazy-pull.md, "Status").
+        await forEachConcurrent([...f.layers.keys()], 8, async (i) => {
+          const where = frameTableLocation(f.layers[i]);
+          if (!where) return;
+          const bytes = await client.readBlob(reference.repository, f.layers[i], {
+            offset: where.offset,
+            length: where.length,
+          });
+          tables[i] = parseFrameTable(bytes, f.layers[i]);
+        });
+        const units = frameUnits(f, tables);
+        unitsOf.set(f.name, units);
+        const lf = await openLazyFile({
+          path: join(folder, f.name),
+          file: f,
+          units,
+          fetchUnit,
+          decode,
+        });
+        lazy.set(f.name, lf);
+        sources.set(f.name, lf);
+      }
+      const doc = parseDomainXml(xml, `domain XML of ${what}`);
+      const domainOptions = {
+        name,
+        vmFolder: folder,
+        allowHostResources: spec.import.allowHostResources,
+        domainType: spec.import.domainType,
+      };
+      prepareImportedDomain(doc, domainOptions);
+      const disks = await lazyDisks(doc, files, sources, dir, socket);
+      // Boot files (kernel, initrd, NVRAM) are read by libvirt and QEMU as local files: whole.
+      for (const f of files) {
+        if (!disks.some((d) => chainOf(d.file, files).includes(f))) {
+          await lazy.get(f.name)?.prefetch();
+        }
+      }
+      server = await serveNbd({ socketPath: socket, exports: sources });
+      if (!committedBefore) await redefine(doc, name, connect);
+      await writeState();
+      info(`serving ${what} lazily as VM ${name} on ${socket}`);
+      tell({ name, imageId });
+
+      // Background completion: the normal fetch, each chunk written into the files as it lands.
+      const filling = fillFromStore(image, files, unitsOf, lazy, pool);
+      filling.catch(() => {});
+      await fetching;
+      await filling;
+      for (const lf of lazy.values()) {
+        if (!lf.complete) await lf.prefetch(); // units the store's copy could not give
+      }
+      if (!committedBefore) {
+        await finishFiles(partial, files, files);
+        for (const f of files) await Deno.remove(join(partial, f.name + PRESENCE_LOG_SUFFIX));
+        await commitFolder(partial, vmFolder, {
+          imageId,
+          manifest: image.descriptor.digest,
+          what,
+          files,
+        });
+        phase = "committed";
+        await writeState();
+        info(`${what} is complete: the files of VM ${name} are in ${vmFolder}`);
+      }
+      nameLock.release();
+      nameLock = undefined;
+
+      // The VM leaves its overlays only when it does not run: poll until then.
+      for (;;) {
+        const state = await domainState(name, connect);
+        if (state === "missing") break;
+        if (state !== "running" && state !== "paused" && state !== "shutting-down") {
+          await finalize(name, xml, domainOptions, vmFolder, disks, connect);
+          break;
+        }
+        await sleep(2000);
+      }
+      phase = "done";
+      await writeState();
+      for (const d of disks) await Deno.remove(d.overlay).catch(() => {});
+      let idleSince = Date.now();
+      while (Date.now() - idleSince < IDLE_MS) {
+        if (server.clients > 0) idleSince = Date.now();
+        await sleep(500);
+      }
+      info(`VM ${name} is a normal import now; the lazy server exits`);
+      await server.close();
+      for (const src of sources.values()) await src.close();
+      clearInterval(stateTimer);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    } finally {
+      clearInterval(stateTimer);
+      nameLock?.release();
+      await server?.close();
+      for (const src of sources.values()) await src.close();
+      pool.close();
+    }
+  } finally {
+    client.close();
+  }
+}
+
+/** A second server for an image already served: waits until the first serves, reports its VM. */
+async function attach(dir: string, name: string, tell: (line: ReadyLine) => void): Promise<void> {
+  for (let i = 0;; i++) {
+    const state = await readLazyState(dir);
+    if (state && state.pid !== Deno.pid) {
+      if (state.name !== name) {
+        throw fail(
+          "usage",
+          `this image is being pulled lazily as VM ${state.name}`,
+          `use -n ${state.name}`,
+        );
+      }
+      return tell({ name: state.name, imageId: state.imageId });
+    }
+    if (!await serverAlive(dir)) {
+      throw fail(
+        "external",
+        "the lazy server of this image stopped while starting",
+        "run it again",
+      );
+    }
+    if (i % 20 === 0) debug(`waiting for the lazy server in ${dir}`);
+    await sleep(200);
+  }
+}
+
+/** Moves this process's stderr log (named by {@link startLazyPull}) to `dir/server.log`. */
+async function adoptLog(dir: string): Promise<void> {
+  const log = await Deno.readLink("/proc/self/fd/2").catch(() => "");
+  if (log.startsWith(join(dir, "..") + "/server-") && log.endsWith(".log")) {
+    await Deno.rename(log, join(dir, "server.log")).catch(() => {});
+  }
+}
+
+/** The files of a disk's backing chain, the disk's own first. */
+function chainOf(top: string, files: ImageFile[]): ImageFile[] {
+  const chain: ImageFile[] = [];
+  for (let f = files.find((x) => x.name === top); f && !chain.includes(f);) {
+    chain.push(f);
+    f = f.backingFile ? files.find((x) => x.name === f!.backingFile) : undefined;
+  }
+  return chain;
+}
+
+/**
+ * Points each file disk of `doc` at a local qcow2 overlay in `dir/overlays/` (kept when it is
+ * there: it holds what the guest wrote) whose backing chain is the image's files on the NBD
+ * socket, nested in the XML so that QEMU ignores the names inside the files.
+ */
+async function lazyDisks(
+  doc: DomainDoc,
+  files: ImageFile[],
+  sources: Map<string, BlockSource>,
+  dir: string,
+  socket: string,
+): Promise<LazyDisk[]> {
+  const out: LazyDisk[] = [];
+  await Deno.mkdir(join(dir, "overlays"), { recursive: true, mode: 0o755 });
+  for (const d of fileDisks(doc)) {
+    const name = basename(d.path);
+    const chain = chainOf(name, files);
+    if (chain.length === 0) continue;
+    const format = d.format ?? "raw";
+    const layers = chain.map((f, i) => ({
+      socketPath: socket,
+      exportName: f.name,
+      format: i === 0 ? format : chain[i - 1].backingFormat ?? "qcow2",
+    }));
+    const overlay = join(dir, "overlays", `${name}.qcow2`);
+    if (!await exists(overlay)) {
+      const size = await virtualSize(sources.get(name)!, format);
+      const tmp = `${overlay}.tmp`;
+      const args = ["create", "-q", "-f", "qcow2", "-F", format, "-b", name, "-u"];
+      await runQemuImgOk("create", [...args, tmp, String(size)]);
+      await Deno.rename(tmp, overlay);
+    }
+    d.source.setAttribute("file", overlay);
+    const driver = d.element.getElementsByTagName("driver")[0];
+    driver?.setAttribute("type", "qcow2");
+    for (const old of Array.from(d.element.getElementsByTagName("backingStore"))) {
+      old.parentNode?.removeChild(old);
+    }
+    const fragment = new DOMParser().parseFromString(nbdBackingStoreXml(layers), "text/xml");
+    const node = doc.importNode(fragment.documentElement!, true);
+    d.element.insertBefore(node, d.source.nextSibling);
+    out.push({ overlay, file: name, format });
+  }
+  return out;
+}
+
+/** The disk size a guest sees: a qcow2 header's, or the file's. */
+async function virtualSize(file: BlockSource, format: string): Promise<number> {
+  if (format !== "qcow2") return file.size;
+  const head = await file.read(0, Math.min(32, file.size));
+  const size = new DataView(head.buffer, head.byteOffset).getBigUint64(24);
+  if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw fail("integrity", "qcow2 size out of range");
+  return Number(size);
+}
+
+/**
+ * Writes each chunk into the lazy files as the fetch stores its blob: decoded from the store,
+ * verified unit by unit, only the units not present yet. Chunks one at a time (memory).
+ */
+async function fillFromStore(
+  image: FetchingImage,
+  files: ImageFile[],
+  unitsOf: Map<string, FileUnit[]>,
+  lazy: Map<string, LazyFile>,
+  pool: ReturnType<typeof createCodecPool>,
+): Promise<void> {
+  for (const f of files) {
+    const lf = lazy.get(f.name);
+    const units = unitsOf.get(f.name);
+    if (!lf || !units) continue; // committed before this server started
+    let u = 0;
+    for (const layer of f.layers) {
+      const start = u;
+      while (u < units.length && units[u].blob === layer) u++;
+      await image.blobReady(layer.digest);
+      if (lf.complete) continue;
+      let blob: Uint8Array | undefined;
+      for (let i = start; i < u; i++) {
+        const unit = units[i];
+        blob ??= await Deno.readFile(blobPath(image.layout, layer.digest));
+        try {
+          const bytes = unit.range
+            ? blob.subarray(unit.range.offset, unit.range.offset + unit.range.length)
+            : blob;
+          const data = unit.range
+            ? await decodeFrame(bytes, unit.length, unit.digest, { pool })
+            : await decodeZstdUnit(bytes, unit);
+          await lf.fill(i, data);
+        } catch (err) {
+          if (!(err instanceof SardeError) || err.kind !== "integrity") throw err;
+          warn(`${f.name}: ${err.message}; it will be fetched on its own`);
+        }
+      }
+    }
+  }
+}
+
+/**
+ * The end of a lazy pull for a VM that does not run: what the guest wrote into the overlays goes
+ * into the VM's files (`qemu-img commit`), as if it had run on them all along, and the VM is
+ * defined on its local files like any imported VM.
+ */
+async function finalize(
+  name: string,
+  xml: string,
+  domainOptions: { name: string; allowHostResources?: boolean; domainType?: string },
+  vmFolder: string,
+  disks: LazyDisk[],
+  connect: { connect?: string },
+): Promise<void> {
+  for (const d of disks) {
+    if (!await exists(d.overlay)) continue;
+    await rebaseUnsafe(d.overlay, join(vmFolder, d.file), d.format);
+    await runQemuImgOk("commit", ["commit", "-q", "-f", "qcow2", d.overlay]);
+  }
+  const doc = parseDomainXml(xml, `domain XML of ${name}`);
+  prepareImportedDomain(doc, { ...domainOptions, vmFolder });
+  await redefine(doc, name, connect);
+}
+
+/**
+ * Defines `doc` as VM `name`, keeping the UUID of the VM of that name if there is one (libvirt
+ * refuses a second UUID for a name): the lazy VM is redefined, not replaced.
+ */
+async function redefine(doc: DomainDoc, name: string, connect: { connect?: string }) {
+  if (await domainExists(name, connect)) {
+    const root = doc.documentElement!;
+    for (const old of childElements(root, "uuid")) root.removeChild(old);
+    const uuid = doc.createElement("uuid");
+    uuid.appendChild(doc.createTextNode(await domainUuid(name, connect)));
+    root.insertBefore(uuid, childElement(root, "name")?.nextSibling ?? null);
+  }
+  await defineXml(serializeDomainXml(doc), connect);
+}
