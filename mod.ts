@@ -53,6 +53,12 @@ import {
   startPushSession,
   type TransferResult,
 } from "./lib/transfer/transfer.ts";
+import {
+  generateSigstoreKey as generateKeyPair,
+  loadSigstorePrivateKey,
+  pushSigner,
+  type SigstoreKeyPair,
+} from "./lib/trust/mod.ts";
 
 export { SardeError } from "./lib/util/errors.ts";
 export type { ErrorKind } from "./lib/util/errors.ts";
@@ -61,6 +67,7 @@ export type { Reference } from "./lib/oci/reference.ts";
 export type { Credentials } from "./lib/registry/credentials.ts";
 export type { ImageEntry, StateLookup, VmState } from "./lib/oci/images.ts";
 export type { TransferResult } from "./lib/transfer/transfer.ts";
+export type { SigstoreKeyPair } from "./lib/trust/keys.ts";
 export type { TlsSettings } from "./lib/registry/tls.ts";
 export type { RetryPolicy } from "./lib/util/retry.ts";
 export { defaultOcidir } from "./lib/oci/store.ts";
@@ -166,7 +173,34 @@ export async function fetch(
 }
 
 /**
- * Uploads a local image to a registry (`sarde push`), to `target` if given.
+ * Signing a push with a sigstore key, as `cosign sign --key` and `skopeo copy
+ * --sign-by-sigstore-private-key` do: the signature names the reference pushed to and goes into
+ * the `sha256-<digest>.sig` attachment of the repository, where cosign, skopeo and podman (built
+ * with sigstore support) find it.
+ */
+export interface SignOptions {
+  /**
+   * The encrypted private key file (`sarde generate-sigstore-key`, `cosign generate-key-pair`).
+   * It is decrypted before anything is uploaded: a wrong passphrase pushes nothing.
+   */
+  signBySigstorePrivateKey?: string;
+  /** Its passphrase (the first line of skopeo's `--sign-passphrase-file`). */
+  signPassphrase?: string;
+}
+
+/** The signing hook of a push, once its key is decrypted; none without a key. */
+async function signingHook(options: SignOptions) {
+  if (options.signBySigstorePrivateKey === undefined) return undefined;
+  const key = await loadSigstorePrivateKey(
+    options.signBySigstorePrivateKey,
+    options.signPassphrase ?? "",
+  );
+  return pushSigner(key);
+}
+
+/**
+ * Uploads a local image to a registry (`sarde push`), to `target` if given; with
+ * `signBySigstorePrivateKey`, signs what it pushed.
  *
  * @example Push a local image under a second tag, three blobs at a time
  *
@@ -178,14 +212,47 @@ export async function fetch(
  * });
  * console.log(`${r.blobBytes} bytes sent, ${r.blobsMounted} mounted, ${r.blobsSkipped} known`);
  * ```
+ *
+ * @example Push and sign with a cosign key
+ *
+ * ```ts
+ * import { push } from "./mod.ts";
+ * await push("registry.example.org/sardines/debian12:latest", {
+ *   signBySigstorePrivateKey: "/etc/sardinecake/signing.key",
+ *   signPassphrase: (await Deno.readTextFile("/run/secrets/signing-pass")).split("\n")[0],
+ * });
+ * ```
  */
 export async function push(
   local: string,
-  options: RegistryAccessOptions & StoreOptions & { target?: string } = {},
+  options: RegistryAccessOptions & StoreOptions & SignOptions & { target?: string } = {},
 ): Promise<TransferResult> {
   const ref = parseReference(local);
   const target: Reference = options.target ? parseReference(options.target) : ref;
-  return await pushImage(ref, { ...await transferOptions(target.registry, options), target });
+  const afterManifest = await signingHook(options);
+  return await pushImage(ref, {
+    ...await transferOptions(target.registry, options),
+    target,
+    afterManifest,
+  });
+}
+
+/**
+ * Generates an ECDSA P-256 key pair for signing (`sarde generate-sigstore-key`): the private key
+ * encrypted with `passphrase` in cosign's format (write it with mode 0600), the public key as
+ * PKIX PEM for the `keyPath` of a containers-policy.json `sigstoreSigned` requirement.
+ *
+ * @example Make a key pair
+ *
+ * ```ts
+ * import { generateSigstoreKey } from "./mod.ts";
+ * const { privatePem, publicPem } = await generateSigstoreKey("a long passphrase");
+ * await Deno.writeTextFile("signing.key", privatePem, { mode: 0o600, createNew: true });
+ * await Deno.writeTextFile("signing.pub", publicPem, { createNew: true });
+ * ```
+ */
+export async function generateSigstoreKey(passphrase: string): Promise<SigstoreKeyPair> {
+  return await generateKeyPair(passphrase);
 }
 
 /**
@@ -332,9 +399,10 @@ export interface ExportVmOptions
   extends Omit<ExportOptions, "ocidir" | "onBlob">, StoreOptions, LibvirtOptions {
   /**
    * Also push the image to its registry (`export --push`), uploading each disk chunk as soon
-   * as it is compressed: about as fast as the slower of the two instead of their sum.
+   * as it is compressed: about as fast as the slower of the two instead of their sum; signed
+   * with `signBySigstorePrivateKey`.
    */
-  push?: RegistryAccessOptions;
+  push?: RegistryAccessOptions & SignOptions;
 }
 
 /** What {@link exportVm} did; `pushed` when it pushed too. */
@@ -377,12 +445,13 @@ export async function exportVm(
     );
   }
   const target = parseReference(reference);
+  const afterManifest = await signingHook(options.push);
   // A failed upload stops the export at once, and its error is the one reported.
   const stop = new AbortController();
   let uploadFailure: { error: unknown } | undefined;
   const session = startPushSession(
     target,
-    await transferOptions(target.registry, { ...options.push, ocidir }),
+    { ...await transferOptions(target.registry, { ...options.push, ocidir }), afterManifest },
     (error) => {
       uploadFailure = { error };
       stop.abort();

@@ -13,9 +13,10 @@ import { checkChunkSize } from "../../lib/vm/export.ts";
 import { addTransferOptions, type CommonCli, connectOption, settings } from "../common.ts";
 import { checkOption, choiceOption, pathOption, valueOption } from "../options.ts";
 import { out, summary } from "../output.ts";
+import { addSigningOptions, signing, type SigningCli } from "../signing.ts";
 
 /** The parsed values of `export`. */
-interface ExportCli extends CommonCli {
+interface ExportCli extends CommonCli, SigningCli {
   tag?: string;
   vmconfig?: string;
   libvirtconfig?: string;
@@ -75,7 +76,7 @@ export function exportCommand(program: Command): Command {
       "--push",
       "also push the image to its registry, uploading each disk chunk as soon as it is compressed",
     );
-  return addTransferOptions(exportCmd)
+  return addSigningOptions(addTransferOptions(exportCmd))
     .addHelpText(
       "after",
       "\nExamples:\n  sarde export --vmconfig vm.json debian12 registry.example.org/sardines/debian12:latest" +
@@ -86,6 +87,10 @@ export function exportCommand(program: Command): Command {
         throw new SardeError("usage", "give the image name once: either --tag or the argument");
       }
       const s = settings(o);
+      if (!o.push && o.signBySigstorePrivateKey !== undefined) {
+        throw new SardeError("usage", "--sign-by-sigstore-private-key signs a push: add --push");
+      }
+      const sign = await signing(o);
       const compression = o.compression ?? "zstd";
       const chunkSize = o.chunksize;
       if (chunkSize !== undefined) {
@@ -99,7 +104,7 @@ export function exportCommand(program: Command): Command {
         chunkSize,
         zstdLevel: o.zstdLevel,
         force: o.force,
-        push: o.push ? s : undefined,
+        push: o.push ? { ...s, ...sign } : undefined,
       });
       info(`exported ${vm} as ${r.reference} (${r.files.length} file(s))`);
       if (r.pushed) info(summary("pushed", r.pushed));

@@ -8,6 +8,7 @@ import type { Command } from "commander";
 import { cloneCommand } from "./clone.ts";
 import { exportCommand } from "./export.ts";
 import { fetchCommand } from "./fetch.ts";
+import { generateSigstoreKeyCommand } from "./generate_sigstore_key.ts";
 import { getconfigCommand } from "./getconfig.ts";
 import { importCommand } from "./import.ts";
 import { listCommand } from "./list.ts";
@@ -32,4 +33,5 @@ export const commands: readonly ((program: Command) => Command)[] = [
   rmCommand,
   pruneCommand,
   getconfigCommand,
+  generateSigstoreKeyCommand,
 ];

@@ -425,13 +425,22 @@ async function pushClient(target: Reference, options: TransferOptions): Promise<
   return await clientFor(resolvePushTarget(conf, target), options);
 }
 
+/** Options of a push. */
+export interface PushOptions extends TransferOptions {
+  /**
+   * Runs once the registry took the manifest, with the push's client and the manifest digest
+   * (to attach a signature); its failure fails the push.
+   */
+  afterManifest?: (client: RegistryClient, target: Reference, digest: string) => Promise<void>;
+}
+
 /**
  * Uploads the local image `local` to `target` (default: the same reference). Blobs the registry
  * has are skipped; blobs in another repository of the same registry are mounted, not re-sent.
  */
 export async function pushImage(
   local: Reference,
-  options: TransferOptions & {
+  options: PushOptions & {
     target?: Reference;
     /** Blobs already uploaded to the target repository (by a {@link PushSession}). */
     uploaded?: ReadonlyMap<string, number>;
@@ -507,6 +516,7 @@ export async function pushImage(
       throw fail("usage", `local image has digest ${descriptor.digest}, not ${target.digest}`);
     }
     await client.putManifest(target.repository, selector, bytes, mediaType);
+    await options.afterManifest?.(client, target, descriptor.digest);
     // Sizes of the blobs a push session sent before this (0: the registry had them already).
     const sentEarly = blobs.map((b) => options.uploaded?.get(b.digest) ?? 0).filter((n) => n > 0);
     return {
@@ -583,7 +593,7 @@ export interface PushSession {
  */
 export function startPushSession(
   target: Reference,
-  options: TransferOptions,
+  options: PushOptions,
   onFailure?: (error: unknown) => void,
 ): PushSession {
   const stop = new AbortController();
