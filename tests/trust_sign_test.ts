@@ -19,7 +19,7 @@ import { createRegistryClient } from "../lib/registry/client.ts";
 import { digestHex, digestOf } from "../lib/oci/digest.ts";
 import { MediaType } from "../lib/oci/types.ts";
 import { SardeError } from "../lib/util/errors.ts";
-import { makeImage, run, sarde, tempDir } from "./support/images.ts";
+import { makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry, type TestRegistry } from "./support/registry.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -144,6 +144,50 @@ Deno.test("generate-sigstore-key: openssl reads a P-256 pair whose halves match;
       "signing.key",
       "signing.pub",
     ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("generate-sigstore-key on a terminal asks twice without echo", async () => {
+  const dir = await tempDir("sigtty");
+  try {
+    const prefix = join(dir, "tty");
+    // script(1) gives sarde a pseudo-terminal; what the terminal echoes comes back on its stdout.
+    const child = new Deno.Command("script", {
+      args: ["-qfec", `${SARDE} generate-sigstore-key --output-prefix ${prefix}`, "/dev/null"],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    const writer = child.stdin.getWriter();
+    let seen = "";
+    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    const waitFor = async (text: string) => {
+      while (!seen.includes(text)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`no "${text}" in: ${seen}`);
+        seen += value;
+      }
+    };
+    await waitFor("Passphrase: ");
+    await writer.write(new TextEncoder().encode("tty secret\r"));
+    await waitFor("Passphrase again: ");
+    await writer.write(new TextEncoder().encode("tty secret\r"));
+    await waitFor("tty.pub");
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      seen += value;
+    }
+    await writer.close().catch(() => {});
+    assert.equal((await child.status).code, 0, seen);
+    assert.doesNotMatch(seen, /tty secret/, "the passphrase is not echoed");
+    const key = await readSigstorePrivateKey(
+      await Deno.readTextFile(`${prefix}.key`),
+      "tty secret",
+    );
+    assert.equal(publicKeyPem(key), await Deno.readTextFile(`${prefix}.pub`));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -423,7 +467,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "skopeo under a sigstoreSigned policy finds sarde's signature where cosign puts it",
+  name:
+    "under a sigstoreSigned policy, sarde fetch accepts sarde's signature and skopeo finds it where cosign puts it",
   ...opts,
   fn: async () => {
     await withRegistryAndKey("signskopeo", async (reg, dir, ocidir, k) => {
@@ -469,6 +514,34 @@ Deno.test({
       const withoutSig = await copy(unsigned);
       assert.notEqual(withoutSig.code, 0);
       assert.match(withoutSig.stderr, /no signature exists/, withoutSig.stderr);
+
+      // sarde's own verifier, under the same files, into an empty store.
+      const fetch = (ref: string, policyFile = policy) =>
+        sarde([
+          "fetch",
+          "-d",
+          join(dir, "fetched"),
+          "--policy",
+          policyFile,
+          "--registries.d",
+          registriesD,
+          ref,
+        ]);
+      const accepted = await fetch(signed);
+      assert.equal(accepted.code, 0, accepted.stderr);
+      const refused = await fetch(unsigned);
+      assert.equal(refused.code, 7, refused.stderr);
+      assert.match(refused.stderr, /no signature/);
+      const otherKey = join(dir, "other-policy.json");
+      const stranger = await generateSigstoreKey("x");
+      await Deno.writeTextFile(join(dir, "stranger.pub"), stranger.publicPem);
+      await Deno.writeTextFile(
+        otherKey,
+        (await Deno.readTextFile(policy)).replace(k.pub, join(dir, "stranger.pub")),
+      );
+      const wrongKey = await fetch(signed, otherKey);
+      assert.equal(wrongKey.code, 7, wrongKey.stderr);
+      assert.match(wrongKey.stderr, /wrong key/);
     });
   },
 });
