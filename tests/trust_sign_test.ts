@@ -21,6 +21,7 @@ import { MediaType } from "../lib/oci/types.ts";
 import { SardeError } from "../lib/util/errors.ts";
 import { makeImage, run, SARDE, sarde, tempDir } from "./support/images.ts";
 import { startRegistry, type TestRegistry } from "./support/registry.ts";
+import { defineTestVm, ensureLibvirtd, TEST_URI } from "./support/vms.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
 
@@ -542,6 +543,46 @@ Deno.test({
       const wrongKey = await fetch(signed, otherKey);
       assert.equal(wrongKey.code, 7, wrongKey.stderr);
       assert.match(wrongKey.stderr, /wrong key/);
+    });
+  },
+});
+
+Deno.test({
+  name: "export --push --sign-by-sigstore-private-key signs the exported image under its name",
+  ...opts,
+  fn: async () => {
+    await ensureLibvirtd();
+    await using vm = await defineTestVm({ rawDisk: true });
+    await withRegistryAndKey("signexport", async (reg, dir, ocidir, k) => {
+      const ref = `${reg.host}/sardines/exported:v1`;
+      const ex = await sarde(
+        [
+          "export",
+          "--push",
+          "-d",
+          ocidir,
+          "--chunksize",
+          "1MiB",
+          "--sign-by-sigstore-private-key",
+          k.key,
+          "--sign-passphrase-file",
+          k.pass,
+          vm.name,
+          ref,
+        ],
+        { env: { LIBVIRT_DEFAULT_URI: TEST_URI } },
+      );
+      assert.equal(ex.code, 0, ex.stderr);
+      const head = await fetch(`${reg.url}/v2/sardines/exported/manifests/v1`, {
+        method: "HEAD",
+        headers: { accept: MediaType.ociManifest },
+      });
+      const digest = head.headers.get("docker-content-digest")!;
+      const sigs = await attachedSignatures(reg, "sardines/exported", digest, dir, k.publicPem);
+      assert.equal(sigs.length, 1);
+      assert.equal(sigs[0].payload.critical.identity["docker-reference"], ref);
+      assert.equal(sigs[0].payload.critical.image["docker-manifest-digest"], digest);
+      assert.ok(sigs[0].verified);
     });
   },
 });
