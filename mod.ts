@@ -556,6 +556,7 @@ export async function pull(
   const { signal: _, ...fetch } = await transferOptions(source.registry, options);
   return await (options.lazy ? pullLazily : pullImage)(target, {
     fetch,
+    trust: { policy: options.policy, registriesD: options.registriesD },
     import: importOptions(options),
     source,
     signal: options.signal,

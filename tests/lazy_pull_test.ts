@@ -265,7 +265,16 @@ Deno.test({
       }
       assert.equal(got, expected.stdout.split(" ")[0]);
 
-      // 5. a plain pull waits for the lazy one and prints the same name
+      // 5. a plain pull waits for the lazy one and prints the same name, starting it again when
+      // its server died
+      const again = await state(p.vmdir, img.imageId);
+      assert.equal(again.phase, "serving", "the download finished before the second kill");
+      await killServer(p.vmdir, img.imageId);
+      await until(
+        async () => !(await Deno.stat(`/proc/${again.pid}`).then(() => true, () => false)),
+        "the server is gone",
+        10_000,
+      );
       const plain = spawnSarde(pullArgs(p, ref), { env });
       const plainDone = await plain.done();
       assert.equal(plainDone.code, 0, plainDone.stderr);

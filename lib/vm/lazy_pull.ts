@@ -52,6 +52,7 @@ import {
   openPrimaryClient,
   type TransferOptions,
 } from "../transfer/transfer.ts";
+import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import {
   ensureDir,
@@ -95,6 +96,8 @@ export interface LazyPullSpec {
   fetch: Omit<TransferOptions, "signal">;
   /** How to import (vmdir, VM name, domain type, libvirt connection). */
   import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
+  /** The trust policy the fetch checks the image against before storing or serving anything. */
+  trust?: TrustOptions;
 }
 
 /** Where a session is in its life. */
@@ -353,8 +356,11 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     let nameLock: FileLock | undefined = await lockFile(vmLockPath(vmdir, name));
     const gotImage = Promise.withResolvers<FetchingImage>();
     gotImage.promise.catch(() => {});
+    // The policy is checked inside fetchImage before onManifest: an image it refuses is never
+    // defined nor served.
     const fetching = fetchImage(source, {
       ...spec.fetch,
+      verify: trustVerifier(spec.trust ?? {}),
       target,
       onManifest: (image) => gotImage.resolve(image),
     });

@@ -7,6 +7,7 @@
 
 import { join } from "node:path";
 import { fail } from "../util/errors.ts";
+import type { TrustOptions } from "../trust/verify.ts";
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
 import { checkVmName, domainUuid } from "./libvirt.ts";
 import {
@@ -31,6 +32,11 @@ export interface PullOptions {
   import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
   /** Where to download from (default: `target`). */
   source?: Reference;
+  /**
+   * The trust settings behind `fetch.verify`: a lazy pull's server process builds its own check
+   * from them (a function cannot be handed to it).
+   */
+  trust?: TrustOptions;
   /** Stops both the download and the import. */
   signal?: AbortSignal;
   /** Called once the registry has sent the manifest (the image exists), before any blob. */
@@ -99,9 +105,10 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
 
 /** What a lazy server needs of a pull's options (JSON: no signal, no callbacks). */
 function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
-  // A hook (a check run on the manifest, say) cannot cross to the server process: refuse rather
-  // than let the server pull without it.
-  const hooks = Object.entries({ ...options.fetch, ...options.import })
+  // The trust check is rebuilt by the server from its settings; any other hook cannot cross to
+  // the server process: refuse rather than let the server pull without it.
+  const { verify: _, ...fetch } = options.fetch;
+  const hooks = Object.entries({ ...fetch, ...options.import })
     .filter(([, v]) => typeof v === "function").map(([k]) => k);
   if (hooks.length) {
     throw fail(
@@ -113,8 +120,9 @@ function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
   return {
     target: formatReference(target),
     source: options.source ? formatReference(options.source) : undefined,
-    fetch: options.fetch,
+    fetch,
     import: options.import,
+    trust: options.trust ?? {},
   };
 }
 
