@@ -8,7 +8,9 @@
 import { type Command, Option } from "commander";
 import * as sarde from "../mod.ts";
 import { interruptSignal } from "../lib/util/cleanup.ts";
-import { parseDuration, parsePositiveDuration } from "../lib/util/config.ts";
+import { expandHome, parseDuration, parsePositiveDuration } from "../lib/util/config.ts";
+import { SardeError } from "../lib/util/errors.ts";
+import { osReason } from "../lib/util/fsutil.ts";
 import { checkMinSize, parseBoolean, parseIntInRange, parseSize } from "../lib/util/units.ts";
 import { pathOption, valueOption } from "./options.ts";
 import {
@@ -144,19 +146,39 @@ export function addTransferOptions(cmd: Command): Command {
     );
 }
 
+/**
+ * A path that must exist (`isFile` or a folder), checked when the options are parsed: a typo
+ * fails at once, not after the registry was asked for the manifest.
+ */
+function existingPath(text: string, what: string, file: boolean): string {
+  const path = expandHome(text);
+  let st: Deno.FileInfo | undefined;
+  try {
+    st = Deno.statSync(path);
+  } catch (err) {
+    throw new SardeError("usage", `${what} ${path}: ${osReason(err)}`);
+  }
+  if (st.isFile !== file) {
+    throw new SardeError("usage", `${what} ${path}: not a ${file ? "file" : "folder"}`);
+  }
+  return path;
+}
+
 /** Options of the commands that check images against a trust policy (skopeo's flag names). */
 export function addTrustOptions(cmd: Command): Command {
   return cmd
     .addOption(
-      pathOption(
+      valueOption(
         "--policy <file>",
         "trust policy, containers-policy.json(5), checked before anything is stored (default: ~/.config/containers/policy.json or /etc/containers/policy.json; neither: accept all)",
+        (text, what) => existingPath(text, what, true),
       ),
     )
     .addOption(
-      pathOption(
+      valueOption(
         "--registries.d <dir>",
         "where signatures are, containers-registries.d(5) *.yaml (default: ~/.config/containers/registries.d or /etc/containers/registries.d)",
+        (text, what) => existingPath(text, what, false),
       ),
     );
 }

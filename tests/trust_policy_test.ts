@@ -202,9 +202,11 @@ Deno.test("registries.d: use-sigstore-attachments by scope, default-docker, dupl
     assert.equal(use("r.example.com/off/app:1"), false);
     assert.equal(use("r.example.com/on/app:1"), true, "a scope without the key falls through");
     assert.equal(use("127.0.0.1:5000/x"), true);
-    assert.equal(
-      useSigstoreAttachments(await loadRegistriesD(join(dir, "none")), parseReference("a.io/b")),
-      false,
+    await assert.rejects(
+      () => loadRegistriesD(join(dir, "none")),
+      (err) =>
+        err instanceof SardeError && err.kind === "usage" &&
+        /cannot read registries\.d folder .*\/none/.test(err.message),
     );
 
     await Deno.writeTextFile(join(dir, "c.yaml"), "default-docker:\n  sigstore: x\n");

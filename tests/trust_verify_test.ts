@@ -489,3 +489,18 @@ Deno.test(
     }
   },
 );
+
+Deno.test("sarde fetch/pull: a missing --policy file or --registries.d folder fails before any request", async () => {
+  // Port 1 refuses connections: asking it would mean retries and a network error (exit 5).
+  for (const cmd of ["fetch", "pull"]) {
+    const policy = await sarde([cmd, "--policy", "/nonexistent/policy.json", "127.0.0.1:1/x:1"]);
+    assert.equal(policy.code, 2, policy.stderr);
+    assert.equal(
+      policy.stderr,
+      "error: --policy /nonexistent/policy.json: no such file or directory\n",
+    );
+    const dir = await sarde([cmd, "--registries.d", "/etc/hostname", "127.0.0.1:1/x:1"]);
+    assert.equal(dir.code, 2, dir.stderr);
+    assert.equal(dir.stderr, "error: --registries.d /etc/hostname: not a folder\n");
+  }
+});

@@ -18,6 +18,7 @@
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { fail, SardeError } from "../util/errors.ts";
+import { osReason } from "../util/fsutil.ts";
 import { debug } from "../util/log.ts";
 import { DEFAULT_TAG, parseReference, type Reference } from "../oci/reference.ts";
 
@@ -270,7 +271,7 @@ export async function loadPolicy(options: LoadPolicyOptions = {}): Promise<Polic
       text = await Deno.readTextFile(file);
     } catch (err) {
       if (err instanceof Deno.errors.NotFound && !options.file) continue;
-      throw new SardeError("usage", `cannot read trust policy ${file}: ${(err as Error).message}`, {
+      throw new SardeError("usage", `cannot read trust policy ${file}: ${osReason(err)}`, {
         cause: err,
       });
     }

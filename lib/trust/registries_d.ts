@@ -6,7 +6,8 @@
  * the wrong type are errors, and unknown keys are ignored, all as in containers/image.
  *
  * Which folder: `--registries.d`, else `~/.config/containers/registries.d` if it exists, else
- * `/etc/containers/registries.d`; a missing folder means no settings.
+ * `/etc/containers/registries.d`; a missing default folder means no settings, a missing
+ * `--registries.d` folder is an error (containers/image ignores it, hiding the typo).
  *
  * @module
  */
@@ -15,6 +16,7 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import { parse } from "yaml";
 import { fail, SardeError } from "../util/errors.ts";
+import { osReason } from "../util/fsutil.ts";
 import type { Reference } from "../oci/reference.ts";
 import { scopesFor } from "./policy.ts";
 
@@ -74,8 +76,9 @@ export async function loadRegistriesD(dir?: string): Promise<RegistriesD> {
     names = [];
     for await (const e of Deno.readDir(folder)) if (e.name.endsWith(".yaml")) names.push(e.name);
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return { ...result, dir: "" };
-    throw new SardeError("usage", `cannot read registries.d folder ${folder}: ${err}`, {
+    // Only the default folders may be missing: a folder named on the command line is a typo.
+    if (err instanceof Deno.errors.NotFound && !dir) return { ...result, dir: "" };
+    throw new SardeError("usage", `cannot read registries.d folder ${folder}: ${osReason(err)}`, {
       cause: err,
     });
   }

@@ -12,6 +12,7 @@
 
 import { createPublicKey, type KeyObject, verify } from "node:crypto";
 import { digestHex } from "../oci/digest.ts";
+import { osReason } from "../util/fsutil.ts";
 import { parseReference, type Reference } from "../oci/reference.ts";
 import { type IdentityRule, imageIdentity, type KeySource } from "./policy.ts";
 
@@ -122,7 +123,7 @@ export async function loadPublicKeys(sources: KeySource[]): Promise<KeyObject[]>
     try {
       pem = "path" in s ? await Deno.readFile(s.path) : s.pem;
     } catch (err) {
-      throw new SignatureRejection("key", `cannot read ${what}: ${(err as Error).message}`);
+      throw new SignatureRejection("key", `cannot read ${what}: ${osReason(err)}`);
     }
     try {
       keys.push(createPublicKey({ key: new TextDecoder().decode(pem), format: "pem" }));
