@@ -113,7 +113,7 @@ Deno.test("policy: broken files are one-line usage errors naming the file", () =
   );
 });
 
-Deno.test("policy: a missing --policy file is an error, a missing default file accepts all", async () => {
+Deno.test("policy: a missing --policy file is an error; the user's policy.json wins over the system's", async () => {
   await assert.rejects(
     () => loadPolicy({ file: "/nonexistent/policy.json" }),
     (err) =>
