@@ -14,6 +14,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { ensureJobImage, GUEST_USER, type JobImages } from "./support/job_image.ts";
 import { run, sarde, tempDir } from "./support/images.ts";
+import { generateSigstoreKey } from "../lib/trust/keys.ts";
 import {
   callOf,
   type CallResult,
@@ -513,6 +514,79 @@ Deno.test({
     assert.equal(after.code, 0, info);
     assert.match(after.stdout, /AFTER-MARKER failed/);
     await assertNothingLeft(ws, job);
+  },
+});
+
+Deno.test({
+  name: "executor: under a signed-only policy an unsigned image fails the job, a signed one runs",
+  ...opts,
+  fn: async () => {
+    const img = await jobImages();
+    const host = img.registry.host;
+    const dir = await tempDir("exec-trust");
+    try {
+      // The job image, signed by its publisher under another name.
+      const pair = await generateSigstoreKey("publisher");
+      const key = join(dir, "publisher.key");
+      const pub = join(dir, "publisher.pub");
+      const pass = join(dir, "publisher.pass");
+      await Deno.writeTextFile(key, pair.privatePem, { mode: 0o600 });
+      await Deno.writeTextFile(pub, pair.publicPem);
+      await Deno.writeTextFile(pass, "publisher\n");
+      const store = join(dir, "oci");
+      const signed = `${host}/sardines/tiny-signed:latest`;
+      const fetched = await sarde(["fetch", "-d", store, img.image]);
+      assert.equal(fetched.code, 0, fetched.stderr);
+      const push = await sarde([
+        "push",
+        "-d",
+        store,
+        "--sign-by-sigstore-private-key",
+        key,
+        "--sign-passphrase-file",
+        pass,
+        "--target",
+        signed,
+        img.image,
+      ]);
+      assert.equal(push.code, 0, push.stderr);
+      const policy = join(dir, "policy.json");
+      await Deno.writeTextFile(
+        policy,
+        JSON.stringify({
+          default: [{ type: "reject" }],
+          transports: { docker: { [host]: [{ type: "sigstoreSigned", keyPath: pub }] } },
+        }),
+      );
+      const registriesD = join(dir, "registries.d");
+      await Deno.mkdir(registriesD);
+      await Deno.writeTextFile(
+        join(registriesD, "runner.yaml"),
+        `docker:\n  ${host}:\n    use-sigstore-attachments: true\n`,
+      );
+      await using ws = await workspace("trust", { policy, "registries.d": registriesD });
+
+      const refused = await ws.run({
+        image: img.image,
+        prepareAttempts: 3,
+        prepareRetryIntervalMs: 50,
+      });
+      let info = describeJob(refused);
+      assert.equal(refused.outcome, "script_failure", info);
+      assert.equal(callsOf(refused, "prepare").length, 1, `not retried: ${info}`);
+      assert.equal(callOf(refused, "prepare").code, 1, `BUILD_FAILURE_EXIT_CODE: ${info}`);
+      assert.match(callOf(refused, "prepare").stderr, /no signature/, info);
+      assert.doesNotMatch(callOf(refused, "prepare").stderr, /\n\s+at /, info);
+      await assertNothingLeft(ws, refused);
+
+      const job = await ws.run({ image: signed, script: ["echo SIGNED-IMAGE-RAN"] });
+      info = describeJob(job);
+      assert.equal(job.outcome, "success", info);
+      assert.match(callOf(job, "build_script").stdout, /SIGNED-IMAGE-RAN/, info);
+      await assertNothingLeft(ws, job);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
   },
 });
 

@@ -59,6 +59,7 @@ import {
 import { error, info, warn } from "../util/log.ts";
 import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 import { loadRegistriesConf, resolvePullSources } from "../registry/registries_conf.ts";
+import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
 import { freePort } from "../util/net.ts";
 import { pullImage } from "../vm/pull.ts";
 import { parseReference } from "../oci/reference.ts";
@@ -113,6 +114,8 @@ export interface JobSettings {
   certDir?: string;
   /** `registries-conf`: mirrors and blocked registries (containers-registries.conf). */
   registriesConf?: string;
+  /** `policy` and `registries.d`: which images must be signed, and where signatures are. */
+  trust: TrustOptions;
   /** `vcpus` / `memory`: the job VM's size (unset: the image's). */
   size: VmSize;
   /** `max-vcpus` / `max-memory`: how much a job may ask for with SARDE_VCPUS / SARDE_MEMORY. */
@@ -315,6 +318,7 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     tlsVerify: getBoolean(ini, "tls-verify"),
     certDir: getPath(ini, "cert-dir"),
     registriesConf: getPath(ini, "registries-conf"),
+    trust: { policy: getPath(ini, "policy"), registriesD: getPath(ini, "registries.d") },
     size: { vcpus: vcpusValue(ini, "vcpus"), memoryBytes: memoryValue(ini, "memory") },
     maxSize: { vcpus: vcpusValue(ini, "max-vcpus"), memoryBytes: memoryValue(ini, "max-memory") },
     cacheBudgetBytes: sizeValue(ini, "cache-budget", 0),
@@ -733,6 +737,7 @@ async function baseVm(
         authfile: s.authfile,
         tls: { insecure: s.insecure, tlsVerify: s.tlsVerify, certDir: s.certDir },
         registriesConf: s.registriesConf,
+        verify: trustVerifier(s.trust),
         responseTimeoutMs: Math.min(
           s.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS,
           s.timeoutMs,
@@ -764,7 +769,11 @@ async function baseVm(
     });
     return pulled.name;
   } catch (err) {
-    if (found || !(err instanceof SardeError)) throw err;
+    if (!(err instanceof SardeError)) throw err;
+    // The job chose an image the runner's policy refuses (unsigned, wrong key or identity): a
+    // build failure with the reason. A broken policy file stays a system failure ("usage").
+    if (err.kind === "trust") throw jobFault(err);
+    if (found) throw err;
     if (err.kind === "not-found") throw jobFault(err);
     // Docker Hub, GHCR and anonymous Harbor refuse (401/403) repositories that do not exist
     // rather than say so: a refusal before the manifest is most likely a wrong image name.

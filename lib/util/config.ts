@@ -529,6 +529,8 @@ export const EXECUTOR_KEYS: readonly string[] = [
   "tls-verify",
   "cert-dir",
   "registries-conf",
+  "policy",
+  "registries.d",
   "max-job-age",
   "domain-type",
   "response-timeout",
