@@ -33,6 +33,7 @@ import {
 import { type ConnectOptions, domainState } from "./lib/vm/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/vm/prune.ts";
 import { pullImage, pullLazily } from "./lib/vm/pull.ts";
+import { exportAndPush } from "./lib/vm/export_push.ts";
 import { lazySessions } from "./lib/vm/lazy_pull.ts";
 import {
   getVmConfig,
@@ -47,12 +48,7 @@ import type { RetryPolicy } from "./lib/util/retry.ts";
 import { defaultOcidir } from "./lib/oci/store.ts";
 import { type TlsSettings, transportFor } from "./lib/registry/tls.ts";
 import { trustVerifier } from "./lib/trust/verify.ts";
-import {
-  fetchImage,
-  pushImage,
-  startPushSession,
-  type TransferResult,
-} from "./lib/transfer/transfer.ts";
+import { fetchImage, pushImage, type TransferResult } from "./lib/transfer/transfer.ts";
 import {
   generateSigstoreKey as generateKeyPair,
   loadSigstorePrivateKey,
@@ -446,28 +442,10 @@ export async function exportVm(
   }
   const target = parseReference(reference);
   const afterManifest = await signingHook(options.push);
-  // A failed upload stops the export at once, and its error is the one reported.
-  const stop = new AbortController();
-  let uploadFailure: { error: unknown } | undefined;
-  const session = startPushSession(
-    target,
-    { ...await transferOptions(target.registry, { ...options.push, ocidir }), afterManifest },
-    (error) => {
-      uploadFailure = { error };
-      stop.abort();
-    },
-  );
-  try {
-    const r = await exportToStore(vm, reference, {
-      ...exportOptions,
-      signal: options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal,
-      onBlob: (layout, blob) => session.add(layout, blob),
-    });
-    return { ...r, pushed: await session.finish(parseReference(r.reference)) };
-  } catch (err) {
-    session.abort();
-    throw uploadFailure?.error ?? err;
-  }
+  return await exportAndPush(vm, reference, target, {
+    export: exportOptions,
+    push: { ...await transferOptions(target.registry, { ...options.push, ocidir }), afterManifest },
+  });
 }
 
 /** Options of {@link importVm}. */

@@ -10,6 +10,7 @@
 export * from "./clone.ts";
 export * from "./domain.ts";
 export * from "./export.ts";
+export * from "./export_push.ts";
 export * from "./import.ts";
 export * from "./lazy_pull.ts";
 export * from "./libvirt.ts";
