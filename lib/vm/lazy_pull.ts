@@ -123,7 +123,7 @@ export interface LazyState {
 }
 
 /** What the server says on its stdout, once. */
-type ReadyLine =
+export type ReadyLine =
   | { name: string; imageId: string }
   | { fallback: string }
   | { error: string; kind: string; hint?: string };
@@ -244,6 +244,9 @@ export async function startLazyPull(
     if (ready.fallback) warn(ready.fallback);
     return undefined;
   }
+  // A serving server moved its log into its session; a process that only found one running
+  // leaves its own here.
+  await Deno.remove(log).catch(() => {});
   return ready;
 }
 
@@ -275,8 +278,9 @@ export async function lazySessionOf(vmdir: string, target: string): Promise<Lazy
   return (await lazySessions(vmdir)).find((s) => s.reference === target && s.phase === "serving");
 }
 
-/** How long the server stays once done while no NBD client is connected. */
-const IDLE_MS = Number(Deno.env.get("SARDE_LAZY_IDLE_MS") ?? 30_000);
+/** How long the server stays once done while no NBD client is connected (read when needed: a
+ * library user's program may have no env permission). */
+const idleMs = () => Number(Deno.env.get("SARDE_LAZY_IDLE_MS") ?? 30_000);
 
 /** A disk of the VM while lazy: its overlay and the image files of its backing chain. */
 interface LazyDisk {
@@ -345,9 +349,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
         `use -n ${previous.name}, or wait for it to complete`,
       );
     }
-    if (!previous && await exists(join(vmFolder, IMPORT_MARKER))) {
+    // Imported already (or a server died after its very last step): a plain pull is a no-op.
+    if (previous?.phase === "done" || !previous && await exists(join(vmFolder, IMPORT_MARKER))) {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
-      return tell({ fallback: "" }); // imported already: a plain pull is a no-op
+      return tell({ fallback: "" });
     }
     // Moved beside the session's other files, where list and the user look for it.
     await adoptLog(dir);
@@ -418,7 +423,8 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       };
       return writeFileAtomic(join(dir, "state.json"), JSON.stringify(state, null, 2) + "\n");
     };
-    const stateTimer = setInterval(() => writeState().catch(() => {}), 1000);
+    // state.json says "serving" only once the VM is defined: other pulls report the VM by it.
+    let stateTimer: ReturnType<typeof setInterval> | undefined;
     try {
       const folder = committedBefore ? vmFolder : partial;
       await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
@@ -473,6 +479,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       server = await serveNbd({ socketPath: socket, exports: sources });
       if (!committedBefore) await redefine(doc, name, connect);
       await writeState();
+      stateTimer = setInterval(() => writeState().catch(() => {}), 1000);
       info(`serving ${what} lazily as VM ${name} on ${socket}`);
       tell({ name, imageId });
 
@@ -514,7 +521,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       await writeState();
       for (const d of disks) await Deno.remove(d.overlay).catch(() => {});
       let idleSince = Date.now();
-      while (Date.now() - idleSince < IDLE_MS) {
+      while (Date.now() - idleSince < idleMs()) {
         if (server.clients > 0) idleSince = Date.now();
         await sleep(500);
       }
