@@ -51,6 +51,29 @@ Deno.test("prefixMatch: whole path components, and *.domain wildcards on the hos
   assert.deepEqual(prefixMatch("other.org/a.example.com/x", "*.example.com"), -1);
 });
 
+Deno.test("findRegistry: an exact host beats *.domain in either order; hosts match in any case", () => {
+  for (
+    const entries of [
+      [
+        '[[registry]]\nprefix = "*.example.com"\nlocation = "example.com"\n[[registry.mirror]]\nlocation = "cache.lan:5000"\n',
+        '[[registry]]\nlocation = "evil.example.com"\nblocked = true\n',
+      ],
+    ]
+  ) {
+    for (const text of [entries.join("\n"), [...entries].reverse().join("\n")]) {
+      const c = conf(text);
+      for (const ref of ["evil.example.com/x/y:1", "EVIL.Example.COM/x/y:1"]) {
+        assert.equal(findRegistry(c, parseReference(ref))?.blocked, true, `${ref} in\n${text}`);
+        assert.throws(() => resolvePullSources(c, parseReference(ref)), /is blocked/);
+      }
+      assert.equal(
+        findRegistry(c, parseReference("good.example.com/x:1"))?.prefix,
+        "*.example.com",
+      );
+    }
+  }
+});
+
 Deno.test("resolvePullSources: longest prefix wins, mirrors first, location rewrites", () => {
   const c = conf(`
 unqualified-search-registries = ["docker.io"]

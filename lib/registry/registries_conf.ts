@@ -308,8 +308,12 @@ export async function loadRegistriesConf(
  * How many characters of `ref` (a fully qualified reference string) `prefix` matches, or -1:
  * containers/image's rule. A plain prefix matches whole path components (it must be followed by
  * the end, `/`, `:` or `@`); `*.example.com` matches any subdomain of example.com in the host.
+ * Host names are compared without regard to case (DNS does not care: `EVIL.example.com` must not
+ * slip past a `blocked` entry for `evil.example.com`).
  */
 export function prefixMatch(ref: string, prefix: string): number {
+  ref = lowerHost(ref);
+  prefix = lowerHost(prefix);
   if (prefix.startsWith("*.")) {
     const suffix = prefix.slice(1);
     const at = ref.indexOf(suffix);
@@ -321,14 +325,23 @@ export function prefixMatch(ref: string, prefix: string): number {
   return ref.length === prefix.length || ":/@".includes(ref[prefix.length]) ? prefix.length : -1;
 }
 
-/** The entry whose prefix matches `ref` longest (the first of equals), if any. */
+/** `text` with its host part (up to the first `/`) in lower case; same length. */
+function lowerHost(text: string): string {
+  const slash = text.indexOf("/");
+  return slash < 0 ? text.toLowerCase() : text.slice(0, slash).toLowerCase() + text.slice(slash);
+}
+
+/**
+ * The matching entry with the longest prefix (the first of equals), if any: containers/image
+ * ranks by the length of the prefix as written, so an exact `evil.example.com` entry wins over
+ * `*.example.com` whichever file or order they come in.
+ */
 export function findRegistry(conf: RegistriesConf, ref: Reference): RegistryEntry | undefined {
   const text = formatReference(ref);
   let best: RegistryEntry | undefined;
-  let bestLength = -1;
   for (const e of conf.registries) {
-    const n = prefixMatch(text, e.prefix);
-    if (n > bestLength) [best, bestLength] = [e, n];
+    if (prefixMatch(text, e.prefix) < 0) continue;
+    if (!best || e.prefix.length > best.prefix.length) best = e;
   }
   return best;
 }
