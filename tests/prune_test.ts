@@ -13,7 +13,9 @@ import {
 } from "../lib/oci/layout.ts";
 import { manifestBlobs, parseManifest } from "../lib/oci/types.ts";
 import { findLayouts } from "../lib/oci/store.ts";
-import { makeRoom } from "../lib/vm/prune.ts";
+import { makeRoom, pullSizeEstimate } from "../lib/vm/prune.ts";
+import { readLocalManifest } from "../lib/oci/store.ts";
+import { parseReference } from "../lib/oci/reference.ts";
 import { IMPORT_MARKER } from "../lib/vm/import.ts";
 import { SardeError } from "../lib/util/errors.ts";
 import {
@@ -45,6 +47,35 @@ import {
 
 const env = { LIBVIRT_DEFAULT_URI: TEST_URI };
 const opts = { sanitizeResources: false, sanitizeOps: false };
+
+Deno.test("pullSizeEstimate: an image's files count unless its VM folder already holds it", async () => {
+  const work = await tempDir("estimate");
+  try {
+    await makeImage(work, "local/est:v1", [
+      { size: 1 << 20, mediaType: "application/x-qemu-disk+gzip" },
+    ]);
+    const local = await readLocalManifest(work, parseReference("local/est:v1"));
+    const folder = join(work, "vm");
+    await Deno.mkdir(folder);
+    const withFiles = await pullSizeEstimate(local, folder);
+    assert.ok(withFiles > 0, "the files of a new import count (the blobs are all local)");
+    const marker = (manifest: string) =>
+      Deno.writeTextFile(
+        join(folder, IMPORT_MARKER),
+        JSON.stringify({
+          image: local.manifest.config.digest,
+          manifest,
+          reference: "local/est:v1",
+        }),
+      );
+    await marker(local.descriptor.digest);
+    assert.equal(await pullSizeEstimate(local, folder), 0, "imported already: nothing to write");
+    await marker("sha256:" + "0".repeat(64));
+    assert.equal(await pullSizeEstimate(local, folder), withFiles, "another manifest: rewritten");
+  } finally {
+    await Deno.remove(work, { recursive: true });
+  }
+});
 
 Deno.test("rm: removes a tag and only the blobs no other tag needs", async () => {
   const work = await tempDir("rm");

@@ -62,6 +62,7 @@ import { loadRegistriesConf, resolvePullSources } from "../registry/registries_c
 import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
 import { freePort } from "../util/net.ts";
 import { pullImage } from "../vm/pull.ts";
+import type { FetchingImage } from "../transfer/transfer.ts";
 import { parseReference } from "../oci/reference.ts";
 import { defaultRetryPolicy, sleep } from "../util/retry.ts";
 import { sshRun, type SshTarget, waitForSsh } from "./ssh.ts";
@@ -719,6 +720,8 @@ async function baseVm(
   }
   const importOptions = { ...s.libvirt, vmdir: s.vmdir, domainType: s.domainType };
   if (local && policy !== "always") {
+    // Its VM may have gone for the budget while the image stayed: the import writes the disks.
+    await keepToBudget(s, image, await readLocalManifest(s.ocidir, ref));
     return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
   }
   info(`pulling ${image} (pull policy ${policy})`);
@@ -752,20 +755,7 @@ async function baseVm(
       import: importOptions,
       signal,
       onManifest: () => found = true,
-      beforeDownload: s.cacheBudgetBytes === undefined ? undefined : async (fetching) => {
-        const needBytes = await pullSizeEstimate(fetching);
-        const removed = await makeRoom({
-          ...s.libvirt,
-          ocidir: s.ocidir,
-          vmdir: s.vmdir,
-          needBytes,
-          budgetBytes: s.cacheBudgetBytes!,
-          what: image,
-          keep: [fetching.layout.dir],
-        });
-        const freed = removed.reduce((n, r) => n + r.bytes, 0);
-        if (removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
-      },
+      beforeDownload: (fetching) => keepToBudget(s, image, fetching),
     });
     return pulled.name;
   } catch (err) {
@@ -787,6 +777,31 @@ async function baseVm(
     }
     throw err;
   }
+}
+
+/**
+ * With `cache-budget`, makes room for what pulling or importing `image` will add (nothing for a
+ * VM already imported from it), removing least recently used cached images and VMs.
+ */
+async function keepToBudget(
+  s: JobSettings,
+  image: string,
+  local: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
+): Promise<void> {
+  if (s.cacheBudgetBytes === undefined) return;
+  // Imported under its image ID (the executor names no VM).
+  const vmFolder = join(s.vmdir, local.manifest.config.digest);
+  const removed = await makeRoom({
+    ...s.libvirt,
+    ocidir: s.ocidir,
+    vmdir: s.vmdir,
+    needBytes: await pullSizeEstimate(local, vmFolder),
+    budgetBytes: s.cacheBudgetBytes,
+    what: image,
+    keep: [local.layout.dir],
+  });
+  const freed = removed.reduce((n, r) => n + r.bytes, 0);
+  if (removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
 }
 
 /**

@@ -117,6 +117,15 @@ interface Marker {
   files?: { name: string; size: number }[];
 }
 
+/**
+ * Whether the VM folder `folder` holds a complete import of the image whose manifest has the
+ * digest `manifestDigest` (an import of it again writes nothing).
+ */
+export async function isImportedFrom(folder: string, manifestDigest: string): Promise<boolean> {
+  const marker = await readMarker(folder).catch(() => undefined);
+  return marker?.manifest === manifestDigest;
+}
+
 /** The lock an import (and `sarde prune`) holds on the VM name `name` of `vmdir`. */
 export function vmLockPath(vmdir: string, name: string): string {
   return join(vmdir, ".locks", `${name}.lock`);

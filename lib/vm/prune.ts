@@ -12,7 +12,7 @@ import { CLONE_MARKER } from "./clone.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import { checkDir, exists, type FileLock, osReason, tryLockFile } from "../util/fsutil.ts";
-import { IMPORT_MARKER, vmLockPath } from "./import.ts";
+import { IMPORT_MARKER, isImportedFrom, vmLockPath } from "./import.ts";
 import {
   descriptorTag,
   hasBlob,
@@ -480,9 +480,14 @@ export async function makeRoom(options: MakeRoomOptions): Promise<Removed[]> {
  * The bytes a pull of `image` will add to the cache, known from its manifest before any
  * download: the blobs not yet in the store, plus the files the import writes — their
  * uncompressed size from the zstd annotations (an upper bound: holes stay holes), or for gzip
- * images, which carry no such size, their compressed size (an underestimate).
+ * images, which carry no such size, their compressed size (an underestimate). Nothing for the
+ * files when `vmFolder` (where the import goes) already holds this image: the import then writes
+ * nothing, and `pull-policy = always` must not ask the budget for the disks again on every job.
  */
-export async function pullSizeEstimate(image: FetchingImage): Promise<number> {
+export async function pullSizeEstimate(
+  image: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
+  vmFolder?: string,
+): Promise<number> {
   let bytes = 0;
   const seen = new Set<string>(); // identical chunks are one blob
   for (const b of manifestBlobs(image.manifest)) {
@@ -490,6 +495,7 @@ export async function pullSizeEstimate(image: FetchingImage): Promise<number> {
     seen.add(b.digest);
     if (!await hasBlob(image.layout, b)) bytes += b.size;
   }
+  if (vmFolder && await isImportedFrom(vmFolder, image.descriptor.digest)) return bytes;
   for (const f of groupDiskLayers(image.manifest, "image")) {
     bytes += f.size ?? f.layers.reduce((n, l) => n + l.size, 0);
   }
