@@ -358,17 +358,31 @@ export async function list(
         : "missing";
     };
   }
-  const entries = await listImages(options.ocidir ?? defaultOcidir(), stateOf);
-  const sessions = await lazySessions(options.vmdir ?? defaultVmdir());
-  return entries.map((e) => {
-    const s = sessions.find((s) => s.imageId === e.id);
-    if (!s) return e;
+  const entries: (ImageEntry & { lazy?: LazyProgress })[] = await listImages(
+    options.ocidir ?? defaultOcidir(),
+    stateOf,
+  );
+  for (const s of await lazySessions(options.vmdir ?? defaultVmdir())) {
     const sum = (k: "present" | "total") => s.files.reduce((n, f) => n + f[k], 0);
-    return {
-      ...e,
-      lazy: { name: s.name, phase: s.phase, present: sum("present"), total: sum("total") },
-    };
-  });
+    const lazy = { name: s.name, phase: s.phase, present: sum("present"), total: sum("total") };
+    const known = entries.filter((e) => e.id === s.imageId);
+    known.forEach((e) => e.lazy = lazy);
+    // The store gets the manifest only once the download is complete: until then, the session
+    // says what is coming.
+    if (known.length === 0) {
+      const ref = parseReference(s.reference);
+      entries.push({
+        source: "oci",
+        name: `${ref.registry}/${ref.repository}`,
+        tag: ref.tag ?? null,
+        digest: s.digest,
+        id: s.imageId,
+        state: stateOf ? await stateOf(s.imageId) : "missing",
+        lazy,
+      });
+    }
+  }
+  return entries;
 }
 
 /** A lazy pull in progress (`sarde pull --lazy`), as {@link list} shows it. */

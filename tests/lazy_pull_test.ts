@@ -216,6 +216,11 @@ Deno.test({
       assert.equal(second.stdout.trim(), name);
       assert.equal((await state(p.vmdir, img.imageId)).pid, s1.pid);
 
+      // sarde list shows the partial import and its progress
+      const ls = await sarde(["list", "-d", p.ocidir, "--vmdir", p.vmdir, "-c", TEST_URI]);
+      assert.equal(ls.code, 0, ls.stderr);
+      assert.match(ls.stdout, new RegExp(`^${name}: lazy pull serving, \\d+ % \\(`, "m"));
+
       // 3. boots to SSH while the guest's demand reads are a small part of the image
       const started = await virsh("start", name);
       assert.equal(started.code, 0, started.stderr);
@@ -276,7 +281,8 @@ Deno.test({
         10_000,
       );
       const plain = spawnSarde(pullArgs(p, ref), { env });
-      const plainDone = await plain.done();
+      const timer = setTimeout(() => plain.child.kill("SIGKILL"), 240_000); // bounded
+      const plainDone = await plain.done().finally(() => clearTimeout(timer));
       assert.equal(plainDone.code, 0, plainDone.stderr);
       assert.equal(plainDone.stdout.trim(), name);
       const moved = proxy.blobBytes().all;

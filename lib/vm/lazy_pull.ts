@@ -109,6 +109,8 @@ export interface LazyState {
   pid: number;
   /** The image ID. */
   imageId: string;
+  /** The manifest digest. */
+  digest: string;
   /** The VM name. */
   name: string;
   /** The image's local name. */
@@ -411,6 +413,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       const state: LazyState = {
         pid: Deno.pid,
         imageId,
+        digest: fetched.digest,
         name,
         reference: what,
         socket,
