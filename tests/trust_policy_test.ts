@@ -17,6 +17,7 @@ import {
 } from "../lib/trust/policy.ts";
 import { loadRegistriesD, useSigstoreAttachments } from "../lib/trust/registries_d.ts";
 import { identityMatches } from "../lib/trust/signature.ts";
+import { verifyImage } from "../lib/trust/verify.ts";
 import { cosignFixtures } from "./support/cosign_fixtures.ts";
 import { tempDir } from "./support/images.ts";
 
@@ -111,6 +112,40 @@ Deno.test("policy: broken files are one-line usage errors naming the file", () =
       ),
     /transports\.docker\["x"\]: the list of requirements must not be empty/,
   );
+  // null where an object belongs: a one-line error, not a TypeError with a stack.
+  refused(
+    () => parsePolicy('{"default": [{"type": "reject"}], "transports": null}', f),
+    /transports: must be a JSON object/,
+  );
+  refused(
+    () => parsePolicy('{"default": [{"type": "reject"}], "transports": {"docker": null}}', f),
+    /transports\.docker: must be a JSON object/,
+  );
+});
+
+Deno.test("policy: requirements sarde cannot check refuse the image, as containers/image does", async () => {
+  const ref = parseReference("r.example/a/b:1");
+  const registriesD = { dir: "/nonexistent", docker: new Map() };
+  const verdict = (req: string) =>
+    verifyImage({
+      policy: parsePolicy(`{"default": [${req}]}`, "p.json"),
+      registriesD,
+      reference: ref,
+      manifestDigest: "sha256:" + "0".repeat(64),
+      fetchSignatures: () => Promise.resolve([]),
+    }).then(() => "accepted", (err: SardeError) => `${err.kind}: ${err.message}`);
+  assert.match(
+    await verdict('{"type": "signedBaseLayer", "baseLayerIdentity": {"type": "matchRepository"}}'),
+    /^trust: .*signedBaseLayer is not implemented/,
+  );
+  const rekor = (k: string) =>
+    `{"type": "sigstoreSigned", "keyData": "${
+      btoa("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n")
+    }", "${k}": "/k.pub"}`;
+  for (const k of ["rekorPublicKeyPath"]) {
+    assert.match(await verdict(rekor(k)), /^trust: .*Fulcio\/Rekor signatures are not supported/);
+  }
+  assert.equal(await verdict('{"type": "insecureAcceptAnything"}'), "accepted");
 });
 
 Deno.test("policy: a missing --policy file is an error; the user's policy.json wins over the system's", async () => {

@@ -5,8 +5,10 @@
  *
  * Requirement types: `insecureAcceptAnything`, `reject`, `sigstoreSigned` (`keyPath`, `keyPaths`,
  * `keyData`, `keyDatas`: exactly one; `signedIdentity`), `signedBy` (GPG: parsed, but an image
- * it applies to is refused) and `signedBaseLayer` (accepted, as containers/image does for a
- * running image). `signedIdentity` kinds: `matchRepoDigestOrExact` (default), `matchExact`,
+ * it applies to is refused) and `signedBaseLayer` (refused, as containers/image refuses it:
+ * "not implemented"). Fulcio and Rekor (`fulcio`, `rekorPublicKeyPath`, `rekorPublicKeyData`) are
+ * parsed, and an image they apply to is refused: sarde cannot check a transparency log, and
+ * checking only the key would accept what the admin meant to refuse. `signedIdentity` kinds: `matchRepoDigestOrExact` (default), `matchExact`,
  * `matchRepository`, `exactReference`, `exactRepository`, `remapIdentity`.
  *
  * Loading is strict like containers/image's: unknown fields, unknown types, empty requirement
@@ -197,7 +199,10 @@ function parseRequirement(file: string, where: string, value: unknown): Requirem
       const signedIdentity: IdentityRule = obj.signedIdentity === undefined
         ? { type: "matchRepoDigestOrExact" }
         : parseIdentity(file, where, obj.signedIdentity);
-      return obj.fulcio === undefined ? { type, keys, signedIdentity } : {
+      const usesLogs = ["fulcio", "rekorPublicKeyPath", "rekorPublicKeyData"].some((k) =>
+        obj[k] !== undefined
+      );
+      return !usesLogs ? { type, keys, signedIdentity } : {
         type,
         keys,
         signedIdentity,
@@ -236,11 +241,14 @@ export function parsePolicy(text: string, file: string): Policy {
     default: parseRequirements(file, "default", obj.default),
     docker: new Map(),
   };
-  const transports = obj.transports === undefined
-    ? {}
-    : fields(file, "transports", obj.transports, Object.keys(obj.transports as Json)).obj;
+  // Any keys, but an object: `null` or a list is a one-line error, not a TypeError.
+  const anyKeys = (where: string, value: unknown): Json => {
+    const isObject = typeof value === "object" && value !== null && !Array.isArray(value);
+    return isObject ? value as Json : fields(file, where, value, []).obj;
+  };
+  const transports = obj.transports === undefined ? {} : anyKeys("transports", obj.transports);
   for (const [transport, scopes] of Object.entries(transports)) {
-    const s = fields(file, `transports.${transport}`, scopes, Object.keys(scopes as Json)).obj;
+    const s = anyKeys(`transports.${transport}`, scopes);
     for (const [scope, reqs] of Object.entries(s)) {
       const parsed = parseRequirements(file, `transports.${transport}["${scope}"]`, reqs);
       if (transport === "docker") policy.docker.set(scope, parsed);

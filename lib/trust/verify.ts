@@ -9,7 +9,7 @@
  */
 
 import { fail } from "../util/errors.ts";
-import { debug, info } from "../util/log.ts";
+import { debug, info, warn } from "../util/log.ts";
 import { digestOf } from "../oci/digest.ts";
 import { formatReference, type Reference } from "../oci/reference.ts";
 import { parseManifest } from "../oci/types.ts";
@@ -27,6 +27,17 @@ import {
 
 /** Largest signature payload read, as containers/image (`iolimits.MaxSignatureBodySize`). */
 const MAX_SIGNATURE_SIZE = 4 << 20;
+
+/**
+ * Signatures read at most, and their bytes in all: a registry (any a job names) could otherwise
+ * list thousands of 4 MiB layers in the `.sig` manifest and make a runner download and hold them
+ * (150 such layers took 680 MB of memory). A real image has a handful of signatures of < 1 KiB.
+ */
+const MAX_SIGNATURES = 64;
+const MAX_SIGNATURE_BYTES = 16 << 20;
+
+/** Reasons listed in a refusal at most (one line, however many signatures were tried). */
+const MAX_REASONS = 3;
 
 /** The trust settings of a pull (skopeo's flag names). */
 export interface TrustOptions {
@@ -66,8 +77,11 @@ export async function verifyImage(options: VerifyImageOptions): Promise<void> {
   };
   let signatures: UntrustedSignature[] | undefined;
   for (const req of requirements) {
-    if (req.type === "insecureAcceptAnything" || req.type === "signedBaseLayer") continue;
+    if (req.type === "insecureAcceptAnything") continue;
     if (req.type === "reject") refuse("rejected by policy");
+    if (req.type === "signedBaseLayer") {
+      refuse("signedBaseLayer is not implemented (containers/image refuses it too)");
+    }
     if (req.type === "signedBy") refuse("GPG signatures (signedBy) are not supported by sarde");
     if (req.type !== "sigstoreSigned") continue;
     if (req.unsupported) refuse(req.unsupported);
@@ -118,10 +132,12 @@ async function checkSigstore(
       reasons.push(err.message);
     }
   }
+  const listed = reasons.slice(0, MAX_REASONS).join("; ") +
+    (reasons.length > MAX_REASONS ? `; and ${reasons.length - MAX_REASONS} more` : "");
   refuse(
     reasons.length === 1
       ? reasons[0]
-      : `none of ${reasons.length} signatures was accepted: ${reasons.join("; ")}`,
+      : `none of ${reasons.length} signatures was accepted: ${listed}`,
   );
 }
 
@@ -135,13 +151,33 @@ export async function fetchSignatures(image: ManifestToVerify): Promise<Untruste
   if (!fetched) return [];
   const manifest = parseManifest(fetched.bytes, `signature manifest ${tag}`);
   const signatures: UntrustedSignature[] = [];
+  // One payload can carry several signatures (same identity, other keys): read each blob once.
+  const payloads = new Map<string, Uint8Array>();
+  let bytes = 0;
+  let read = 0;
   for (const layer of manifest.layers) {
-    if (layer.size > MAX_SIGNATURE_SIZE) {
-      throw fail("trust", `signature ${layer.digest} of ${tag} is too large (${layer.size} bytes)`);
+    // Other attachments could not be accepted anyway: they are counted, not downloaded.
+    if (layer.mediaType !== SIMPLE_SIGNING_MEDIA_TYPE) {
+      signatures.push({ mimeType: layer.mediaType, payload: new Uint8Array(), annotations: {} });
+      continue;
     }
-    const payload = await image.readBlob(layer);
-    if (digestOf(payload) !== layer.digest) {
-      throw fail("integrity", `signature ${layer.digest} of ${tag}: content has another digest`);
+    if (++read > MAX_SIGNATURES) {
+      warn(`${tag}: more than ${MAX_SIGNATURES} signatures; the rest are not read`);
+      break;
+    }
+    let payload = payloads.get(layer.digest);
+    if (!payload) {
+      if (layer.size > MAX_SIGNATURE_SIZE || (bytes += layer.size) > MAX_SIGNATURE_BYTES) {
+        throw fail(
+          "trust",
+          `signature ${layer.digest} of ${tag} is too large (${layer.size} bytes)`,
+        );
+      }
+      payload = await image.readBlob(layer);
+      if (digestOf(payload) !== layer.digest) {
+        throw fail("integrity", `signature ${layer.digest} of ${tag}: content has another digest`);
+      }
+      payloads.set(layer.digest, payload);
     }
     signatures.push({
       mimeType: layer.mediaType,
