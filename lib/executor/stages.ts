@@ -753,6 +753,8 @@ async function baseVm(
         },
       },
       import: importOptions,
+      // The same settings, for a lazy pull's server should this pull wait for one.
+      trust: s.trust,
       signal,
       onManifest: () => found = true,
       beforeDownload: (fetching) => keepToBudget(s, image, fetching),
