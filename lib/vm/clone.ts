@@ -22,7 +22,7 @@ import {
 } from "./domain.ts";
 import { fail } from "../util/errors.ts";
 import { exists, lockFile, touch, writeFileAtomic } from "../util/fsutil.ts";
-import { IMPORT_MARKER, type ImportOptions, importVm } from "./import.ts";
+import { IMPORT_MARKER, type ImportOptions, importVm, vmLockPath } from "./import.ts";
 import {
   checkVmName,
   createTransient,
@@ -87,6 +87,12 @@ export async function cloneVm(
     base = (await importVm(source, options)).name;
   } else {
     await touch(join(options.vmdir, base, IMPORT_MARKER));
+  }
+  // Held until the clone's domain exists: a prune (cache-budget of another job) takes this lock
+  // exclusively before it removes an imported VM, and then sees the clone among its users.
+  using _baseLock = await lockFile(vmLockPath(options.vmdir, base), { shared: true });
+  if (!await domainExists(base, options)) {
+    throw fail("not-found", `the VM ${base} was removed while it was being cloned`, "try again");
   }
   const folder = join(options.clonedir ?? options.vmdir, target);
   // The same per-name lock as import: a clone and an import of one name never race.

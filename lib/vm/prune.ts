@@ -410,7 +410,15 @@ async function cacheUsage(
         // The lock an import (or clone) of this name holds; the VM may have started meanwhile.
         using lock = await tryLockFile(vmLockPath(options.vmdir, e.name));
         const state = await domainState(e.name, options);
-        if (!lock || !unused(state)) {
+        // A clone may have been defined on it since the candidates were listed: ask anew.
+        const inUse = !lock || !unused(state) ||
+          await folderInUse(
+            folder,
+            e.name,
+            await listDomains({ ...options, all: true }),
+            domainFilesCache(options),
+          );
+        if (inUse) {
           info(`kept ${what}: it is in use`);
           return false;
         }
