@@ -13,7 +13,7 @@ import {
 } from "../lib/oci/layout.ts";
 import { manifestBlobs, parseManifest } from "../lib/oci/types.ts";
 import { findLayouts } from "../lib/oci/store.ts";
-import { makeRoom, pullSizeEstimate } from "../lib/vm/prune.ts";
+import { makeRoom, pullSizeEstimate, reserveRoom } from "../lib/vm/prune.ts";
 import { readLocalManifest } from "../lib/oci/store.ts";
 import { parseReference } from "../lib/oci/reference.ts";
 import { IMPORT_MARKER } from "../lib/vm/import.ts";
@@ -72,6 +72,39 @@ Deno.test("pullSizeEstimate: an image's files count unless its VM folder already
     assert.equal(await pullSizeEstimate(local, folder), 0, "imported already: nothing to write");
     await marker("sha256:" + "0".repeat(64));
     assert.equal(await pullSizeEstimate(local, folder), withFiles, "another manifest: rewritten");
+  } finally {
+    await Deno.remove(work, { recursive: true });
+  }
+});
+
+Deno.test("reserveRoom: pulls in progress count against the budget until released; a dead process's claim does not", async () => {
+  const work = await tempDir("reserve");
+  const MiB = 1 << 20;
+  try {
+    const o = {
+      ocidir: join(work, "oci"),
+      vmdir: join(work, "vms"),
+      budgetBytes: 10 * MiB,
+      what: "an image",
+    };
+    await Deno.mkdir(o.vmdir, { recursive: true });
+    // Two pulls of 6 MiB each into an empty cache: each fits alone, not both.
+    const first = await reserveRoom({ ...o, needBytes: 6 * MiB });
+    await assert.rejects(
+      () => reserveRoom({ ...o, needBytes: 6 * MiB }),
+      /no room for an image within cache-budget 10\.0 MiB: it needs 6\.0 MiB.*6\.0 MiB of it claimed by pulls in progress/,
+    );
+    await first.release();
+    const second = await reserveRoom({ ...o, needBytes: 6 * MiB });
+    await second.release();
+    // A claim left by a process that is gone (a crash) is dropped.
+    const dead = 2 ** 22 + 1; // above pid_max's default: no such process
+    await Deno.writeTextFile(
+      join(o.vmdir, ".budget", "crashed.json"),
+      JSON.stringify({ pid: dead, since: Date.now(), bytes: 9 * MiB }),
+    );
+    await (await reserveRoom({ ...o, needBytes: 6 * MiB })).release();
+    assert.deepEqual(await Array.fromAsync(Deno.readDir(join(o.vmdir, ".budget"))), []);
   } finally {
     await Deno.remove(work, { recursive: true });
   }

@@ -39,7 +39,7 @@ import {
   setVmSize,
   type VmSize,
 } from "../vm/domain.ts";
-import { makeRoom, pullSizeEstimate } from "../vm/prune.ts";
+import { pullSizeEstimate, type Reservation, reserveRoom } from "../vm/prune.ts";
 import { checkMinSize, formatSize, parsePositiveInt, parseSize } from "../util/units.ts";
 import { formatBytes } from "../util/progress.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
@@ -721,13 +721,15 @@ async function baseVm(
   const importOptions = { ...s.libvirt, vmdir: s.vmdir, domainType: s.domainType };
   if (local && policy !== "always") {
     // Its VM may have gone for the budget while the image stayed: the import writes the disks.
-    await keepToBudget(s, image, await readLocalManifest(s.ocidir, ref));
+    await using _claim = await keepToBudget(s, image, await readLocalManifest(s.ocidir, ref));
     return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
   }
   info(`pulling ${image} (pull policy ${policy})`);
   // The pull waits at most `timeout` for the registry: for each answer, and retrying in all. A
   // download that keeps moving is not cut, however long it takes (the timeout is per piece).
   let found = false;
+  // Released when the pull ends: its files then count as what they are.
+  let claim: Reservation | undefined;
   try {
     const pulled = await pullImage(ref, {
       fetch: {
@@ -757,7 +759,9 @@ async function baseVm(
       trust: s.trust,
       signal,
       onManifest: () => found = true,
-      beforeDownload: (fetching) => keepToBudget(s, image, fetching),
+      beforeDownload: async (fetching) => {
+        claim = await keepToBudget(s, image, fetching);
+      },
     });
     return pulled.name;
   } catch (err) {
@@ -778,6 +782,8 @@ async function baseVm(
       );
     }
     throw err;
+  } finally {
+    await claim?.release();
   }
 }
 
@@ -789,11 +795,11 @@ async function keepToBudget(
   s: JobSettings,
   image: string,
   local: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
-): Promise<void> {
-  if (s.cacheBudgetBytes === undefined) return;
+): Promise<Reservation | undefined> {
+  if (s.cacheBudgetBytes === undefined) return undefined;
   // Imported under its image ID (the executor names no VM).
   const vmFolder = join(s.vmdir, local.manifest.config.digest);
-  const removed = await makeRoom({
+  const claim = await reserveRoom({
     ...s.libvirt,
     ocidir: s.ocidir,
     vmdir: s.vmdir,
@@ -802,8 +808,9 @@ async function keepToBudget(
     what: image,
     keep: [local.layout.dir],
   });
-  const freed = removed.reduce((n, r) => n + r.bytes, 0);
-  if (removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
+  const freed = claim.removed.reduce((n, r) => n + r.bytes, 0);
+  if (claim.removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
+  return claim;
 }
 
 /**

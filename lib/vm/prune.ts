@@ -11,7 +11,15 @@ import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
-import { checkDir, exists, type FileLock, osReason, tryLockFile } from "../util/fsutil.ts";
+import {
+  checkDir,
+  exists,
+  type FileLock,
+  lockFile,
+  osReason,
+  tryLockFile,
+  writeFileAtomic,
+} from "../util/fsutil.ts";
 import { IMPORT_MARKER, isImportedFrom, vmLockPath } from "./import.ts";
 import {
   descriptorTag,
@@ -398,6 +406,9 @@ async function cacheUsage(
     if (!e.isDirectory || !await exists(join(folder, IMPORT_MARKER))) continue;
     const bytes = await diskUsage(folder);
     totalBytes += bytes;
+    // An import about to be renamed into place (its marker written last), or a lazy pull's
+    // folder: counted, never removed.
+    if (e.name.startsWith(".")) continue;
     const unused = (state: string) => state === "stopped" || state === "missing";
     if (!unused(await domainState(e.name, options))) continue;
     if (await folderInUse(folder, e.name, domains, filesOf)) continue;
@@ -435,6 +446,54 @@ function leastRecentlyUsedFirst(a: Candidate, b: Candidate): number {
   return a.lastUsed - b.lastUsed;
 }
 
+/** Space a pull in progress has claimed within the budget; release it when the pull ends. */
+export interface Reservation extends AsyncDisposable {
+  /** What was removed to make the room. */
+  removed: Removed[];
+  /** Gives the claim up (idempotent). */
+  release(): Promise<void>;
+}
+
+/** Claims older than this are a crashed process's, whatever its PID says now. */
+const MAX_RESERVATION_AGE_MS = 24 * 3600_000;
+
+/**
+ * {@link makeRoom}, counting what other pulls in progress have claimed but maybe not written
+ * yet, then claiming `needBytes` until {@link Reservation.release}: two jobs pulling two new
+ * images at once would otherwise each find room for itself and together go past the budget.
+ * One process at a time decides (a lock in `vmdir`); claims of processes that are gone do not
+ * count. A claim counts in full while its pull writes, so concurrent pulls err on freeing more.
+ */
+export async function reserveRoom(options: MakeRoomOptions): Promise<Reservation> {
+  const dir = join(options.vmdir, ".budget");
+  using _decide = await lockFile(join(options.vmdir, ".locks", "cache-budget.lock"));
+  let reservedBytes = 0;
+  const entries = await Array.fromAsync(Deno.readDir(dir)).catch(() => []);
+  for (const e of entries) {
+    const file = join(dir, e.name);
+    const claim = await Deno.readTextFile(file).then(JSON.parse).catch(() => undefined);
+    const alive = Number.isSafeInteger(claim?.pid) && await exists(`/proc/${claim.pid}`) &&
+      Date.now() - Number(claim.since) < MAX_RESERVATION_AGE_MS;
+    if (alive && Number.isSafeInteger(claim.bytes)) reservedBytes += claim.bytes;
+    else await Deno.remove(file).catch(() => {}); // a crashed pull's claim
+  }
+  const removed = await makeRoom({ ...options, reservedBytes });
+  await Deno.mkdir(dir, { recursive: true });
+  const file = join(dir, `${Deno.pid}-${crypto.randomUUID()}.json`);
+  await writeFileAtomic(
+    file,
+    JSON.stringify({
+      pid: Deno.pid,
+      since: Date.now(),
+      bytes: options.needBytes,
+      for: options.what,
+    }),
+  );
+  let released: Promise<void> | undefined;
+  const release = () => released ??= Deno.remove(file).catch(() => {});
+  return { removed, release, [Symbol.asyncDispose]: release };
+}
+
 /** Options of {@link makeRoom}. */
 export interface MakeRoomOptions extends ConnectOptions {
   ocidir: string;
@@ -447,6 +506,8 @@ export interface MakeRoomOptions extends ConnectOptions {
   what: string;
   /** Layout folders that stay whatever their age (the one being pulled into). */
   keep?: string[];
+  /** Bytes other pulls in progress have claimed (see {@link reserveRoom}): counted as used. */
+  reservedBytes?: number;
 }
 
 /**
@@ -459,7 +520,7 @@ export interface MakeRoomOptions extends ConnectOptions {
 export async function makeRoom(options: MakeRoomOptions): Promise<Removed[]> {
   const { needBytes, budgetBytes } = options;
   const cache = await cacheUsage(options);
-  let total = cache.totalBytes;
+  let total = cache.totalBytes + (options.reservedBytes ?? 0);
   if (total + needBytes <= budgetBytes) return [];
   const removable = cache.candidates.reduce((n, c) => n + c.bytes, 0);
   const tooBig = (inUse: number) =>
@@ -467,7 +528,11 @@ export async function makeRoom(options: MakeRoomOptions): Promise<Removed[]> {
       "io",
       `no room for ${options.what} within cache-budget ${formatBytes(budgetBytes)}: it needs ${
         formatBytes(needBytes)
-      }, and ${formatBytes(inUse)} of the cache is in use or just used`,
+      }, and ${formatBytes(inUse)} of the cache is in use or just used${
+        options.reservedBytes
+          ? ` (${formatBytes(options.reservedBytes)} of it claimed by pulls in progress)`
+          : ""
+      }`,
       `raise cache-budget, or free space (sarde prune; the store is ${options.ocidir}, ` +
         `imported VMs are in ${options.vmdir})`,
     );
