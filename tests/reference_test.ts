@@ -34,6 +34,18 @@ Deno.test("parseReference: host with port is not a tag (sardinecake 0.4 split at
   assert.equal(formatReference(noTag), "127.0.0.1:5000/sardines/debian12");
 });
 
+Deno.test("parseReference: one spelling per registry (case, Docker Hub aliases); the local name as written", () => {
+  const hub = parseReference("index.docker.io/acme/vm:1");
+  assert.equal(hub.registry, "docker.io");
+  assert.equal(
+    formatReference(parseReference("registry-1.docker.io/debian")),
+    "docker.io/library/debian",
+  );
+  const mixed = parseReference("Registry.Example.ORG:5000/sardines/vm:1");
+  assert.equal(formatReference(mixed), "registry.example.org:5000/sardines/vm:1");
+  assert.equal(formatLocalName(mixed), "Registry.Example.ORG:5000/sardines/vm:1");
+});
+
 Deno.test("parseReference: tag and digest together", () => {
   const digest = "sha256:" + "a".repeat(64);
   const r = parseReference(`registry.example.org/sardines/debian12:stable@${digest}`);

@@ -138,14 +138,22 @@ Deno.test("policy: requirements sarde cannot check refuse the image, as containe
     await verdict('{"type": "signedBaseLayer", "baseLayerIdentity": {"type": "matchRepository"}}'),
     /^trust: .*signedBaseLayer is not implemented/,
   );
-  const rekor = (k: string) =>
-    `{"type": "sigstoreSigned", "keyData": "${
-      btoa("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n")
-    }", "${k}": "/k.pub"}`;
-  for (const k of ["rekorPublicKeyPath"]) {
-    assert.match(await verdict(rekor(k)), /^trust: .*Fulcio\/Rekor signatures are not supported/);
-  }
+  const key = btoa("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n");
+  const sigstore = (extra = "") => `{"type": "sigstoreSigned", "keyData": "${key}"${extra}}`;
+  assert.match(
+    await verdict(sigstore(', "rekorPublicKeyPath": "/k.pub"')),
+    /^trust: .*Fulcio\/Rekor signatures are not supported/,
+  );
   assert.equal(await verdict('{"type": "insecureAcceptAnything"}'), "accepted");
+  // Both a tag and a digest, under a signature requirement: refused before any signature is read.
+  const both = await verifyImage({
+    policy: parsePolicy(`{"default": [${sigstore()}]}`, "p.json"),
+    registriesD,
+    reference: parseReference(`r.example/a/b:prod@sha256:${"0".repeat(64)}`),
+    manifestDigest: "sha256:" + "0".repeat(64),
+    fetchSignatures: () => Promise.reject(new Error("not asked")),
+  }).then(() => "accepted", (err: SardeError) => err.message);
+  assert.match(both, /both a tag and a digest cannot be checked/);
 });
 
 Deno.test("policy: a missing --policy file is an error; the user's policy.json wins over the system's", async () => {

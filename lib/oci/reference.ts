@@ -95,6 +95,11 @@ export function parseReference(input: string): Reference {
     if (!domainRe.test(registry)) bad(input, `'${registry}' is not a valid registry host`);
     const port = registry.match(/:(\d+)$/)?.[1];
     if (port && Number(port) > 65535) bad(input, `port ${port} is out of range`);
+    // One spelling per registry, as the containers tools normalise it: host names are not case
+    // sensitive, and Docker Hub's aliases are docker.io. Policy scopes, credentials and mirrors
+    // are looked up by this name, so an alias must not slip past a rule for the real one.
+    registry = registry.toLowerCase();
+    if (["index.docker.io", "registry-1.docker.io"].includes(registry)) registry = DEFAULT_REGISTRY;
   }
   if (path === "") bad(input, "the repository name is missing");
   for (const component of path.split("/")) {

@@ -75,6 +75,11 @@ export async function verifyImage(options: VerifyImageOptions): Promise<void> {
       "check the image's signature, or the policy (containers-policy.json(5))",
     );
   };
+  // A signature for any tag would pass for `repo:prod@digest` (the digest decides), and the image
+  // would then be stored as `:prod`: containers/image refuses such references outright.
+  if (reference.tag && reference.digest && requirements.some((r) => r.type === "sigstoreSigned")) {
+    refuse("a reference with both a tag and a digest cannot be checked; name the image by one");
+  }
   let signatures: UntrustedSignature[] | undefined;
   for (const req of requirements) {
     if (req.type === "insecureAcceptAnything") continue;
