@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { generateKeyPairSync } from "node:crypto";
 import { SardeError } from "../lib/util/errors.ts";
 import { parseReference } from "../lib/oci/reference.ts";
 import {
@@ -154,6 +155,26 @@ Deno.test("policy: requirements sarde cannot check refuse the image, as containe
     fetchSignatures: () => Promise.reject(new Error("not asked")),
   }).then(() => "accepted", (err: SardeError) => err.message);
   assert.match(both, /both a tag and a digest cannot be checked/);
+
+  // A private key (or anything but a PEM public key) where a public key belongs is no key.
+  const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const privatePem = privateKey.export({ type: "pkcs8", format: "pem" }) as string;
+  const withPrivate = await verifyImage({
+    policy: parsePolicy(
+      `{"default": [{"type": "sigstoreSigned", "keyData": "${btoa(privatePem)}"}]}`,
+      "p.json",
+    ),
+    registriesD: { dir: "", defaultDocker: { useSigstoreAttachments: true }, docker: new Map() },
+    reference: ref,
+    manifestDigest: "sha256:" + "0".repeat(64),
+    fetchSignatures: () =>
+      Promise.resolve([{
+        mimeType: "application/vnd.dev.cosign.simplesigning.v1+json",
+        payload: new Uint8Array([123, 125]),
+        annotations: { "dev.cosignproject.cosign/signature": "AAAA" },
+      }]),
+  }).then(() => "accepted", (err: SardeError) => err.message);
+  assert.match(withPrivate, /public key in keyData is not a PEM public key/);
 });
 
 Deno.test("policy: a missing --policy file is an error; the user's policy.json wins over the system's", async () => {

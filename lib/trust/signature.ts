@@ -125,11 +125,23 @@ export async function loadPublicKeys(sources: KeySource[]): Promise<KeyObject[]>
     } catch (err) {
       throw new SignatureRejection("key", `cannot read ${what}: ${osReason(err)}`);
     }
-    try {
-      keys.push(createPublicKey({ key: new TextDecoder().decode(pem), format: "pem" }));
-    } catch {
-      throw new SignatureRejection("key", `${what} is not a PEM public key`);
+    // Only what containers/image takes: a PEM `PUBLIC KEY` (or `RSA PUBLIC KEY`) block of an
+    // ECDSA, RSA or Ed25519 key. node:crypto would also derive a public key from a private key
+    // or a certificate, and verify with DSA keys.
+    const text = new TextDecoder().decode(pem);
+    let key: KeyObject | undefined;
+    if (/^\s*-----BEGIN (RSA )?PUBLIC KEY-----/.test(text)) {
+      try {
+        key = createPublicKey({ key: text, format: "pem" });
+      } catch { /* refused below */ }
     }
+    if (!key || !["ec", "rsa", "ed25519"].includes(key.asymmetricKeyType ?? "")) {
+      throw new SignatureRejection(
+        "key",
+        `${what} is not a PEM public key (ECDSA, RSA or Ed25519)`,
+      );
+    }
+    keys.push(key);
   }
   return keys;
 }
