@@ -878,20 +878,29 @@ Deno.test({
       release.resolve();
     }, 60_000);
     let importingBeforeFetched: boolean | undefined;
+    let seen = false;
     try {
       const job = await ws.run({
         image,
         script: ["echo PIPELINED-JOB"],
         onOutput: (call, _stream, text) => {
-          if (call.stage !== "prepare" || importingBeforeFetched !== undefined) return;
-          if (!/importing/.test(text)) return;
-          // The fetch records the image in index.json last, once every blob is in.
-          let fetched = false;
-          try {
-            fetched = JSON.parse(Deno.readTextFileSync(index)).manifests?.length > 0;
-          } catch { /* not yet there */ }
-          importingBeforeFetched = !fetched && !gaveUp && proxy.faults() > 0;
-          release.resolve();
+          if (call.stage !== "prepare" || seen || !/importing/.test(text)) return;
+          seen = true;
+          // The import may start before any blob reached the pause (under load): wait for the
+          // proxy to hold one, which also keeps the fetch from finishing, then look.
+          (async () => {
+            const deadline = Date.now() + 20_000;
+            while (proxy.faults() === 0 && Date.now() < deadline) {
+              await new Promise((r) => setTimeout(r, 50));
+            }
+            // The fetch records the image in index.json last, once every blob is in.
+            let fetched = false;
+            try {
+              fetched = JSON.parse(Deno.readTextFileSync(index)).manifests?.length > 0;
+            } catch { /* not yet there */ }
+            importingBeforeFetched = !fetched && !gaveUp && proxy.faults() > 0;
+            release.resolve();
+          })();
         },
       });
       const info = describeJob(job);
