@@ -51,6 +51,15 @@ Deno.test("prefixMatch: whole path components, and *.domain wildcards on the hos
   assert.deepEqual(prefixMatch("other.org/a.example.com/x", "*.example.com"), -1);
 });
 
+Deno.test("a *.domain wildcard prefix with a path or port is refused, as containers/image does", () => {
+  for (const prefix of ["*.example.com/foo", "*.example.com:5000"]) {
+    assert.throws(
+      () => conf(`[[registry]]\nprefix = "${prefix}"\nlocation = "example.com"\n`),
+      /a \*\.domain wildcard is a host name only/,
+    );
+  }
+});
+
 Deno.test("findRegistry: an exact host beats *.domain in either order; hosts match in any case", () => {
   for (
     const entries of [

@@ -110,7 +110,13 @@ function parseLocation(value: string, file: string, what: string): string {
     throw bad(file, `${what} '${value}' must not name a scheme (http:// or https://)`);
   }
   if (text === "") return "";
-  if (text.startsWith("*.")) return text;
+  if (text.startsWith("*.")) {
+    // containers/image: a wildcard names hosts only (no path, port or digest after it).
+    if (/[/:@]/.test(text)) {
+      throw bad(file, `${what} '${value}': a *.domain wildcard is a host name only`);
+    }
+    return text;
+  }
   const slash = text.indexOf("/");
   const host = slash < 0 ? text : text.slice(0, slash);
   try {

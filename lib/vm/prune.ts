@@ -215,7 +215,9 @@ function domainFilesCache(
       try {
         for (const c of await backingChain(disk.path)) files.push(c.filename, c.realFilename);
       } catch {
-        debug(`cannot read the backing chain of ${disk.path} (VM ${d})`);
+        // Its backing files are unknown: any imported VM may be one of them.
+        debug(`cannot read the backing chain of ${disk.path} (VM ${d}): keeping every VM`);
+        return undefined;
       }
     }
     return files;
