@@ -706,10 +706,9 @@ async function baseVm(
   signal?: AbortSignal,
 ): Promise<string> {
   const ref = parseReference(image);
-  let local = false;
+  let local: Awaited<ReturnType<typeof readLocalManifest>> | undefined;
   try {
-    await readLocalManifest(s.ocidir, ref);
-    local = true;
+    local = await readLocalManifest(s.ocidir, ref);
   } catch (err) {
     if (!(err instanceof SardeError) || err.kind !== "not-found") throw err;
   }
@@ -721,7 +720,7 @@ async function baseVm(
   const importOptions = { ...s.libvirt, vmdir: s.vmdir, domainType: s.domainType };
   if (local && policy !== "always") {
     // Its VM may have gone for the budget while the image stayed: the import writes the disks.
-    await using _claim = await keepToBudget(s, image, await readLocalManifest(s.ocidir, ref));
+    await using _claim = await keepToBudget(s, image, local);
     return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
   }
   info(`pulling ${image} (pull policy ${policy})`);
