@@ -221,6 +221,14 @@ Deno.test("broken files: one-line usage errors naming the file", async () => {
       '[[registry]]\nlocation = "r.example"\nmirror-by-digest-only = true\n[[registry.mirror]]\nlocation = "m"\npull-from-mirror = "all"',
       /both set/,
     ],
+    [
+      '[[registry]]\nlocation = "r.example"\n[[registry]]\nprefix = "r.example/team"\nlocation = "r.example"\nblocked = true',
+      /registry 'r.example' is listed twice with conflicting 'blocked' settings/,
+    ],
+    [
+      '[[registry]]\nprefix = "a.example"\nlocation = "r.example"\ninsecure = true\n[[registry]]\nlocation = "r.example"',
+      /registry 'r.example' is listed twice with conflicting 'insecure' settings/,
+    ],
   ];
   for (const [text, re] of cases) {
     const err = await thrown(() => parseRegistriesConf(text, "test.conf"));
@@ -229,6 +237,21 @@ Deno.test("broken files: one-line usage errors naming the file", async () => {
     assert.ok(!err.message.includes("\n"), err.message);
     assert.deepEqual(err.exitCode, 2);
   }
+});
+
+Deno.test("parseRegistriesConf: within one file the first entry of a prefix wins", () => {
+  const entries = parseRegistriesConf(
+    [
+      '[[registry]]\nprefix = "r.example"\nlocation = "first.example"',
+      '[[registry]]\nprefix = "r.example"\nlocation = "second.example"',
+      '[[registry]]\nprefix = "r.example/team"\nlocation = "first.example"',
+    ].join("\n"),
+    "test.conf",
+  );
+  assert.deepEqual(
+    entries.map((e) => [e.prefix, e.location]),
+    [["r.example", "first.example"], ["r.example/team", "first.example"]],
+  );
 });
 
 Deno.test("loadRegistriesConf: main file, drop-ins in name order, later prefixes replace earlier", async () => {

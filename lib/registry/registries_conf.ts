@@ -9,8 +9,10 @@
  * `/etc/containers/registries.conf`; then the `*.conf` drop-ins of
  * `/etc/containers/registries.conf.d` and `~/.config/containers/registries.conf.d` in name order
  * (only the user's folder when the user's main file was read). `$SARDE_REGISTRIES_CONF_DIR`
- * replaces both folders (containers/image has no variable for them; tests need one). A later
- * `[[registry]]` with the same prefix replaces an earlier one. Short-name keys
+ * replaces both folders (containers/image has no variable for them; tests need one). Within one
+ * file the first `[[registry]]` of a prefix wins and entries of one location must agree on
+ * `insecure` and `blocked`; a later file's entry replaces an earlier file's of the same prefix.
+ * Short-name keys
  * (`unqualified-search-registries`, `[aliases]`, `short-name-mode`) are accepted and ignored:
  * sarde references are always fully qualified.
  *
@@ -235,10 +237,39 @@ export function parseRegistriesConf(text: string, file: string): RegistryEntry[]
   }
   const raw = doc.registry ?? [];
   if (!Array.isArray(raw)) throw bad(file, "registry must be [[registry]] tables");
-  return raw.map((r, i) => parseEntry(r, i, file));
+  return firstOfEachPrefix(raw.map((r, i) => parseEntry(r, i, file)), file);
 }
 
-/** Merges `later` into `entries`: an entry with the same prefix replaces the earlier one. */
+/**
+ * containers/image's rules for one file: a registry may be listed several times (prefixes with
+ * different mirrors), but never with conflicting `insecure` or `blocked` (which one would hold
+ * is not obvious, and for `blocked` guessing wrong lets a refused registry through); of entries
+ * with the same prefix the first wins, later ones are ignored.
+ */
+function firstOfEachPrefix(entries: RegistryEntry[], file: string): RegistryEntry[] {
+  const byLocation = new Map<string, RegistryEntry>();
+  for (const e of entries) {
+    const key = e.location || e.prefix;
+    const first = byLocation.get(key);
+    if (!first) {
+      byLocation.set(key, e);
+      continue;
+    }
+    for (const setting of ["insecure", "blocked"] as const) {
+      if (first[setting] !== e[setting]) {
+        throw bad(file, `registry '${key}' is listed twice with conflicting '${setting}' settings`);
+      }
+    }
+  }
+  const byPrefix = new Map<string, RegistryEntry>();
+  for (const e of entries) {
+    if (byPrefix.has(e.prefix)) warn(`${file}: a second [[registry]] for '${e.prefix}' is ignored`);
+    else byPrefix.set(e.prefix, e);
+  }
+  return [...byPrefix.values()];
+}
+
+/** Merges a later file's `later` into `entries`: an entry with the same prefix replaces the earlier one. */
 function merge(entries: RegistryEntry[], later: RegistryEntry[]): RegistryEntry[] {
   const byPrefix = new Map(entries.map((e) => [e.prefix, e]));
   for (const e of later) byPrefix.set(e.prefix, e);
