@@ -62,6 +62,15 @@ Deno.test("policy: upstream's example policy.json loads, with every requirement 
 Deno.test("policy: broken files are one-line usage errors naming the file", () => {
   const f = "/etc/p.json";
   refused(() => parsePolicy("{", f), /^\/etc\/p\.json: not valid JSON/);
+  // containers/image refuses a key twice: JSON.parse would keep the last, another reader the first.
+  refused(
+    () =>
+      parsePolicy(
+        '{"default": [{"type": "reject"}], "transports": {"docker": {"r.example": [{"type": "reject"}], "r.example": [{"type": "insecureAcceptAnything"}]}}}',
+        f,
+      ),
+    /^\/etc\/p\.json: not valid JSON: duplicate key "r\.example"$/,
+  );
   refused(() => parsePolicy("{}", f), /p\.json: "default" is missing/);
   refused(() => parsePolicy('{"default": []}', f), /default: the list of requirements must not/);
   refused(

@@ -262,6 +262,15 @@ Deno.test("cosign fixtures: payloads are parsed as strictly as containers/image"
   ];
   for (const [payload, re] of bad) assert.throws(() => parsePayload(enc(payload)), re);
   assert.throws(() => parsePayload(new TextEncoder().encode("[")), /payload is not JSON/);
+  // A signed payload naming two digests: which one would another verifier read?
+  const twice = JSON.stringify(good).replace(
+    '"docker-manifest-digest":',
+    `"docker-manifest-digest":"sha256:${"0".repeat(64)}","docker-manifest-digest":`,
+  );
+  assert.throws(
+    () => parsePayload(new TextEncoder().encode(twice)),
+    /payload is not JSON: duplicate key "docker-manifest-digest"/,
+  );
 });
 
 // --- end to end --------------------------------------------------------------------------------

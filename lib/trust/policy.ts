@@ -21,6 +21,7 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import { fail, SardeError } from "../util/errors.ts";
 import { osReason } from "../util/fsutil.ts";
+import { parseJsonStrict } from "../util/json.ts";
 import { debug } from "../util/log.ts";
 import { DEFAULT_TAG, parseReference, type Reference } from "../oci/reference.ts";
 
@@ -230,7 +231,7 @@ function parseRequirements(file: string, where: string, value: unknown): Require
 export function parsePolicy(text: string, file: string): Policy {
   let json: unknown;
   try {
-    json = JSON.parse(text);
+    json = parseJsonStrict(text);
   } catch (err) {
     throw fail("usage", `${file}: not valid JSON: ${(err as Error).message}`);
   }

@@ -13,6 +13,7 @@
 import { createPublicKey, type KeyObject, verify } from "node:crypto";
 import { digestHex } from "../oci/digest.ts";
 import { osReason } from "../util/fsutil.ts";
+import { parseJsonStrict } from "../util/json.ts";
 import { parseReference, type Reference } from "../oci/reference.ts";
 import { type IdentityRule, imageIdentity, type KeySource } from "./policy.ts";
 
@@ -79,7 +80,7 @@ function string(value: unknown, where: string): string {
 export function parsePayload(bytes: Uint8Array): SigstorePayload {
   let json: unknown;
   try {
-    json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    json = parseJsonStrict(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
   } catch (err) {
     throw invalid(`payload is not JSON: ${(err as Error).message}`);
   }
