@@ -9,9 +9,9 @@
  *
  * It records wall-clock seconds and the peak RSS of the client process, checks that every
  * measurement really moved the bytes (no cross-repository mount, no "already exists" skip, digest
- * preserved), and prints a table (or `--json`). Then it runs the VM benchmark of `bench/vm.ts` and
- * the fleet benchmark of `bench/fleet.ts` (`--only registry|vm|fleet` runs one of them). See
- * bench/README.md for the method.
+ * preserved), and prints a table (or `--json`). Then it runs the VM benchmark of `bench/vm.ts`,
+ * the fleet benchmark of `bench/fleet.ts` and the lazy-pull benchmark of `bench/lazy.ts`
+ * (`--only registry|vm|fleet|lazy` runs one of them). See bench/README.md for the method.
  *
  * @module
  */
@@ -48,6 +48,7 @@ import {
 } from "./common.ts";
 import { formatVmReport, runVmBench, type VmReport } from "./vm.ts";
 import { type FleetReport, formatFleetReport, runFleetBench } from "./fleet.ts";
+import { formatLazyReport, type LazyReport, runLazyBench } from "./lazy.ts";
 
 const TAG = "v1";
 
@@ -94,14 +95,18 @@ interface Row {
   samples: Sample[];
 }
 
-const USAGE = `usage: deno task bench [--only registry|vm|fleet] [--quick] [--repeat N] [--json]
+const USAGE =
+  `usage: deno task bench [--only registry|vm|fleet|lazy] [--quick] [--repeat N] [--json]
 
   --only WHAT   run one benchmark: registry (sarde push/fetch vs skopeo copy), vm (export+push,
-                pull, clone, 1 % change of a libvirt VM vs sardinecake 0.4's gzip+skopeo) or
+                pull, clone, 1 % change of a libvirt VM vs sardinecake 0.4's gzip+skopeo),
                 fleet (fetch direct vs through a cold and a warm pull-through mirror; a budget
-                prune of 20 images); default: all three, in that order
+                prune of 20 images) or lazy (job start to first script line of a booting VM:
+                pull --lazy vs full pull vs warm cache, through a 30 MB/s link); default: all
+                four, in that order
   --quick       registry: 256 MiB random + 512 MiB disk-mix instead of 1 GiB + 2 GiB;
-                vm: a 512 MiB disk instead of 2 GiB; fleet: a 256 MiB image instead of 1 GiB
+                vm: a 512 MiB disk instead of 2 GiB; fleet: a 256 MiB image instead of 1 GiB;
+                lazy: a 384 MiB extra disk instead of 2 GiB
   --repeat N    registry: measure every case N times (default 1), alternating which tool goes
                 first; fleet: N rounds of the mirror fetches, a fresh mirror each; the tables
                 show the best time and the highest peak RSS (vm: one run)
@@ -509,13 +514,16 @@ async function main(): Promise<number> {
     Deno.stderr.writeSync(new TextEncoder().encode(`--repeat wants a positive integer\n${USAGE}`));
     return 2;
   }
-  if (values.only !== undefined && !["registry", "vm", "fleet"].includes(values.only)) {
-    Deno.stderr.writeSync(new TextEncoder().encode(`--only wants registry, vm or fleet\n${USAGE}`));
+  if (values.only !== undefined && !["registry", "vm", "fleet", "lazy"].includes(values.only)) {
+    Deno.stderr.writeSync(
+      new TextEncoder().encode(`--only wants registry, vm, fleet or lazy\n${USAGE}`),
+    );
     return 2;
   }
   const runRegistryBench = values.only === undefined || values.only === "registry";
   const runVm = values.only === undefined || values.only === "vm";
   const runFleet = values.only === undefined || values.only === "fleet";
+  const runLazy = values.only === undefined || values.only === "lazy";
   const cases: BenchCase[] = [
     {
       id: "random",
@@ -600,6 +608,16 @@ async function main(): Promise<number> {
         );
       }
     }
+    let lazy: LazyReport | undefined;
+    if (runLazy) {
+      lazy = await runLazyBench({ quick: values.quick, useTime });
+      if (!values.json) {
+        const text = formatLazyReport(lazy, env);
+        Deno.stdout.writeSync(
+          new TextEncoder().encode((runRegistryBench || runVm || runFleet ? "\n" : "") + text),
+        );
+      }
+    }
     if (values.json) {
       const out = {
         date: new Date().toISOString(),
@@ -616,6 +634,7 @@ async function main(): Promise<number> {
           : { versions: env }),
         ...(vm ? { vm } : {}),
         ...(fleet ? { fleet } : {}),
+        ...(lazy ? { lazy } : {}),
       };
       Deno.stdout.writeSync(new TextEncoder().encode(JSON.stringify(out, null, 2) + "\n"));
     }

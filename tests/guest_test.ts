@@ -17,6 +17,30 @@ import {
 } from "./support/guest.ts";
 
 const CONN = "qemu:///system";
+
+Deno.test("guestDomainXml: extra disks follow the root disk as vdb, vdc", () => {
+  const xml = guestDomainXml({
+    name: "x",
+    dir: "/var/tmp/x",
+    rootDisk: "/var/tmp/x/root.qcow2",
+    kernel: "/k",
+    initrd: "/i",
+    extraDisks: [{ path: "/var/tmp/x/a.raw", format: "raw" }, {
+      path: "/var/tmp/x/b.qcow2",
+      format: "qcow2",
+    }],
+  });
+  const disks = [...xml.matchAll(/<disk type='file' device='disk'>([\s\S]*?)<\/disk>/g)]
+    .map((m) => m[1].replace(/\s+/g, " ").trim());
+  assert.deepEqual(disks, [
+    "<driver name='qemu' type='qcow2'/> <source file='/var/tmp/x/root.qcow2'/> " +
+    "<target dev='vda' bus='virtio'/>",
+    "<driver name='qemu' type='raw'/> <source file='/var/tmp/x/a.raw'/> " +
+    "<target dev='vdb' bus='virtio'/>",
+    "<driver name='qemu' type='qcow2'/> <source file='/var/tmp/x/b.qcow2'/> " +
+    "<target dev='vdc' bus='virtio'/>",
+  ]);
+});
 const SSH_TIMEOUT_MS = 60_000;
 const SHUTDOWN_TIMEOUT_MS = 30_000;
 

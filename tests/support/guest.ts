@@ -121,6 +121,8 @@ export interface GuestDomainOptions {
   cmdline?: string;
   /** Memory in MiB. Default 256. */
   memoryMiB?: number;
+  /** More virtio disks after the root disk, as `vdb`, `vdc`, … (e.g. a big data disk). */
+  extraDisks?: { path: string; format: "raw" | "qcow2" }[];
 }
 
 /** Escapes a string for XML text and attribute values. */
@@ -131,11 +133,11 @@ function xmlEscape(s: string): string {
 /**
  * libvirt domain XML for the tiny guest: `type='qemu'` (TCG; KVM does not work on the test
  * machines), 1 vCPU, 256 MiB, direct kernel boot with {@link GUEST_CMDLINE}, the root disk as
- * virtio qcow2 `vda`, virtio-rng, no USB or balloon, the serial console to a file, and QEMU
- * user-mode networking (`restrict=on`, so the guest cannot reach any network) with
- * `hostfwd=tcp:127.0.0.1:PORT-:22`, passed through `<qemu:commandline>` because libvirt 9.0 has
- * no port forwards for user networking. The NIC sits at PCI slot 0x10 so that it does not collide
- * with the slots libvirt assigns.
+ * virtio qcow2 `vda` (then the extra disks), virtio-rng, no USB or balloon, the serial console to
+ * a file, and QEMU user-mode networking (`restrict=on`, so the guest cannot reach any network)
+ * with `hostfwd=tcp:127.0.0.1:PORT-:22`, passed through `<qemu:commandline>` because libvirt 9.0
+ * has no port forwards for user networking. The NIC sits at PCI slot 0x10 so that it does not
+ * collide with the slots libvirt assigns.
  */
 export function guestDomainXml(opts: GuestDomainOptions): string {
   const e = xmlEscape;
@@ -152,6 +154,14 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
   </qemu:commandline>
 `;
   const ns = port === undefined ? "" : " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'";
+  const extraDisks = (opts.extraDisks ?? []).map((d, i) =>
+    `    <disk type='file' device='disk'>
+      <driver name='qemu' type='${d.format}'/>
+      <source file='${e(d.path)}'/>
+      <target dev='vd${String.fromCharCode(98 + i)}' bus='virtio'/>
+    </disk>
+`
+  ).join("");
   return `<domain type='qemu'${ns}>
   <name>${e(opts.name)}</name>
   <memory unit='MiB'>${opts.memoryMiB ?? 256}</memory>
@@ -174,7 +184,7 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
       <source file='${e(opts.rootDisk)}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <controller type='usb' model='none'/>
+${extraDisks}    <controller type='usb' model='none'/>
     <serial type='file'>
       <source path='${e(serialLog)}' append='on'/>
       <target port='0'/>

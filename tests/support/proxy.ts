@@ -697,6 +697,11 @@ export interface ThrottleOptions {
   /** Bytes per second of each blob GET response body (each response is paced on its own). */
   bytesPerSecond: number;
   /**
+   * Make `bytesPerSecond` the total of all blob GET bodies (one link the responses share, each
+   * 16 KiB piece in turn, as TCP flows share a slow line) instead of each response's pace.
+   */
+  shared?: boolean;
+  /**
    * Flip bytes in the ranged GETs of these blobs that start at the blob's first byte (its first
    * zstd frame): corrupt data for a lazy reader, while whole downloads stay intact.
    */
@@ -710,8 +715,9 @@ export interface ThrottledProxy extends RunningProxy {
 }
 
 /**
- * Starts a proxy whose blob GET bodies go at most `bytesPerSecond` each (a slow network, so that
- * a full pull takes a while) and are counted, ranged ones apart; other requests pass unpaced.
+ * Starts a proxy whose blob GET bodies go at most `bytesPerSecond` each, or all together with
+ * `shared` (a slow network, so that a full pull takes a while) and are counted, ranged ones apart;
+ * other requests pass unpaced.
  */
 export async function startThrottledProxy(
   target: ProxyTarget,
@@ -719,6 +725,8 @@ export async function startThrottledProxy(
 ): Promise<ThrottledProxy> {
   const bytes: BlobBytes = { all: 0, ranged: 0 };
   const slice = 16 * 1024;
+  /** When the shared link has sent every piece handed to it so far (`shared` only). */
+  let linkFree = 0;
   const proxy = await startProxy(target, () => ({
     responseBody(req, _res, body) {
       if (!isBlobGet(req)) return body;
@@ -735,7 +743,10 @@ export async function startThrottledProxy(
               const piece = new Uint8Array(chunk.subarray(off, off + slice));
               if (flip) piece[0] ^= 0xff;
               sent += piece.length;
-              const due = start + (sent / options.bytesPerSecond) * 1000;
+              const cost = (piece.length / options.bytesPerSecond) * 1000;
+              const due = options.shared
+                ? (linkFree = Math.max(performance.now(), linkFree) + cost)
+                : start + (sent / options.bytesPerSecond) * 1000;
               const wait = due - performance.now();
               if (wait > 0) await new Promise((r) => setTimeout(r, wait));
               bytes.all += piece.length;

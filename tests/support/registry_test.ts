@@ -16,6 +16,7 @@ import {
   type TestRegistry,
   TOKEN_SERVICE,
 } from "./registry.ts";
+import { startThrottledProxy } from "./proxy.ts";
 
 const dec = new TextDecoder();
 
@@ -643,6 +644,33 @@ Deno.test("no registry: an HTML server answers 200 to all; a black hole never an
   assert.equal(answer, "silent");
   assert.equal(hole.connections(), 1);
   conn.close();
+});
+
+Deno.test("throttled proxy: with `shared`, blob downloads together keep to the pace", async () => {
+  const body = new Uint8Array(512 * 1024);
+  const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
+  const upstream = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: (a) => resolve(a as Deno.NetAddr) },
+    () => new Response(body),
+  );
+  try {
+    const { port } = await listening;
+    await using proxy = await startThrottledProxy({ url: `http://127.0.0.1:${port}` }, {
+      bytesPerSecond: 1 << 20,
+      shared: true,
+    });
+    const t0 = performance.now();
+    await Promise.all(["a", "b"].map(async (x) => {
+      const r = await fetch(`${proxy.url}/v2/r/blobs/sha256:${x.repeat(64)}`);
+      assert.equal((await r.arrayBuffer()).byteLength, body.length);
+    }));
+    // 1 MiB over a 1 MiB/s link: each alone would take half of that
+    const ms = performance.now() - t0;
+    assert.ok(ms >= 900, `two 512 KiB downloads took ${ms.toFixed(0)} ms at 1 MiB/s in all`);
+    assert.deepEqual(proxy.blobBytes(), { all: 2 * body.length, ranged: 0 });
+  } finally {
+    await upstream.shutdown();
+  }
 });
 
 Deno.test("token-tls registry: https registry whose token realm is plain http", async () => {
