@@ -364,7 +364,13 @@ export async function list(
   );
   for (const s of await lazySessions(options.vmdir ?? defaultVmdir())) {
     const sum = (k: "present" | "total") => s.files.reduce((n, f) => n + f[k], 0);
-    const lazy = { name: s.name, phase: s.phase, present: sum("present"), total: sum("total") };
+    const lazy: LazyProgress = {
+      name: s.name,
+      phase: s.phase,
+      present: sum("present"),
+      total: sum("total"),
+      ...s.problem === undefined ? {} : { problem: s.problem },
+    };
     const known = entries.filter((e) => e.id === s.imageId);
     known.forEach((e) => e.lazy = lazy);
     // The store gets the manifest only once the download is complete: until then, the session
@@ -391,9 +397,12 @@ export interface LazyProgress {
   name: string;
   /**
    * `serving`: the VM runs on files still downloading; `committed`: the files are complete and
-   * in the VM folder, the VM still runs on its lazy overlays; `done`: a normal import.
+   * in the VM folder, the VM still runs on its lazy overlays; `done`: a normal import;
+   * `failed`: the download gave up (see `problem`), the VM is served what is local.
    */
-  phase: "serving" | "committed" | "done";
+  phase: "serving" | "committed" | "done" | "failed";
+  /** Why the background download is being tried again, or why it gave up (`failed`). */
+  problem?: string;
   /** Bytes of the image's files present locally. */
   present: number;
   /** Bytes of the image's files. */

@@ -8,7 +8,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   type BlockSource,
+  LIBVIRT_NBD_RECONNECT,
+  NBD_RECONNECT_DELAY_S,
   nbdBackingStoreXml,
+  nbdReconnectDelay,
   type NbdServer,
   openFileSource,
   serveNbd,
@@ -41,6 +44,25 @@ Deno.test("nbdBackingStoreXml nests one network backingStore per layer, escaped"
       "<source protocol='nbd' name='base'><host transport='unix' socket='/run/s2'/></source>" +
       "<backingStore/></backingStore></backingStore>",
   );
+});
+
+Deno.test("nbdBackingStoreXml: <reconnect delay> in each source from libvirt 9.2, none before", () => {
+  const chain = (version: number) =>
+    nbdBackingStoreXml([
+      { socketPath: "/s", exportName: "top", format: "qcow2" },
+      { socketPath: "/s", exportName: "base", format: "raw" },
+    ].map((l) => ({ ...l, reconnectDelay: nbdReconnectDelay(version) })));
+  assert.equal(LIBVIRT_NBD_RECONNECT, 9_002_000);
+  // 9.0 (this machine) and 9.1 refuse the element: none at all
+  for (const old of [9_000_000, 9_001_000]) assert.doesNotMatch(chain(old), /reconnect/);
+  for (const v of [9_002_000, 10_000_000]) {
+    const compact = chain(v).replace(/\n\s*/g, "");
+    const source = (name: string) =>
+      `<source protocol='nbd' name='${name}'><host transport='unix' socket='/s'/>` +
+      `<reconnect delay='${NBD_RECONNECT_DELAY_S}'/></source>`;
+    assert.ok(compact.includes(source("top")), compact);
+    assert.ok(compact.includes(source("base")), compact);
+  }
 });
 
 Deno.test("lazy boot: the tiny guest boots to SSH with its root disk's backing read over NBD", async () => {

@@ -176,6 +176,30 @@ async function killServer(vmdir: string, imageId: string): Promise<void> {
   } catch { /* gone */ }
 }
 
+/** Reads 4 KiB of the extra disk at `at` through the server, as QEMU does. */
+function nbdRead(socket: string, at: number) {
+  return run("qemu-io", [
+    "-r",
+    "-f",
+    "raw",
+    "-c",
+    `read ${at} 4096`,
+    `nbd+unix:///extra.raw?socket=${socket}`,
+  ]);
+}
+
+/**
+ * The units of the extra disk its presence log lists (entries are unit numbers + 1; a chunk's
+ * first frame is unit `offset / 2 MiB`).
+ */
+async function presentUnits(vmdir: string, name: string): Promise<Set<number>> {
+  const log = await Deno.readFile(join(vmdir, `.${name}.partial-lazy`, "extra.raw.sarde-present"));
+  const listed = new Set<number>();
+  const view = new DataView(log.buffer);
+  for (let i = 0; i + 4 <= log.length; i += 4) listed.add(view.getUint32(i, true) - 1);
+  return listed;
+}
+
 async function cleanup(name: string | undefined, p: { dir: string; vmdir: string }, id: string) {
   if (name) {
     await shTry("virsh", ["-c", TEST_URI, "destroy", "--domain", name]);
@@ -360,29 +384,145 @@ Deno.test({
       assert.equal(r.code, 0, r.stderr);
       name = r.stdout.trim();
       const s = await state(p.vmdir, img.imageId);
-      const nbd = (at: number) =>
-        run("qemu-io", [
-          "-r",
-          "-f",
-          "raw",
-          "-c",
-          `read ${at} 4096`,
-          `nbd+unix:///extra.raw?socket=${s.socket}`,
-        ]);
+      const nbd = (at: number) => nbdRead(s.socket, at);
       const good = await nbd(img.extraChunks[1].offset);
       assert.equal(good.code, 0, good.stderr);
       assert.doesNotMatch(good.stdout + good.stderr, /error/i);
       const refused = await nbd(bad.offset);
       assert.match(refused.stdout + refused.stderr, /Input\/output error/);
-      // the log lists units by number + 1; the corrupted chunk's first frame is unit offset / 2 MiB
-      const log = await Deno.readFile(
-        join(p.vmdir, `.${name}.partial-lazy`, "extra.raw.sarde-present"),
-      );
-      const listed = new Set<number>();
-      const view = new DataView(log.buffer);
-      for (let i = 0; i + 4 <= log.length; i += 4) listed.add(view.getUint32(i, true) - 1);
+      const listed = await presentUnits(p.vmdir, name);
       assert.ok(listed.has(img.extraChunks[1].offset / (2 * MiB)));
       assert.ok(!listed.has(bad.offset / (2 * MiB)), "a corrupted frame was logged as present");
+    } finally {
+      await cleanup(name, p, img.imageId);
+    }
+  },
+});
+
+/** Retries of the background download 0.5, 1, 2, 4, 8 s apart: it gives up after ~16 s. */
+const retryEnv = { ...env, SARDE_LAZY_RETRY_MS: "500" };
+/** Fast enough that the whole image comes in seconds: these tests wait for the end. */
+const FAST = 16 * MiB;
+
+/**
+ * A fast proxy to the image that serves the blob of the extra disk's last chunk (`bad`) corrupt,
+ * whole or from its first frame, while `active()` says so.
+ */
+async function corruptingProxy(active: () => boolean) {
+  const img = await lazyImage();
+  const bad = img.extraChunks[img.extraChunks.length - 1];
+  const proxy = await startThrottledProxy(
+    { url: `http://${img.registry.host}` },
+    { bytesPerSecond: FAST, corruptBlobs: { digests: [bad.digest], active } },
+  );
+  return { img, bad, ref: `${proxy.host}/${img.path}`, [Symbol.asyncDispose]: proxy.stop };
+}
+
+/** `sarde pull --lazy` with short retries; the VM's name. */
+async function lazyPull(p: { ocidir: string; vmdir: string }, ref: string): Promise<string> {
+  const r = await sarde(pullArgs(p, ref, ["--lazy"]), { env: retryEnv });
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout.trim();
+}
+
+Deno.test({
+  name: "pull --lazy: a blob served corrupt for a while: the server keeps serving, keeps no " +
+    "wrong bytes, and completes once the blob is served right",
+  ...opts,
+  async fn() {
+    let corrupting = true;
+    await using c = await corruptingProxy(() => corrupting);
+    const { img, bad, ref } = c;
+    const p = await place("lazy-retry");
+    const normal = await place("lazy-retry-normal");
+    const normalName = uniqueVmName("sarde-lazy-retry-normal");
+    let name: string | undefined;
+    try {
+      name = await lazyPull(p, ref);
+      const first = await state(p.vmdir, img.imageId);
+
+      // the download failed on the bad blob: the trouble is recorded, the same server serves on
+      let s = first;
+      await until(
+        async () => (s = await state(p.vmdir, img.imageId)).problem !== undefined,
+        "a problem is recorded",
+        120_000,
+      );
+      assert.equal(s.pid, first.pid);
+      assert.equal(s.phase, "serving");
+      assert.match(s.problem!, /digest|decode/);
+      const log = await Deno.readTextFile(join(lazyStateDir(p.vmdir, img.imageId), "server.log"));
+      assert.match(log, /failed: .*; trying again in/);
+      const ls = await sarde(["list", "-d", p.ocidir, "--vmdir", p.vmdir, "-c", TEST_URI]);
+      assert.match(ls.stdout, new RegExp(`^${name}: lazy pull serving, .*: retrying after `, "m"));
+      // demand reads: the corrupt frame is refused, others are served, nothing wrong is kept
+      const refused = await nbdRead(s.socket, bad.offset);
+      assert.match(refused.stdout + refused.stderr, /Input\/output error/);
+      const good = await nbdRead(s.socket, img.extraChunks[1].offset);
+      assert.doesNotMatch(good.stdout + good.stderr, /error/i);
+      assert.ok(!(await presentUnits(p.vmdir, name)).has(bad.offset / (2 * MiB)));
+
+      // the registry serves it right again: the next attempt completes, as a normal import
+      corrupting = false;
+      const dir = lazyStateDir(p.vmdir, img.imageId);
+      await until(
+        async () => !(await Deno.stat(dir).then(() => true, () => false)),
+        "the lazy server is done",
+        180_000,
+      );
+      const n = await sarde(pullArgs(normal, ref, ["-n", normalName, "-s", img.direct]), { env });
+      assert.equal(n.code, 0, n.stderr);
+      const lazyDir = join(p.vmdir, name), normalDir = join(normal.vmdir, normalName);
+      for (const [file, format] of [["extra.raw", "raw"], ["root.qcow2", "qcow2"]]) {
+        const cmp = await run("qemu-img", [
+          "compare",
+          "-f",
+          format,
+          "-F",
+          format,
+          join(lazyDir, file),
+          join(normalDir, file),
+        ]);
+        assert.equal(cmp.code, 0, `${file}: ${cmp.stdout}${cmp.stderr}`);
+      }
+      const marker = (d: string) => Deno.readTextFile(join(d, ".sarde-import.json"));
+      assert.equal(await marker(lazyDir), await marker(normalDir));
+    } finally {
+      await shTry("virsh", ["-c", TEST_URI, "undefine", "--domain", normalName]);
+      await cleanup(name, p, img.imageId);
+      await removeVmDir(normal.dir);
+    }
+  },
+});
+
+Deno.test({
+  name: "pull --lazy: a blob the registry always serves corrupt ends the download with a clear " +
+    "error in state.json, sarde list and a waiting pull",
+  ...opts,
+  async fn() {
+    await using c = await corruptingProxy(() => true);
+    const { img, ref } = c;
+    const p = await place("lazy-giveup");
+    let name: string | undefined;
+    try {
+      name = await lazyPull(p, ref);
+      let s = await state(p.vmdir, img.imageId);
+      await until(
+        async () => (s = await state(p.vmdir, img.imageId)).phase === "failed",
+        "the download gives up",
+        180_000,
+      );
+      assert.match(s.problem!, /digest|decode/);
+      const log = await Deno.readTextFile(join(lazyStateDir(p.vmdir, img.imageId), "server.log"));
+      assert.match(log, /failed 6 times, it cannot complete/);
+      const ls = await sarde(["list", "-d", p.ocidir, "--vmdir", p.vmdir, "-c", TEST_URI]);
+      assert.match(ls.stdout, new RegExp(`^${name}: lazy pull failed, \\d+ % \\(.*\\): \\S`, "m"));
+      // a plain pull gives the server one more go, then says why, in one line
+      const plain = await sarde(pullArgs(p, ref), { env: retryEnv });
+      assert.notEqual(plain.code, 0);
+      assert.equal(plain.stdout, "");
+      assert.match(plain.stderr, /the lazy pull of .* failed: /);
+      assert.doesNotMatch(plain.stderr, /^\s+at /m);
     } finally {
       await cleanup(name, p, img.imageId);
     }

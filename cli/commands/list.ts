@@ -33,7 +33,11 @@ export function listCommand(program: Command): Command {
           ? [
             `${e.lazy.name}: lazy pull ${e.lazy.phase}, ${
               e.lazy.total ? Math.floor(e.lazy.present / e.lazy.total * 100) : 100
-            } % (${formatBytes(e.lazy.present)} of ${formatBytes(e.lazy.total)})\n`,
+            } % (${formatBytes(e.lazy.present)} of ${formatBytes(e.lazy.total)})${
+              e.lazy.problem === undefined
+                ? ""
+                : `: ${e.lazy.phase === "failed" ? "" : "retrying after "}${e.lazy.problem}`
+            }\n`,
           ]
           : []
       );

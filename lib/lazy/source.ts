@@ -69,6 +69,8 @@ export interface LazyFile extends BlockSource {
   readonly presentBytes: number;
   /** Whether every unit is present: the file is the image's file. */
   readonly complete: boolean;
+  /** Whether unit `i` is present (a restarted download skips decoding it again). */
+  has(i: number): boolean;
   /**
    * Fetches every missing unit, in file order, at most `prefetchConcurrency` at once, and starts
    * none while a read is waiting for a unit (reads go first). Resolves when the file is
@@ -490,6 +492,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     get complete() {
       return present.every((p) => p === 1);
     },
+    has: (i) => present[i] === 1,
     read,
     prefetch,
     fill,

@@ -294,3 +294,26 @@ export async function touch(path: string): Promise<void> {
   const now = new Date();
   await Deno.utime(path, now, now).catch(() => {});
 }
+
+/**
+ * The processes that have `path` open (from `/proc/PID/fd`, which root sees for every process;
+ * others only for their own): a file renamed away while open is still theirs, by descriptor.
+ * Matched by device and inode, so a name the file had when it was opened does not matter.
+ */
+export async function processesHolding(path: string): Promise<number[]> {
+  const { dev, ino } = await Deno.stat(path);
+  const holders: number[] = [];
+  for await (const p of Deno.readDir("/proc")) {
+    if (!/^\d+$/.test(p.name)) continue;
+    try {
+      for await (const fd of Deno.readDir(`/proc/${p.name}/fd`)) {
+        const s = await Deno.stat(`/proc/${p.name}/fd/${fd.name}`).catch(() => undefined);
+        if (s?.dev === dev && s.ino === ino) {
+          holders.push(Number(p.name));
+          break;
+        }
+      }
+    } catch { /* gone, or not ours to see */ }
+  }
+  return holders;
+}

@@ -34,6 +34,7 @@ import {
   decodeZstdUnit,
   type LazyFile,
   nbdBackingStoreXml,
+  nbdReconnectDelay,
   type NbdServer,
   openFileSource,
   openLazyFile,
@@ -59,10 +60,12 @@ import {
   exists,
   type FileLock,
   lockFile,
+  processesHolding,
   tryLockFile,
   writeFileAtomic,
 } from "../util/fsutil.ts";
-import { debug, info, warn } from "../util/log.ts";
+import { debug, error, info, warn } from "../util/log.ts";
+import { type RetryPolicy, startRetries } from "../util/retry.ts";
 import { forEachConcurrent } from "../util/pool.ts";
 import {
   childElement,
@@ -82,7 +85,14 @@ import {
   lazyPartialName,
   vmLockPath,
 } from "./import.ts";
-import { checkVmName, defineXml, domainExists, domainState, domainUuid } from "./libvirt.ts";
+import {
+  checkVmName,
+  defineXml,
+  domainExists,
+  domainState,
+  domainUuid,
+  libvirtVersion,
+} from "./libvirt.ts";
 import { rebaseUnsafe } from "./qemu.ts";
 import { runQemuImgOk } from "../util/qemu_img.ts";
 
@@ -101,7 +111,7 @@ export interface LazyPullSpec {
 }
 
 /** Where a session is in its life. */
-export type LazyPhase = "serving" | "committed" | "done";
+export type LazyPhase = "serving" | "committed" | "done" | "failed";
 
 /** `state.json` of a session: what `sarde list` and waiting pulls read. */
 export interface LazyState {
@@ -118,8 +128,11 @@ export interface LazyState {
   /** The NBD socket. */
   socket: string;
   /** `serving`: the VM is defined on NBD; `committed`: files are in the VM folder (the VM still
-   * runs on its overlays); `done`: the VM is defined on its local files. */
+   * runs on its overlays); `done`: the VM is defined on its local files; `failed`: the download
+   * gave up (`problem` says why), the VM is served what is local while it runs. */
   phase: LazyPhase;
+  /** Why the background download is being tried again (`serving`), or why it gave up. */
+  problem?: string;
   /** Each file's present and total bytes. */
   files: { name: string; present: number; total: number }[];
 }
@@ -174,6 +187,9 @@ async function serverAlive(dir: string): Promise<boolean> {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Whether process `pid` exists (a server that wrote a state may have died since). */
+const processAlive = (pid: number) => exists(`/proc/${pid}`);
 
 /**
  * How to run this program again: the executable itself when compiled; else `deno run` of the
@@ -260,29 +276,80 @@ export async function startLazyPull(
 export async function waitForLazySession(imageId: string, spec: LazyPullSpec): Promise<void> {
   const dir = lazyStateDir(spec.import.vmdir, imageId);
   let announced = false;
+  let restarted = false;
   for (;;) {
     const state = await readLazyState(dir);
-    if (!state || state.phase !== "serving") return;
+    if (!state || (state.phase !== "serving" && state.phase !== "failed")) return;
     if (!announced) {
       info(`waiting for the lazy pull of ${state.reference} (VM ${state.name}) to complete`);
       announced = true;
     }
-    if (!await serverAlive(dir)) {
+    const alive = await serverAlive(dir);
+    // A server that gave up and exited is given one more go, once; one that still serves the VM
+    // has the last word (a new server, still starting, has not written its state yet).
+    if (state.phase === "failed" && (restarted || await processAlive(state.pid))) {
+      throw lazyFailure(state, dir);
+    }
+    if (!alive) {
       info("its server is gone: starting it again");
       await startLazyPull({ ...spec, import: { ...spec.import, name: state.name } });
+      restarted = true;
     }
     await sleep(500);
   }
 }
 
+/** The error of a session whose download gave up. */
+function lazyFailure(state: LazyState, dir: string): SardeError {
+  return fail(
+    "external",
+    `the lazy pull of ${state.reference} (VM ${state.name}) failed: ${state.problem}`,
+    `its log: ${join(dir, "server.log")}; pull again once the registry serves the image ` +
+      "(after the VM stopped, if it runs)",
+  );
+}
+
 /** Finds the session of `target` by its reference (the image ID is not known before a fetch). */
 export async function lazySessionOf(vmdir: string, target: string): Promise<LazyState | undefined> {
-  return (await lazySessions(vmdir)).find((s) => s.reference === target && s.phase === "serving");
+  return (await lazySessions(vmdir)).find((s) =>
+    s.reference === target && (s.phase === "serving" || s.phase === "failed")
+  );
 }
 
 /** How long the server stays once done while no NBD client is connected (read when needed: a
  * library user's program may have no env permission). */
 const idleMs = () => Number(Deno.env.get("SARDE_LAZY_IDLE_MS") ?? 30_000);
+
+/**
+ * How often the background download is started again after it failed (a blob the registry
+ * served corrupt, a registry down for longer than one fetch retries): 6 attempts, 5 s after the
+ * first failure, doubling up to 60 s (±20 %), about 2¼ min of waiting in all; then the image is
+ * taken to be unable to complete. `SARDE_LAZY_RETRY_MS` sets the first delay (tests).
+ */
+function completionRetryPolicy(): RetryPolicy {
+  const base = Number(Deno.env.get("SARDE_LAZY_RETRY_MS") ?? "");
+  return {
+    attempts: 6,
+    baseDelayMs: Number.isFinite(base) && base > 0 ? base : 5_000,
+    maxDelayMs: 60_000,
+    maxElapsedMs: Infinity,
+  };
+}
+
+/** One run of the background download: the fetch, and the image once its manifest is known. */
+interface BackgroundFetch {
+  done: Promise<unknown>;
+  image: Promise<FetchingImage>;
+}
+
+/** Resolves once `server` has had no client for {@link idleMs}. */
+async function untilIdle(server: NbdServer): Promise<void> {
+  let idleSince = Date.now();
+  while (Date.now() - idleSince < idleMs()) {
+    if (server.clients > 0) idleSince = Date.now();
+    await sleep(500);
+  }
+}
 
 /** A disk of the VM while lazy: its overlay and the image files of its backing chain. */
 interface LazyDisk {
@@ -361,18 +428,23 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
 
     // The name is ours until the files are committed: imports and prune of it wait.
     let nameLock: FileLock | undefined = await lockFile(vmLockPath(vmdir, name));
-    const gotImage = Promise.withResolvers<FetchingImage>();
-    gotImage.promise.catch(() => {});
-    // The policy is checked inside fetchImage before onManifest: an image it refuses is never
-    // defined nor served.
-    const fetching = fetchImage(source, {
-      ...spec.fetch,
-      verify: trustVerifier(spec.trust ?? {}),
-      target,
-      onManifest: (image) => gotImage.resolve(image),
-    });
-    fetching.catch((err) => gotImage.reject(err));
-    const image = await gotImage.promise;
+    /** A fetch of the whole image into the store, as a plain pull does; again after a failure. */
+    const startFetch = (): BackgroundFetch => {
+      const got = Promise.withResolvers<FetchingImage>();
+      got.promise.catch(() => {});
+      // The policy is checked inside fetchImage before onManifest: an image it refuses is never
+      // defined nor served.
+      const done = fetchImage(source, {
+        ...spec.fetch,
+        verify: trustVerifier(spec.trust ?? {}),
+        target,
+        onManifest: (image) => got.resolve(image),
+      });
+      done.catch((err) => got.reject(err));
+      return { done, image: got.promise };
+    };
+    const firstFetch = startFetch();
+    const image = await firstFetch.image;
     if (image.descriptor.digest !== fetched.digest) {
       throw fail("usage", `${what} changed while the lazy pull started`, "run it again");
     }
@@ -409,6 +481,8 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     let server: NbdServer | undefined;
     const socket = join(dir, "nbd", "nbd.sock");
     let phase: LazyPhase = committedBefore ? "committed" : "serving";
+    /** Why the background download is being retried, or why it gave up. */
+    let problem: string | undefined;
     const writeState = () => {
       const state: LazyState = {
         pid: Deno.pid,
@@ -423,6 +497,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           present: phase === "serving" ? lazy.get(f.name)?.presentBytes ?? 0 : f.size ?? 0,
           total: f.size ?? 0,
         })),
+        ...problem === undefined ? {} : { problem },
       };
       return writeFileAtomic(join(dir, "state.json"), JSON.stringify(state, null, 2) + "\n");
     };
@@ -472,7 +547,9 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
         domainType: spec.import.domainType,
       };
       prepareImportedDomain(doc, domainOptions);
-      const disks = await lazyDisks(doc, files, sources, dir, socket);
+      // Once per server: libvirt before 9.2 refuses <reconnect> (docs/lazy-pull.md, "Reconnect").
+      const reconnectDelay = nbdReconnectDelay((await libvirtVersion(connect)).number);
+      const disks = await lazyDisks(doc, files, sources, dir, socket, reconnectDelay);
       // Boot files (kernel, initrd, NVRAM) are read by libvirt and QEMU as local files: whole.
       for (const f of files) {
         if (!disks.some((d) => chainOf(d.file, files).includes(f))) {
@@ -486,13 +563,47 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       info(`serving ${what} lazily as VM ${name} on ${socket}`);
       tell({ name, imageId });
 
-      // Background completion: the normal fetch, each chunk written into the files as it lands.
-      const filling = fillFromStore(image, files, unitsOf, lazy, pool);
-      filling.catch(() => {});
-      await fetching;
-      await filling;
-      for (const lf of lazy.values()) {
-        if (!lf.complete) await lf.prefetch(); // units the store's copy could not give
+      // Background completion: the normal fetch, each chunk written into the files as it lands;
+      // started again after a failure while demand reads go on (docs/lazy-pull.md, "Trouble").
+      const retries = startRetries(completionRetryPolicy());
+      for (let fetch = firstFetch;;) {
+        const filling = fetch.image.then((image) =>
+          fillFromStore(image, files, unitsOf, lazy, pool)
+        );
+        try {
+          await fetch.done;
+          await filling;
+          for (const lf of lazy.values()) {
+            if (!lf.complete) await lf.prefetch(); // units the store's copy could not give
+          }
+          if (problem !== undefined) info(`the download of ${what} is complete after all`);
+          problem = undefined;
+          break;
+        } catch (err) {
+          await filling.catch(() => {});
+          problem = describeError(err);
+          const delay = retries.next();
+          if (delay === undefined) {
+            phase = "failed";
+            await writeState();
+            error(
+              `the download of ${what} failed ${retries.attempt} times, it cannot complete: ` +
+                `${problem}; VM ${name} is served what is local until it stops`,
+            );
+            nameLock.release();
+            nameLock = undefined;
+            await untilIdle(server);
+            throw err;
+          }
+          await writeState();
+          warn(
+            `the download of ${what} failed: ${problem}; trying again in ${
+              (delay / 1000).toFixed(1)
+            } s`,
+          );
+          await sleep(delay);
+          fetch = startFetch();
+        }
       }
       if (!committedBefore) {
         await finishFiles(partial, files, files);
@@ -507,27 +618,22 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
         await writeState();
         info(`${what} is complete: the files of VM ${name} are in ${vmFolder}`);
       }
-      nameLock.release();
+      nameLock?.release();
       nameLock = undefined;
 
       // The VM leaves its overlays only when it does not run: poll until then.
       for (;;) {
         const state = await domainState(name, connect);
         if (state === "missing") break;
-        if (state !== "running" && state !== "paused" && state !== "shutting-down") {
-          await finalize(name, xml, domainOptions, vmFolder, disks, connect);
-          break;
-        }
+        if (
+          !isActive(state) && await finalize(name, xml, domainOptions, vmFolder, disks, connect)
+        ) break;
         await sleep(2000);
       }
       phase = "done";
       await writeState();
       for (const d of disks) await Deno.remove(d.overlay).catch(() => {});
-      let idleSince = Date.now();
-      while (Date.now() - idleSince < idleMs()) {
-        if (server.clients > 0) idleSince = Date.now();
-        await sleep(500);
-      }
+      await untilIdle(server);
       info(`VM ${name} is a normal import now; the lazy server exits`);
       await server.close();
       for (const src of sources.values()) await src.close();
@@ -549,7 +655,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
 async function attach(dir: string, name: string, tell: (line: ReadyLine) => void): Promise<void> {
   for (let i = 0;; i++) {
     const state = await readLazyState(dir);
-    if (state && state.pid !== Deno.pid) {
+    // A dead server's failure: the server holding the lock now has not written its state yet.
+    const stale = state?.phase === "failed" && !await processAlive(state.pid);
+    if (state && state.pid !== Deno.pid && !stale) {
+      if (state.phase === "failed") throw lazyFailure(state, dir);
       if (state.name !== name) {
         throw fail(
           "usage",
@@ -600,6 +709,7 @@ async function lazyDisks(
   sources: Map<string, BlockSource>,
   dir: string,
   socket: string,
+  reconnectDelay: number | undefined,
 ): Promise<LazyDisk[]> {
   const out: LazyDisk[] = [];
   await Deno.mkdir(join(dir, "overlays"), { recursive: true, mode: 0o755 });
@@ -612,8 +722,13 @@ async function lazyDisks(
       socketPath: socket,
       exportName: f.name,
       format: i === 0 ? format : chain[i - 1].backingFormat ?? "qcow2",
+      reconnectDelay,
     }));
     const overlay = join(dir, "overlays", `${name}.qcow2`);
+    // Taken away by a finalize that did not finish: what the guest wrote, to be committed again.
+    if (!await exists(overlay) && await exists(committingPath(overlay))) {
+      await Deno.rename(committingPath(overlay), overlay);
+    }
     if (!await exists(overlay)) {
       const size = await virtualSize(sources.get(name)!, format);
       const tmp = `${overlay}.tmp`;
@@ -668,6 +783,7 @@ async function fillFromStore(
       let blob: Uint8Array | undefined;
       for (let i = start; i < u; i++) {
         const unit = units[i];
+        if (lf.has(i)) continue;
         blob ??= await Deno.readFile(blobPath(image.layout, layer.digest));
         try {
           const bytes = unit.range
@@ -686,10 +802,28 @@ async function fillFromStore(
   }
 }
 
+/** Whether a VM in `state` has (or is about to have) QEMU running on its disks. */
+const isActive = (state: string) =>
+  state === "running" || state === "paused" || state === "shutting-down";
+
+/** Where {@link finalize} puts an overlay while it commits it: a name no VM definition uses. */
+const committingPath = (overlay: string) => `${overlay}.committing`;
+
 /**
  * The end of a lazy pull for a VM that does not run: what the guest wrote into the overlays goes
  * into the VM's files (`qemu-img commit`), as if it had run on them all along, and the VM is
- * defined on its local files like any imported VM.
+ * defined on its local files like any imported VM. Returns false, having changed nothing, when
+ * the VM turned out to run after all (the caller polls again).
+ *
+ * The VM may be started at any moment (`virsh start`, a job): committing an overlay QEMU has
+ * open would corrupt both. So the overlays are first renamed to a name the VM's definition does
+ * not have: from then on a start fails (libvirt cannot find the disk) instead of running on
+ * files being committed. Then the VM is checked again, by libvirt's state (set before QEMU is
+ * launched) and by the open files (QEMU keeps its descriptors across the rename): a VM that
+ * started between the caller's poll and the rename still has its overlays, given back at once.
+ * A server killed in between finds the renamed overlays on its next start
+ * ({@link lazyDisks}) and commits them again: a commit of the same overlay into the same file
+ * can be repeated.
  */
 async function finalize(
   name: string,
@@ -698,15 +832,26 @@ async function finalize(
   vmFolder: string,
   disks: LazyDisk[],
   connect: { connect?: string },
-): Promise<void> {
-  for (const d of disks) {
-    if (!await exists(d.overlay)) continue;
-    await rebaseUnsafe(d.overlay, join(vmFolder, d.file), d.format);
-    await runQemuImgOk("commit", ["commit", "-q", "-f", "qcow2", d.overlay]);
+): Promise<boolean> {
+  const aside: LazyDisk[] = [];
+  for (const d of disks) if (await exists(d.overlay)) aside.push(d);
+  for (const d of aside) await Deno.rename(d.overlay, committingPath(d.overlay));
+  const held = await Promise.all(aside.map((d) => processesHolding(committingPath(d.overlay))));
+  if (isActive(await domainState(name, connect)) || held.some((pids) => pids.length > 0)) {
+    for (const d of aside) await Deno.rename(committingPath(d.overlay), d.overlay);
+    debug(`VM ${name} started while its overlays were to be committed: later`);
+    return false;
+  }
+  for (const d of aside) {
+    const overlay = committingPath(d.overlay);
+    await rebaseUnsafe(overlay, join(vmFolder, d.file), d.format);
+    await runQemuImgOk("commit", ["commit", "-q", "-f", "qcow2", overlay]);
+    await Deno.remove(overlay);
   }
   const doc = parseDomainXml(xml, `domain XML of ${name}`);
   prepareImportedDomain(doc, { ...domainOptions, vmFolder });
   await redefine(doc, name, connect);
+  return true;
 }
 
 /**

@@ -706,6 +706,12 @@ export interface ThrottleOptions {
    * zstd frame): corrupt data for a lazy reader, while whole downloads stay intact.
    */
   corruptFirstFrames?: string[];
+  /**
+   * While `active()` says so (asked as each request starts), flip bytes in every GET of these
+   * blobs that starts at the blob's first byte, whole downloads and first-frame reads alike: a
+   * registry or cache serving a bad blob for a while. Frame tables (at a blob's end) stay intact.
+   */
+  corruptBlobs?: { digests: string[]; active(): boolean };
 }
 
 /** A {@link RunningProxy} that paces blob downloads and counts their bytes. */
@@ -732,8 +738,11 @@ export async function startThrottledProxy(
       if (!isBlobGet(req)) return body;
       const ranged = req.headers.has("range");
       const digest = new URL(req.url).pathname.split("/").pop() ?? "";
-      const flip = ranged && /^bytes=0-/.test(req.headers.get("range")!) &&
-        (options.corruptFirstFrames?.includes(digest) ?? false);
+      const fromStart = !ranged || /^bytes=0-/.test(req.headers.get("range")!);
+      const flip =
+        (ranged && fromStart && (options.corruptFirstFrames?.includes(digest) ?? false)) ||
+        (fromStart && (options.corruptBlobs?.digests.includes(digest) ?? false) &&
+          options.corruptBlobs!.active());
       const start = performance.now();
       let sent = 0;
       const paced = body.pipeThrough(
