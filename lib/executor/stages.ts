@@ -61,9 +61,10 @@ import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 import { loadRegistriesConf, resolvePullSources } from "../registry/registries_conf.ts";
 import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
 import { freePort } from "../util/net.ts";
-import { pullImage } from "../vm/pull.ts";
+import { pullImage, pullLazily } from "../vm/pull.ts";
+import { lazyManifest, lazySessionOf, readLazyState } from "../vm/lazy_pull.ts";
 import type { FetchingImage } from "../transfer/transfer.ts";
-import { parseReference } from "../oci/reference.ts";
+import { formatLocalName, parseReference } from "../oci/reference.ts";
 import { defaultRetryPolicy, sleep } from "../util/retry.ts";
 import { sshRun, type SshTarget, waitForSsh } from "./ssh.ts";
 import { defaultOcidir, readLocalManifest } from "../oci/store.ts";
@@ -123,6 +124,8 @@ export interface JobSettings {
   maxSize: VmSize;
   /** `cache-budget`: bytes cached images and imported VMs may take; unset: no limit. */
   cacheBudgetBytes?: number;
+  /** `lazy-pull`: boot job VMs of an image not imported yet while it downloads. */
+  lazyPull: boolean;
 }
 
 /** What prepare leaves for run, cleanup and the reaper in the job VM's folder. */
@@ -138,6 +141,11 @@ interface JobState {
   port?: number;
   user?: string;
   createdAt: number;
+  /**
+   * The job VM reads its image over NBD from this lazy session (lib/vm/lazy_pull.ts), which had
+   * failed this many demand reads when the VM started.
+   */
+  lazy?: { session: string; failedReads: number };
 }
 
 const MAX_JOB_AGE_MS = 24 * 3600_000;
@@ -323,6 +331,7 @@ function iniSettings(ini: Record<string, string>): Omit<JobSettings, "jobId" | "
     size: { vcpus: vcpusValue(ini, "vcpus"), memoryBytes: memoryValue(ini, "memory") },
     maxSize: { vcpus: vcpusValue(ini, "max-vcpus"), memoryBytes: memoryValue(ini, "max-memory") },
     cacheBudgetBytes: sizeValue(ini, "cache-budget", 0),
+    lazyPull: getBoolean(ini, "lazy-pull") ?? false,
   };
 }
 
@@ -539,7 +548,9 @@ async function credentials(
 ): Promise<{ user: string; password?: string; port: number }> {
   let config: Record<string, unknown> | undefined;
   try {
-    config = await getVmConfig(s.ocidir, parseReference(image));
+    const ref = parseReference(image);
+    // While a lazy pull serves it, the store has its blobs but not yet its manifest.
+    config = await getVmConfig(s.ocidir, ref, await lazyManifest(s.vmdir, formatLocalName(ref)));
   } catch (err) {
     warn(`cannot read the VM config of ${image}: ${describeError(err)}`);
   }
@@ -718,19 +729,21 @@ async function baseVm(
     );
   }
   const importOptions = { ...s.libvirt, vmdir: s.vmdir, domainType: s.domainType };
-  if (local && policy !== "always") {
+  // A lazy pull of the image still downloading: this job joins it rather than wait for it.
+  const joinLazy = s.lazyPull && await lazySessionOf(s.vmdir, formatLocalName(ref)) !== undefined;
+  if (local && policy !== "always" && !joinLazy) {
     // Its VM may have gone for the budget while the image stayed: the import writes the disks.
     await using _claim = await keepToBudget(s, image, local);
     return (await importVm(image, { ...importOptions, ocidir: s.ocidir, signal })).name;
   }
-  info(`pulling ${image} (pull policy ${policy})`);
+  info(`pulling ${image}${s.lazyPull ? " lazily" : ""} (pull policy ${policy})`);
   // The pull waits at most `timeout` for the registry: for each answer, and retrying in all. A
   // download that keeps moving is not cut, however long it takes (the timeout is per piece).
   let found = false;
   // Released when the pull ends: its files then count as what they are.
   let claim: Reservation | undefined;
   try {
-    const pulled = await pullImage(ref, {
+    const pulled = await (s.lazyPull ? pullLazily : pullImage)(ref, {
       fetch: {
         ...await transportFor(ref.registry, {
           insecure: s.insecure,
@@ -864,7 +877,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
   const tPull = Date.now();
 
   const hostPort = s.network === "user" ? freePort() : creds.port;
-  await cloneVm(base, vm, {
+  const clone = await cloneVm(base, vm, {
     ...s.libvirt,
     ocidir: s.ocidir,
     vmdir: s.vmdir,
@@ -884,6 +897,9 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     tmpDir: await Deno.realPath(await jobTmpDir(env)),
     runner: await runnerProcess(),
     createdAt: Date.now(),
+    lazy: clone.lazySession
+      ? { session: clone.lazySession, failedReads: await failedReads(clone.lazySession) }
+      : undefined,
   };
   await writeState(jobDir, state);
   const tClone = Date.now();
@@ -924,6 +940,11 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
       throw fail("external", `prepare-script ${s.prepareScript} failed with exit code ${r.code}`);
     }
   }
+}
+
+/** How many demand reads the lazy session in `dir` could not serve so far. */
+async function failedReads(dir: string): Promise<number> {
+  return (await readLazyState(dir))?.failedReads?.count ?? 0;
 }
 
 async function findAddress(s: JobSettings, vm: string, signal?: AbortSignal): Promise<string> {
@@ -980,6 +1001,18 @@ export async function runStage(
     onSpawn: hooks.onSpawn,
   });
   if (r.code === 0) return { kind: "ok" };
+  // The guest got I/O errors for reads of its image the lazy pull could not serve: the job
+  // failed for the runner's reasons, and a retry on a healthy registry may pass.
+  const failed = state.lazy ? await failedReads(state.lazy.session) - state.lazy.failedReads : 0;
+  if (failed > 0) {
+    const last = (await readLazyState(state.lazy!.session))?.failedReads?.last;
+    return {
+      kind: "system",
+      message: `${stage} failed (exit ${r.code}) after ${failed} read(s) of the image could not ` +
+        `be served by its lazy pull${last ? ` (last: ${last})` : ""}; see ` +
+        join(state.lazy!.session, "server.log"),
+    };
+  }
   // 255 is ssh's own failure, 1–6 may be sshpass's (5: password refused, 6: host key changed);
   // a script can exit with those too, so ask the guest whether it still lets us in.
   if (r.code === 255 || (t.password !== undefined && r.code <= 6)) {

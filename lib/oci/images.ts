@@ -5,9 +5,9 @@
  */
 
 import { fail, SardeError } from "../util/errors.ts";
-import { descriptorTag, readBlob, readIndex, useLayout } from "./layout.ts";
+import { descriptorTag, openLayout, readBlob, readIndex, useLayout } from "./layout.ts";
 import { warn } from "../util/log.ts";
-import { isIndexMediaType, MediaType, parseManifest } from "./types.ts";
+import { isIndexMediaType, type Manifest, MediaType, parseManifest } from "./types.ts";
 import { formatLocalName, type Reference } from "./reference.ts";
 import { findLayouts, layoutDir, readLocalManifest } from "./store.ts";
 
@@ -111,9 +111,14 @@ export function formatImageTable(entries: ImageEntry[]): string {
 export async function getVmConfig(
   ocidir: string,
   ref: Reference,
+  manifest?: Manifest,
 ): Promise<Record<string, unknown> | undefined> {
   using _use = await useLayout({ dir: layoutDir(ocidir, ref) }, formatLocalName(ref));
-  const { layout, manifest } = await readLocalManifest(ocidir, ref);
+  const local = manifest
+    ? { layout: await openLayout(layoutDir(ocidir, ref), { what: formatLocalName(ref) }), manifest }
+    : await readLocalManifest(ocidir, ref);
+  const { layout } = local;
+  manifest = local.manifest;
   if (manifest.config.mediaType !== MediaType.ociConfig) {
     throw fail(
       "usage",

@@ -540,6 +540,7 @@ export const EXECUTOR_KEYS: readonly string[] = [
   "max-vcpus",
   "max-memory",
   "cache-budget",
+  "lazy-pull",
 ];
 
 /** The sections and keys a program's INI files may contain (see {@link checkIni}). */

@@ -12,6 +12,7 @@ import {
   childElement,
   childElements,
   type DomainDoc,
+  type FileDisk,
   fileDisks,
   parseDomainXml,
   removeElement,
@@ -35,6 +36,7 @@ import {
 } from "./libvirt.ts";
 import { debug } from "../util/log.ts";
 import { createOverlay } from "./qemu.ts";
+import { createNbdOverlay, holdLazySession } from "./lazy_pull.ts";
 
 /** Marker file of a clone folder (what it was cloned from). */
 export const CLONE_MARKER = ".sarde-clone.json";
@@ -61,6 +63,8 @@ export interface CloneResult {
   folder: string;
   /** The base VM it was cloned from. */
   base: string;
+  /** The lazy session serving the base (its folder), when the clone reads the image over NBD. */
+  lazySession?: string;
 }
 
 /**
@@ -88,9 +92,14 @@ export async function cloneVm(
   } else {
     await touch(join(options.vmdir, base, IMPORT_MARKER));
   }
+  // A base a lazy pull serves: its server holds the base's name lock until the files are
+  // complete, and stays (keeping the base from prune) while the clone's hold counts.
+  const lazy = await holdLazySession(options.vmdir, base, target);
   // Held until the clone's domain exists: a prune (cache-budget of another job) takes this lock
   // exclusively before it removes an imported VM, and then sees the clone among its users.
-  using _baseLock = await lockFile(vmLockPath(options.vmdir, base), { shared: true });
+  using _baseLock = lazy ? undefined : await lockFile(vmLockPath(options.vmdir, base), {
+    shared: true,
+  });
   if (!await domainExists(base, options)) {
     throw fail("not-found", `the VM ${base} was removed while it was being cloned`, "try again");
   }
@@ -117,6 +126,9 @@ export async function cloneVm(
     `domain XML of ${base}`,
   );
   await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
+  let onNbd = false;
+  /** Disks on NBD and their chain, which anonymizing would drop with the other backingStores. */
+  const nbdChains: [FileDisk, FileDisk["element"][]][] = [];
   try {
     await writeFileAtomic(
       join(folder, CLONE_MARKER),
@@ -133,7 +145,10 @@ export async function cloneVm(
       const readonly = childElement(disk.element, "readonly") !== undefined;
       if (disk.device === "cdrom" || disk.device === "floppy" || readonly) continue;
       const overlay = join(folder, unique(basename(disk.path)));
-      await createOverlay(overlay, disk.path, disk.format ?? "qcow2");
+      // On the image's files over NBD, not on the lazy base's own overlay (lazy_pull.ts).
+      const nbd = lazy !== undefined && await createNbdOverlay(overlay, disk);
+      onNbd ||= nbd;
+      if (!nbd) await createOverlay(overlay, disk.path, disk.format ?? "qcow2");
       disk.source.setAttribute("file", overlay);
       let driver = childElement(disk.element, "driver");
       if (!driver) {
@@ -142,8 +157,13 @@ export async function cloneVm(
         disk.element.insertBefore(driver, disk.element.firstChild);
       }
       driver.setAttribute("type", "qcow2");
+      if (nbd) {
+        nbdChains.push([disk, childElements(disk.element, "backingStore")]);
+        continue;
+      }
       for (const bs of childElements(disk.element, "backingStore")) removeElement(bs);
     }
+    if (!onNbd) await lazy?.release(); // the base went onto its local files meanwhile
     for (const bf of bootFiles(doc)) {
       if (bf.kind !== "nvram") continue;
       const copy = join(folder, unique(basename(bf.path)));
@@ -164,6 +184,9 @@ export async function cloneVm(
       }
     }
     anonymizeDomain(doc);
+    for (const [disk, chain] of nbdChains) {
+      for (const bs of chain) disk.element.insertBefore(bs, disk.source.nextSibling);
+    }
     setDomainName(doc, target);
     if (options.domainType) setDomainType(doc, options.domainType);
     options.editXml?.(doc);
@@ -181,7 +204,14 @@ export async function cloneVm(
     }
   } catch (err) {
     await Deno.remove(folder, { recursive: true }).catch(() => {});
+    await lazy?.release();
     throw err;
   }
-  return { name: target, uuid: await domainUuid(target, options), folder, base };
+  return {
+    name: target,
+    uuid: await domainUuid(target, options),
+    folder,
+    base,
+    lazySession: onNbd ? lazy?.dir : undefined,
+  };
 }

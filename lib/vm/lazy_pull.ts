@@ -17,7 +17,7 @@
  * @module
  */
 
-import { basename, join } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { DOMParser } from "@xmldom/xmldom";
 import { createCodecPool } from "../image/codec_worker.ts";
 import { type Frame, frameTableLocation, frameUnits, parseFrameTable } from "../image/frames.ts";
@@ -27,6 +27,7 @@ import {
   type FileUnit,
   hasZstdLayers,
   type ImageFile,
+  vmConfigLayer,
 } from "../image/format.ts";
 import { decodeFrame } from "../image/zstd.ts";
 import {
@@ -46,7 +47,7 @@ import {
 import { digestHex } from "../oci/digest.ts";
 import { blobPath, readBlob } from "../oci/layout.ts";
 import { formatLocalName, manifestSelector, parseReference } from "../oci/reference.ts";
-import { isIndexMediaType, parseManifest } from "../oci/types.ts";
+import { isIndexMediaType, type Manifest, parseManifest } from "../oci/types.ts";
 import {
   fetchImage,
   type FetchingImage,
@@ -71,6 +72,7 @@ import {
   childElement,
   childElements,
   type DomainDoc,
+  type FileDisk,
   fileDisks,
   parseDomainXml,
   prepareImportedDomain,
@@ -93,7 +95,7 @@ import {
   domainUuid,
   libvirtVersion,
 } from "./libvirt.ts";
-import { rebaseUnsafe } from "./qemu.ts";
+import { info as qemuInfo, rebaseUnsafe } from "./qemu.ts";
 import { runQemuImgOk } from "../util/qemu_img.ts";
 
 /** What a lazy server is asked to do: a pull's options, as JSON on its command line. */
@@ -135,6 +137,8 @@ export interface LazyState {
   problem?: string;
   /** Each file's present and total bytes. */
   files: { name: string; present: number; total: number }[];
+  /** Demand reads that could not be served (the guest got an I/O error), and the last reason. */
+  failedReads?: { count: number; last?: string };
 }
 
 /** What the server says on its stdout, once. */
@@ -173,6 +177,18 @@ export async function lazySessions(vmdir: string): Promise<LazyState[]> {
       if (s) out.push(s);
     }
   } catch { /* no sessions */ }
+  return out;
+}
+
+/**
+ * The sessions of `vmdir` whose server is alive: their image, VM and files are in use (job VMs
+ * read them over NBD) and must stay, whatever a prune or a disk budget wants.
+ */
+export async function liveLazySessions(vmdir: string): Promise<LazyState[]> {
+  const out: LazyState[] = [];
+  for (const s of await lazySessions(vmdir)) {
+    if (await serverAlive(lazyStateDir(vmdir, s.imageId))) out.push(s);
+  }
   return out;
 }
 
@@ -225,8 +241,12 @@ export async function startLazyPull(
   await ensureDir(lazyRoot(vmdir), "the lazy pull folder", "choose another one with --vmdir");
   const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
   const log = join(lazyRoot(vmdir), `server-${Deno.pid}-${rand}.log`);
-  const cmd = [...await serverCommand(), "lazy-serve", JSON.stringify(spec)];
+  const cmd = [...await serverCommand(), "lazy-serve", JSON.stringify(absoluteSpec(spec))];
+  // In "/", with temp files in the sessions' folder: the caller's folders may go before the
+  // server does (a CI job's TMPDIR), and with them every later spawn ("not found").
   const child = new Deno.Command("setsid", {
+    cwd: "/",
+    env: { TMPDIR: lazyRoot(vmdir) },
     args: ["-f", "sh", "-c", 'log=$1; shift; exec "$@" </dev/null 2>>"$log"', "sh", log, ...cmd],
     stdin: "null",
     stdout: "piped",
@@ -266,6 +286,24 @@ export async function startLazyPull(
   // leaves its own here.
   await Deno.remove(log).catch(() => {});
   return ready;
+}
+
+/** `spec` with its file and folder names absolute (the server runs in `/`). */
+function absoluteSpec(spec: LazyPullSpec): LazyPullSpec {
+  const abs = <T extends object>(o: T, keys: string[]): T =>
+    Object.fromEntries(
+      Object.entries(o).map((
+        [k, v],
+      ) => [k, keys.includes(k) && typeof v === "string" ? resolve(v) : v]),
+    ) as T;
+  const fetch = abs(spec.fetch, ["ocidir", "authfile", "registriesConf"]);
+  if (spec.fetch.tls) fetch.tls = abs(spec.fetch.tls, ["certDir", "caFile"]);
+  return {
+    ...spec,
+    fetch,
+    import: abs(spec.import, ["vmdir"]),
+    trust: spec.trust && abs(spec.trust, ["policy", "registriesD"]),
+  };
 }
 
 /**
@@ -309,6 +347,18 @@ function lazyFailure(state: LazyState, dir: string): SardeError {
   );
 }
 
+/**
+ * The manifest of the image a lazy pull of `target` serves while its store does not list it yet
+ * (its fetch records it last), or `undefined` when no lazy pull of it is serving.
+ */
+export async function lazyManifest(vmdir: string, target: string): Promise<Manifest | undefined> {
+  const session = await lazySessionOf(vmdir, target);
+  if (!session) return undefined;
+  const file = join(lazyStateDir(vmdir, session.imageId), "manifest.json");
+  const bytes = await Deno.readFile(file).catch(() => undefined);
+  return bytes && parseManifest(bytes, `manifest of ${target}`);
+}
+
 /** Finds the session of `target` by its reference (the image ID is not known before a fetch). */
 export async function lazySessionOf(vmdir: string, target: string): Promise<LazyState | undefined> {
   return (await lazySessions(vmdir)).find((s) =>
@@ -342,12 +392,23 @@ interface BackgroundFetch {
   image: Promise<FetchingImage>;
 }
 
-/** Resolves once `server` has had no client for {@link idleMs}. */
-async function untilIdle(server: NbdServer): Promise<void> {
-  let idleSince = Date.now();
-  while (Date.now() - idleSince < idleMs()) {
+/**
+ * Resolves once `server` has had no client for {@link idleMs} and no hold of the session in `dir`
+ * counts (job VMs defined on its socket may start later), holding the holds lock: no clone takes
+ * a hold until the caller releases it.
+ */
+async function untilIdle(
+  server: NbdServer,
+  dir: string,
+  connect: { connect?: string },
+): Promise<FileLock> {
+  for (let idleSince = Date.now();; await sleep(500)) {
     if (server.clients > 0) idleSince = Date.now();
-    await sleep(500);
+    if (Date.now() - idleSince < idleMs()) continue;
+    const holds = await lockFile(join(dir, HOLDS_LOCK));
+    if (!await liveHolds(dir, connect)) return holds;
+    holds.release();
+    idleSince = Date.now();
   }
 }
 
@@ -455,6 +516,11 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     }
     const xmlDigest = domainLayer(manifest, what).digest;
     await image.blobReady(xmlDigest);
+    // The VM config (SSH users) is read from the store before the manifest is in its index: the
+    // executor's prepare finds the manifest here ({@link lazyManifest}) and the config's blob.
+    const configLayer = vmConfigLayer(manifest);
+    if (configLayer) await image.blobReady(configLayer.digest);
+    await writeFileAtomic(join(dir, "manifest.json"), fetched.bytes);
     const xml = new TextDecoder().decode(await readBlob(image.layout, xmlDigest, 4 << 20));
     const partial = join(vmdir, lazyPartialName(name));
 
@@ -483,6 +549,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     let phase: LazyPhase = committedBefore ? "committed" : "serving";
     /** Why the background download is being retried, or why it gave up. */
     let problem: string | undefined;
+    const failedReads = { count: 0, last: undefined as string | undefined };
     const writeState = () => {
       const state: LazyState = {
         pid: Deno.pid,
@@ -498,6 +565,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           total: f.size ?? 0,
         })),
         ...problem === undefined ? {} : { problem },
+        failedReads,
       };
       return writeFileAtomic(join(dir, "state.json"), JSON.stringify(state, null, 2) + "\n");
     };
@@ -537,7 +605,16 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           decode,
         });
         lazy.set(f.name, lf);
-        sources.set(f.name, lf);
+        // Recorded at once: a job that fails after an I/O error fails as the runner's fault.
+        sources.set(
+          f.name,
+          countFailures(f.name, lf, (reason) => {
+            failedReads.count++;
+            failedReads.last = reason;
+            warn(`a demand read failed: ${reason}`);
+            writeState().catch(() => {});
+          }),
+        );
       }
       const doc = parseDomainXml(xml, `domain XML of ${what}`);
       const domainOptions = {
@@ -592,7 +669,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
             );
             nameLock.release();
             nameLock = undefined;
-            await untilIdle(server);
+            (await untilIdle(server, dir, connect)).release();
             throw err;
           }
           await writeState();
@@ -633,7 +710,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       phase = "done";
       await writeState();
       for (const d of disks) await Deno.remove(d.overlay).catch(() => {});
-      await untilIdle(server);
+      // Job VMs defined on the socket may start later (no client yet): their holds keep it.
+      using _holds = await untilIdle(server, dir, connect);
+      // Under the lock: a clone finds no session from now on, and takes no hold.
+      await Deno.remove(join(dir, "state.json")).catch(() => {});
       info(`VM ${name} is a normal import now; the lazy server exits`);
       await server.close();
       for (const src of sources.values()) await src.close();
@@ -867,4 +947,119 @@ async function redefine(doc: DomainDoc, name: string, connect: { connect?: strin
     root.insertBefore(uuid, childElement(root, "name")?.nextSibling ?? null);
   }
   await defineXml(serializeDomainXml(doc), connect);
+}
+
+/**
+ * `source` as an NBD export that reports each read it cannot serve (the guest gets an I/O error
+ * for it) to `failed`, with the reason, before the error goes on to the NBD server.
+ */
+function countFailures(
+  name: string,
+  source: BlockSource & { close(): Promise<void> },
+  failed: (reason: string) => void,
+): BlockSource & { close(): Promise<void> } {
+  return {
+    size: source.size,
+    close: () => source.close(),
+    async read(offset, length) {
+      try {
+        return await source.read(offset, length);
+      } catch (err) {
+        failed(`${name} at byte ${offset}: ${describeError(err)}`);
+        throw err;
+      }
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Job VMs on a lazily served base (clones, the executor's jobs)
+//
+// A clone of a VM that a lazy server serves has its own overlays whose backing chain is the
+// image's files over NBD, not the base's overlay: the server commits that one into the files and
+// removes it. QEMU connects to the socket only when the clone starts, which may be any time after
+// it is defined: so a clone writes a hold (`holds/<domain>.json`) into the session before it is
+// defined, and the server does not exit while a hold's domain exists. A hold whose domain does
+// not exist counts only while the process that wrote it lives, for HOLD_GRACE_MS at most (the
+// clone failed, or its transient VM is gone): stale holds are removed, never waited for. The
+// server decides to exit and the clone takes its hold under one lock (`holds.lock`), so a hold is
+// never taken on a server that is leaving.
+
+/** The lock under which holds are taken and a server decides to exit. */
+const HOLDS_LOCK = "holds.lock";
+
+/** How long a hold without its domain counts while its writer lives (defining a clone is fast). */
+const HOLD_GRACE_MS = 10 * 60_000;
+
+/** A hold on a lazy session: the server stays while the hold's domain may use its socket. */
+export interface LazyHold {
+  /** The session folder. */
+  dir: string;
+  /** The session's state when the hold was taken. */
+  state: LazyState;
+  /** Removes the hold (the clone failed, or none of its disks is on NBD). */
+  release(): Promise<void>;
+}
+
+/** Whether a hold of the session in `dir` still counts; stale ones are removed. */
+async function liveHolds(dir: string, connect: { connect?: string }): Promise<boolean> {
+  let live = false;
+  for (const e of await Array.fromAsync(Deno.readDir(join(dir, "holds"))).catch(() => [])) {
+    const file = join(dir, "holds", e.name);
+    const hold = await Deno.readTextFile(file).then(JSON.parse).catch(() => undefined);
+    const domain = e.name.replace(/\.json$/, "");
+    const young = Number.isSafeInteger(hold?.pid) && await exists(`/proc/${hold.pid}`) &&
+      Date.now() - Number(hold.since) < HOLD_GRACE_MS;
+    if (young || await domainExists(domain, connect)) live = true;
+    else await Deno.remove(file).catch(() => {});
+  }
+  return live;
+}
+
+/**
+ * Holds the lazy session serving VM `base` for the clone `domain` about to be defined on it, or
+ * returns `undefined` when no lazy pull serves `base` (it is a normal VM). A session whose
+ * server died is an error: its socket answers nobody until `sarde pull --lazy` starts it again.
+ */
+export async function holdLazySession(
+  vmdir: string,
+  base: string,
+  domain: string,
+): Promise<LazyHold | undefined> {
+  const state = (await lazySessions(vmdir)).find((s) => s.name === base && s.phase !== "done");
+  if (!state) return undefined;
+  const dir = lazyStateDir(vmdir, state.imageId);
+  using _holds = await lockFile(join(dir, HOLDS_LOCK), { shared: true, folderMustExist: true })
+    .catch(() => undefined);
+  if (!_holds || !await readLazyState(dir)) return undefined; // it just finished
+  if (!await serverAlive(dir)) {
+    throw fail(
+      "external",
+      `the lazy pull server of VM ${base} is not running: its disks cannot be read`,
+      `start it again with sarde pull --lazy ${state.reference}`,
+    );
+  }
+  const file = join(dir, "holds", `${domain}.json`);
+  await Deno.mkdir(join(dir, "holds"), { recursive: true, mode: 0o755 });
+  await writeFileAtomic(file, JSON.stringify({ pid: Deno.pid, since: Date.now() }) + "\n");
+  return { dir, state, release: () => Deno.remove(file).catch(() => {}) };
+}
+
+/**
+ * Creates the clone overlay `overlay` of `disk` (a disk of a lazily served base) on the image's
+ * files over NBD: the same size, the first backing layer's format and export name in its header,
+ * and the base disk's nested NBD `<backingStore>` kept in the XML, which is what QEMU opens.
+ * Returns false, creating nothing, when the disk's backing chain is not NBD.
+ */
+export async function createNbdOverlay(overlay: string, disk: FileDisk): Promise<boolean> {
+  const chain = childElements(disk.element, "backingStore")
+    .find((b) => b.getAttribute("type") === "network");
+  const source = chain && childElement(chain, "source");
+  if (!chain || source?.getAttribute("protocol") !== "nbd") return false;
+  const format = childElement(chain, "format")?.getAttribute("type") ?? "raw";
+  const name = source.getAttribute("name") ?? "";
+  const size = (await qemuInfo(disk.path, { format: "qcow2" })).virtualSize;
+  const args = ["create", "-q", "-f", "qcow2", "-F", format, "-b", name, "-u"];
+  await runQemuImgOk("create", [...args, overlay, String(size)]);
+  return true;
 }

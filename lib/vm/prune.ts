@@ -9,6 +9,7 @@
 
 import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
+import { liveLazySessions } from "./lazy_pull.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import {
@@ -371,13 +372,20 @@ async function cacheUsage(
   options: ConnectOptions & { ocidir: string; vmdir: string; keep?: string[] },
 ): Promise<CacheUsage> {
   const candidates: Candidate[] = [];
-  let totalBytes = 0;
+  // A live lazy pull's image and VM stay (job VMs read them over NBD); the files it fills count.
+  const lazy = await liveLazySessions(options.vmdir);
+  const lazyLayouts = lazy.map((s) => layoutDir(options.ocidir, parseReference(s.reference)));
+  let totalBytes = lazy.filter((s) => s.phase === "serving")
+    .reduce((n, s) => n + s.files.reduce((m, f) => m + f.total, 0), 0);
   for (const { name, dir } of await findLayouts(options.ocidir)) {
     const layout = { dir };
     const lastUsed = await lastUse(join(dir, "index.json"));
     const bytes = await layoutUsage(layout);
     totalBytes += bytes;
-    if (lastUsed === undefined || options.keep?.includes(dir)) continue; // or removed meanwhile
+    // (or removed meanwhile)
+    if (lastUsed === undefined || options.keep?.includes(dir) || lazyLayouts.includes(dir)) {
+      continue;
+    }
     const what = `cached image ${name}`;
     candidates.push({
       what,
@@ -410,7 +418,7 @@ async function cacheUsage(
     totalBytes += bytes;
     // An import about to be renamed into place (its marker written last), or a lazy pull's
     // folder: counted, never removed.
-    if (e.name.startsWith(".")) continue;
+    if (e.name.startsWith(".") || lazy.some((s) => s.name === e.name)) continue;
     const unused = (state: string) => state === "stopped" || state === "missing";
     if (!unused(await domainState(e.name, options))) continue;
     if (await folderInUse(folder, e.name, domains, filesOf)) continue;

@@ -712,12 +712,18 @@ export interface ThrottleOptions {
    * registry or cache serving a bad blob for a while. Frame tables (at a blob's end) stay intact.
    */
   corruptBlobs?: { digests: string[]; active(): boolean };
+  /** Whole (not ranged) GETs of these blobs get no answer until `until` settles. */
+  holdWhole?: { digests: string[]; until: Promise<void> };
+  /** While it returns true, ranged blob GETs are answered `503` (demand reads fail). */
+  failRanged?: () => boolean;
 }
 
 /** A {@link RunningProxy} that paces blob downloads and counts their bytes. */
 export interface ThrottledProxy extends RunningProxy {
   /** Blob body bytes sent so far. */
   blobBytes(): BlobBytes;
+  /** The digest of every whole (not ranged) blob GET so far, in order. */
+  wholeBlobGets(): string[];
 }
 
 /**
@@ -730,10 +736,26 @@ export async function startThrottledProxy(
   options: ThrottleOptions,
 ): Promise<ThrottledProxy> {
   const bytes: BlobBytes = { all: 0, ranged: 0 };
+  const whole: string[] = [];
   const slice = 16 * 1024;
   /** When the shared link has sent every piece handed to it so far (`shared` only). */
   let linkFree = 0;
+  const digestOf = (req: Request) => new URL(req.url).pathname.split("/").pop() ?? "";
   const proxy = await startProxy(target, () => ({
+    intercept(req) {
+      if (!isBlobGet(req)) return undefined;
+      if (!req.headers.has("range")) whole.push(digestOf(req));
+      else if (options.failRanged?.()) return new Response("unavailable", { status: 503 });
+      return undefined;
+    },
+    async answer(req) {
+      const hold = options.holdWhole;
+      if (
+        hold && isBlobGet(req) && !req.headers.has("range") && hold.digests.includes(digestOf(req))
+      ) {
+        await hold.until;
+      }
+    },
     responseBody(req, _res, body) {
       if (!isBlobGet(req)) return body;
       const ranged = req.headers.has("range");
@@ -768,5 +790,5 @@ export async function startThrottledProxy(
       return paced;
     },
   }));
-  return { ...proxy, blobBytes: () => ({ ...bytes }) };
+  return { ...proxy, blobBytes: () => ({ ...bytes }), wholeBlobGets: () => [...whole] };
 }
