@@ -307,6 +307,43 @@ Deno.test({
 });
 
 Deno.test({
+  name: "executor lazy-pull: cache-budget is claimed before the download; an image that cannot " +
+    "fit is a system failure with nothing downloaded and no server left",
+  ...opts,
+  async fn() {
+    const img = await lazyJobImage();
+    const { proxy, image, go } = await lazyProxy(img);
+    await using ws = await lazyWorkspace("budget", { "cache-budget": "1MiB" });
+    try {
+      const job = await ws.run({ image, script: ["echo NEVER"] });
+      const info = describeJob(job);
+      assert.equal(job.outcome, "system_failure", info);
+      const prep = callOf(job, "prepare");
+      assert.match(
+        prep.stderr,
+        /no room for .*sardines\/tiny-lazy:latest within cache-budget 1\.0 MiB/,
+        info,
+      );
+      assert.doesNotMatch(prep.stderr, /\n\s+at /, "no stack trace");
+      // refused after the manifest, before any blob
+      assert.deepEqual(proxy.wholeBlobGets(), []);
+      // the server gave up: no live session, no claim left behind
+      const dir = lazyStateDir(ws.vmdir, img.imageId);
+      await until(
+        async () => (await readLazyState(dir))?.phase !== "serving",
+        "the lazy session is gone",
+        30_000,
+      );
+      const claims = await Array.fromAsync(Deno.readDir(join(ws.vmdir, ".budget"))).catch(() => []);
+      assert.deepEqual(claims, []);
+    } finally {
+      go();
+      await proxy.stop();
+    }
+  },
+});
+
+Deno.test({
   name: "executor lazy-pull test image: registry stopped",
   ...opts,
   async fn() {

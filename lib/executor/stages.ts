@@ -39,9 +39,8 @@ import {
   setVmSize,
   type VmSize,
 } from "../vm/domain.ts";
-import { pullSizeEstimate, type Reservation, reserveRoom } from "../vm/prune.ts";
+import { type Reservation, reserveRoomForImage } from "../vm/prune.ts";
 import { checkMinSize, formatSize, parsePositiveInt, parseSize } from "../util/units.ts";
-import { formatBytes } from "../util/progress.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import { exists, writeFileAtomic } from "../util/fsutil.ts";
 import { getVmConfig } from "../oci/images.ts";
@@ -740,8 +739,6 @@ async function baseVm(
   // The pull waits at most `timeout` for the registry: for each answer, and retrying in all. A
   // download that keeps moving is not cut, however long it takes (the timeout is per piece).
   let found = false;
-  // Released when the pull ends: its files then count as what they are.
-  let claim: Reservation | undefined;
   try {
     const pulled = await (s.lazyPull ? pullLazily : pullImage)(ref, {
       fetch: {
@@ -771,9 +768,7 @@ async function baseVm(
       trust: s.trust,
       signal,
       onManifest: () => found = true,
-      beforeDownload: async (fetching) => {
-        claim = await keepToBudget(s, image, fetching);
-      },
+      cacheBudgetBytes: s.cacheBudgetBytes,
     });
     return pulled.name;
   } catch (err) {
@@ -794,8 +789,6 @@ async function baseVm(
       );
     }
     throw err;
-  } finally {
-    await claim?.release();
   }
 }
 
@@ -809,20 +802,15 @@ async function keepToBudget(
   local: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
 ): Promise<Reservation | undefined> {
   if (s.cacheBudgetBytes === undefined) return undefined;
-  // Imported under its image ID (the executor names no VM).
-  const vmFolder = join(s.vmdir, local.manifest.config.digest);
-  const claim = await reserveRoom({
+  return await reserveRoomForImage(local, {
     ...s.libvirt,
     ocidir: s.ocidir,
     vmdir: s.vmdir,
-    needBytes: await pullSizeEstimate(local, vmFolder),
     budgetBytes: s.cacheBudgetBytes,
     what: image,
-    keep: [local.layout.dir],
+    // Imported under its image ID (the executor names no VM).
+    vmFolder: join(s.vmdir, local.manifest.config.digest),
   });
-  const freed = claim.removed.reduce((n, r) => n + r.bytes, 0);
-  if (claim.removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${image}`);
-  return claim;
 }
 
 /**

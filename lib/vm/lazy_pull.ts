@@ -95,6 +95,7 @@ import {
   domainUuid,
   libvirtVersion,
 } from "./libvirt.ts";
+import { type Reservation, reserveRoomForImage } from "./prune.ts";
 import { info as qemuInfo, rebaseUnsafe } from "./qemu.ts";
 import { runQemuImgOk } from "../util/qemu_img.ts";
 
@@ -110,6 +111,8 @@ export interface LazyPullSpec {
   import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
   /** The trust policy the fetch checks the image against before storing or serving anything. */
   trust?: TrustOptions;
+  /** Room is made within this budget before the download (see `PullOptions.cacheBudgetBytes`). */
+  cacheBudgetBytes?: number;
 }
 
 /** Where a session is in its life. */
@@ -451,6 +454,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
   const connect = { connect: spec.import.connect };
   if (spec.import.name !== undefined) checkVmName(spec.import.name);
   const { client, reference } = await openPrimaryClient(source, spec.fetch);
+  let claim: Reservation | undefined; // see claimTaken
   try {
     const fetched = await client.getManifest(reference.repository, manifestSelector(reference));
     if (isIndexMediaType(fetched.mediaType)) {
@@ -489,6 +493,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
 
     // The name is ours until the files are committed: imports and prune of it wait.
     let nameLock: FileLock | undefined = await lockFile(vmLockPath(vmdir, name));
+    // With a cache budget, room for the whole image is claimed before its first blob, and given
+    // up once state.json says "serving": prune then counts the live session as its whole image.
+    // A restarted session is counted already.
+    let claimTaken = previous !== undefined || spec.cacheBudgetBytes === undefined;
     /** A fetch of the whole image into the store, as a plain pull does; again after a failure. */
     const startFetch = (): BackgroundFetch => {
       const got = Promise.withResolvers<FetchingImage>();
@@ -499,7 +507,20 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
         ...spec.fetch,
         verify: trustVerifier(spec.trust ?? {}),
         target,
-        onManifest: (image) => got.resolve(image),
+        onManifest: async (image) => {
+          if (!claimTaken) {
+            claimTaken = true;
+            claim = await reserveRoomForImage(image, {
+              ...connect,
+              ocidir: spec.fetch.ocidir,
+              vmdir,
+              budgetBytes: spec.cacheBudgetBytes!,
+              what,
+              vmFolder,
+            });
+          }
+          got.resolve(image);
+        },
       });
       done.catch((err) => got.reject(err));
       return { done, image: got.promise };
@@ -636,6 +657,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       server = await serveNbd({ socketPath: socket, exports: sources });
       if (!committedBefore) await redefine(doc, name, connect);
       await writeState();
+      await claim?.release();
       stateTimer = setInterval(() => writeState().catch(() => {}), 1000);
       info(`serving ${what} lazily as VM ${name} on ${socket}`);
       tell({ name, imageId });
@@ -727,6 +749,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       pool.close();
     }
   } finally {
+    await claim?.release();
     client.close();
   }
 }

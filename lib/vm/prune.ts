@@ -9,7 +9,7 @@
 
 import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
-import { liveLazySessions } from "./lazy_pull.ts";
+import { lazyManifest, liveLazySessions } from "./lazy_pull.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import {
@@ -372,11 +372,18 @@ async function cacheUsage(
   options: ConnectOptions & { ocidir: string; vmdir: string; keep?: string[] },
 ): Promise<CacheUsage> {
   const candidates: Candidate[] = [];
-  // A live lazy pull's image and VM stay (job VMs read them over NBD); the files it fills count.
+  // A live lazy pull's image and VM stay (job VMs read them over NBD). While it downloads it
+  // counts as what it will take: the blobs still to come and its files in full.
   const lazy = await liveLazySessions(options.vmdir);
   const lazyLayouts = lazy.map((s) => layoutDir(options.ocidir, parseReference(s.reference)));
-  let totalBytes = lazy.filter((s) => s.phase === "serving")
-    .reduce((n, s) => n + s.files.reduce((m, f) => m + f.total, 0), 0);
+  let totalBytes = 0;
+  for (const s of lazy.filter((s) => s.phase === "serving")) {
+    const manifest = await lazyManifest(options.vmdir, s.reference).catch(() => undefined);
+    const layout = { dir: layoutDir(options.ocidir, parseReference(s.reference)) };
+    totalBytes += manifest
+      ? await pullSizeEstimate({ layout, descriptor: { digest: s.digest }, manifest })
+      : s.files.reduce((m, f) => m + f.total, 0);
+  }
   for (const { name, dir } of await findLayouts(options.ocidir)) {
     const layout = { dir };
     const lastUsed = await lastUse(join(dir, "index.json"));
@@ -504,6 +511,36 @@ export async function reserveRoom(options: MakeRoomOptions): Promise<Reservation
   return { removed, release, [Symbol.asyncDispose]: release };
 }
 
+/** Options of {@link reserveRoomForImage}. */
+export interface ReserveForImageOptions extends ConnectOptions {
+  ocidir: string;
+  vmdir: string;
+  /** At most this much for cached images and imported VMs together, the new one included. */
+  budgetBytes: number;
+  /** The image, in the messages. */
+  what: string;
+  /** Where the image's VM is (or will be) imported: nothing for its files if it holds it. */
+  vmFolder: string;
+}
+
+/**
+ * {@link reserveRoom} for what pulling or importing `image` adds ({@link pullSizeEstimate}),
+ * keeping its own layout, with one stderr line for what was freed.
+ */
+export async function reserveRoomForImage(
+  image: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
+  options: ReserveForImageOptions,
+): Promise<Reservation> {
+  const claim = await reserveRoom({
+    ...options,
+    needBytes: await pullSizeEstimate(image, options.vmFolder),
+    keep: [image.layout.dir],
+  });
+  const freed = claim.removed.reduce((n, r) => n + r.bytes, 0);
+  if (claim.removed.length) info(`cache-budget: freed ${formatBytes(freed)} for ${options.what}`);
+  return claim;
+}
+
 /** Options of {@link makeRoom}. */
 export interface MakeRoomOptions extends ConnectOptions {
   ocidir: string;
@@ -568,7 +605,7 @@ export async function makeRoom(options: MakeRoomOptions): Promise<Removed[]> {
  * nothing, and `pull-policy = always` must not ask the budget for the disks again on every job.
  */
 export async function pullSizeEstimate(
-  image: Pick<FetchingImage, "layout" | "descriptor" | "manifest">,
+  image: Pick<FetchingImage, "layout" | "manifest"> & { descriptor: { digest: string } },
   vmFolder?: string,
 ): Promise<number> {
   let bytes = 0;

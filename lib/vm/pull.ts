@@ -10,6 +10,7 @@ import { fail } from "../util/errors.ts";
 import type { TrustOptions } from "../trust/verify.ts";
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
 import { checkVmName, domainUuid } from "./libvirt.ts";
+import { type Reservation, reserveRoomForImage } from "./prune.ts";
 import {
   type LazyPullSpec,
   lazySessionOf,
@@ -17,12 +18,7 @@ import {
   waitForLazySession,
 } from "./lazy_pull.ts";
 import { formatLocalName, formatReference, type Reference } from "../oci/reference.ts";
-import {
-  fetchImage,
-  type FetchingImage,
-  type FetchOptions,
-  type TransferResult,
-} from "../transfer/transfer.ts";
+import { fetchImage, type FetchOptions, type TransferResult } from "../transfer/transfer.ts";
 
 /** Options of {@link pullImage}. */
 export interface PullOptions {
@@ -42,10 +38,12 @@ export interface PullOptions {
   /** Called once the registry has sent the manifest (the image exists), before any blob. */
   onManifest?: () => void;
   /**
-   * Called after `onManifest`; the download waits for it and the pull fails with its error
-   * (the executor's disk budget makes room here, see `makeRoom`).
+   * Keep cached images and imported VMs (the store and `vmdir`) within this many bytes: once
+   * the manifest says how much the pull adds, least recently used ones that nothing uses are
+   * removed to make room (`reserveRoomForImage`), or the pull fails before any blob when it
+   * cannot fit. A lazy pull's server does this itself, before it downloads.
    */
-  beforeDownload?: (image: FetchingImage) => Promise<void>;
+  cacheBudgetBytes?: number;
 }
 
 /**
@@ -64,6 +62,8 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
   const stop = new AbortController();
   const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
   let importing: Promise<ImportResult> | undefined;
+  // Released when the pull ends: its files then count as what they are.
+  let claim: Reservation | undefined;
   // Whichever side fails first has the error worth reporting: the other one then fails only
   // because it was stopped ("interrupted") or lost its blobs.
   let first: { error: unknown } | undefined;
@@ -73,7 +73,15 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
     target,
     async onManifest(image) {
       options.onManifest?.();
-      await options.beforeDownload?.(image);
+      if (options.cacheBudgetBytes !== undefined) {
+        claim = await reserveRoomForImage(image, {
+          ...options.import,
+          ocidir: options.fetch.ocidir,
+          budgetBytes: options.cacheBudgetBytes,
+          what: formatLocalName(target),
+          vmFolder: join(options.import.vmdir, options.import.name ?? image.manifest.config.digest),
+        });
+      }
       importing = importImage(image, formatLocalName(target), {
         ...options.import,
         ocidir: options.fetch.ocidir,
@@ -90,16 +98,20 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
   });
   fetching.catch((error) => first ??= { error });
   try {
-    await fetching;
-  } catch (err) {
-    stop.abort();
-    await importing?.catch(() => {});
-    throw first?.error ?? err;
-  }
-  try {
-    return await importing!;
-  } catch (err) {
-    throw first?.error ?? err;
+    try {
+      await fetching;
+    } catch (err) {
+      stop.abort();
+      await importing?.catch(() => {});
+      throw first?.error ?? err;
+    }
+    try {
+      return await importing!;
+    } catch (err) {
+      throw first?.error ?? err;
+    }
+  } finally {
+    await claim?.release();
   }
 }
 
@@ -123,6 +135,7 @@ function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
     fetch,
     import: options.import,
     trust: options.trust ?? {},
+    cacheBudgetBytes: options.cacheBudgetBytes,
   };
 }
 
@@ -131,7 +144,7 @@ function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
  * returns as soon as the VM is defined and can start, its disks read on demand while the image
  * downloads in the background; the server commits a normal import once complete. An image that
  * cannot be read lazily (sardinecake 0.4's gzip) is pulled in full, as {@link pullImage} does.
- * `beforeDownload` and `onManifest` are not called (the server does the download).
+ * `onManifest` is not called (the server does the download).
  */
 export async function pullLazily(target: Reference, options: PullOptions): Promise<ImportResult> {
   if (options.import.name !== undefined) checkVmName(options.import.name);
