@@ -30,7 +30,7 @@ import {
   type ImportResult,
   importVm as importFromStore,
 } from "./lib/vm/import.ts";
-import { type ConnectOptions, domainState } from "./lib/vm/libvirt.ts";
+import { type ConnectOptions, domainExists, domainState } from "./lib/vm/libvirt.ts";
 import { prune as pruneStore, type Removed, removeImage } from "./lib/vm/prune.ts";
 import { pullImage, pullLazily } from "./lib/vm/pull.ts";
 import { exportAndPush } from "./lib/vm/export_push.ts";
@@ -565,13 +565,19 @@ export async function pull(
 }
 
 /** Options of {@link clone}. */
-export interface CloneVmOptions extends Omit<ImportVmOptions, "name"> {
+export interface CloneVmOptions extends Omit<ImportVmOptions, "name">, RegistryAccessOptions {
   /** Folder for the clone's overlays (default: `vmdir`). */
   clonedir?: string;
   /** Start the clone. */
   start?: boolean;
   /** Make a transient VM (started at once, gone when it stops). */
   transient?: boolean;
+  /**
+   * When `source` names no defined VM, pull it lazily first ({@link pull} with `lazy`, the
+   * registry options apply): the clone can start before the image has downloaded, its disks
+   * reading the image over the lazy server's NBD socket until the image is complete.
+   */
+  lazy?: boolean;
 }
 
 /**
@@ -593,7 +599,11 @@ export async function clone(
   target: string,
   options: CloneVmOptions = {},
 ): Promise<CloneResult> {
-  return await cloneVm(source, target, { ...importOptions(options), clonedir: options.clonedir });
+  let base = source;
+  if (options.lazy && !await domainExists(source, importOptions(options))) {
+    base = (await pull(source, { ...options, lazy: true })).name;
+  }
+  return await cloneVm(base, target, { ...importOptions(options), clonedir: options.clonedir });
 }
 
 /**
