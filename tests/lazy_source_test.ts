@@ -16,13 +16,16 @@ import {
   registryUnitFetcher,
   type UnitFetcher,
 } from "../lib/lazy/source.ts";
+import { serveNbd } from "../lib/lazy/nbd.ts";
+import { prefetchQcow2Metadata } from "../lib/lazy/qcow2_metadata.ts";
+import { chunkGroups, registryTableReader, type TableReader } from "../lib/lazy/units.ts";
 import { digestFile, digestOf } from "../lib/oci/digest.ts";
 import type { Descriptor, Manifest } from "../lib/oci/types.ts";
 import { createRegistryClient, type RegistryClient } from "../lib/registry/client.ts";
 import { SardeError } from "../lib/util/errors.ts";
 import * as api from "../mod.ts";
 import { assertSameBytes } from "./support/bytes.ts";
-import { tempDir } from "./support/images.ts";
+import { run, tempDir } from "./support/images.ts";
 import {
   type RunningProxy,
   startFaultyProxy,
@@ -58,29 +61,34 @@ interface Fixture {
   units: FileUnit[];
 }
 
-async function pushedDisk(): Promise<Fixture> {
+async function pushedDisk(
+  data = diskBytes(),
+  chunkSize = MiB,
+  tag = "v1",
+  format: "raw" | "qcow2" = "raw",
+): Promise<Fixture> {
   const reg = await startRegistry("plain");
   const work = await tempDir("lazy-source");
-  const data = diskBytes();
   const vmDir = join(work, "vm");
   await Deno.mkdir(vmDir);
-  await Deno.writeFile(join(vmDir, "disk.raw"), data);
+  const disk = join(vmDir, `disk.${format}`);
+  await Deno.writeFile(disk, data);
   const xml = join(vmDir, "domain.xml");
   await Deno.writeTextFile(
     xml,
     domainXml({
       name: "lazy",
-      disks: [{ path: join(vmDir, "disk.raw"), format: "raw" }],
+      disks: [{ path: disk, format }],
       osinfo: null,
     }),
   );
   const ocidir = join(work, "oci");
-  const ref = `${reg.host}/${REPO}:v1`;
-  await api.exportVm("lazy", ref, { ocidir, libvirtConfig: xml, chunkSize: MiB });
+  const ref = `${reg.host}/${REPO}:${tag}`;
+  await api.exportVm("lazy", ref, { ocidir, libvirtConfig: xml, chunkSize });
   await api.push(ref, { ocidir });
   const client = createRegistryClient(reg.host);
   try {
-    const got = await client.getManifest(REPO, "v1");
+    const got = await client.getManifest(REPO, tag);
     const manifest = JSON.parse(new TextDecoder().decode(got.bytes)) as Manifest;
     const [file] = groupDiskLayers(manifest, "test image");
     return { reg, work, data, file, units: chunkUnits(file) };
@@ -382,6 +390,164 @@ Deno.test({
       await assert.rejects(other.read(0, 10), /closed/);
     } finally {
       await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+/**
+ * 13 MiB in 4 MiB chunks of 2 MiB frames: random but for MiB 2–4 (a zero frame in a framed chunk)
+ * and 8–12 (a zero chunk: no table, one unit). Units: 0 1 | 2 3 | 4 | 5.
+ */
+function framedDiskBytes(): Uint8Array {
+  const data = new Uint8Array(13 * MiB);
+  for (let pos = 0; pos < data.length; pos += 65536) {
+    crypto.getRandomValues(data.subarray(pos, pos + 65536));
+  }
+  data.fill(0, 2 * MiB, 4 * MiB);
+  data.fill(0, 8 * MiB, 12 * MiB);
+  return data;
+}
+
+Deno.test({
+  name: "lazy file of framed chunks: a chunk's table is read on its first touch, once",
+  ...opts,
+  async fn() {
+    const fx = await pushedDisk(framedDiskBytes(), 4 * MiB, "framed");
+    const { data } = fx;
+    try {
+      using fetcher = fetcherVia(fx.reg.host);
+      const client = createRegistryClient(fx.reg.host);
+      const tables: string[] = [];
+      const fromRegistry = registryTableReader(client, REPO);
+      const readTable: TableReader = (blob, where, signal) => {
+        tables.push(blob.digest);
+        return fromRegistry(blob, where, signal);
+      };
+      const fetched: FileUnit[] = [];
+      const fetchUnit: UnitFetcher = (unit, signal) => {
+        fetched.push(unit);
+        return fetcher(unit, signal);
+      };
+      const path = join(fx.work, "framed.raw");
+      const open = () =>
+        openLazyFile({ path, file: fx.file, groups: chunkGroups(fx.file, readTable), fetchUnit });
+      const expect = async (lf: LazyFile, at: number, length: number) =>
+        assertSameBytes(await lf.read(at, length), data.subarray(at, at + length), `bytes ${at}`);
+      try {
+        let lf = await open();
+        assert.equal(tables.length, 0, "a table was read before any touch");
+        assert.equal(lf.presentBytes, 4 * MiB, "the zero chunk is present from the start");
+
+        // Both frames of chunk 0 touched at once: one table read, and the zero frame is not
+        // fetched.
+        await Promise.all([expect(lf, 100, 4096), expect(lf, 2 * MiB + 5, 4096)]);
+        assert.deepEqual(tables, [fx.file.layers[0].digest]);
+        assert.equal(fetched.length, 1);
+        assert.ok(fetched[0].range, "a frame is a ranged read");
+        assert.deepEqual(await logged(path), [0]);
+        assert.equal(lf.presentBytes, 8 * MiB);
+
+        await expect(lf, 7 * MiB, 4096); // chunk 1's second frame: unit 3
+        assert.deepEqual(tables, [fx.file.layers[0].digest, fx.file.layers[1].digest]);
+        assert.deepEqual(await logged(path), [0, 3]);
+        await lf.close();
+
+        // Reopened: the log numbers the same units before any table is read.
+        tables.length = 0;
+        fetched.length = 0;
+        lf = await open();
+        assert.equal(lf.presentBytes, 4 * MiB + 2 * MiB + 2 * MiB, "0, 3 and the zero chunk");
+        await expect(lf, 7 * MiB, 4096);
+        await expect(lf, 0, 4 * MiB);
+        assert.equal(fetched.length, 0, "a present unit was fetched again");
+
+        await lf.prefetch();
+        assert.ok(lf.complete);
+        assertSameBytes(await Deno.readFile(path), data, "the prefetched file");
+        assert.deepEqual(fetched.map((u) => u.offset / MiB), [4, 12], "units 2 and 5 only");
+        assert.equal(new Set(tables).size, tables.length, "a table was read twice");
+        await lf.close();
+      } finally {
+        client.close();
+      }
+    } finally {
+      await fx.reg.stop();
+      await Deno.remove(fx.work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "qcow2 metadata first: after it, QEMU opens and maps the lazy qcow2 without a fetch",
+  ...opts,
+  async fn() {
+    // 8 MiB written at 0, 1 GiB and 2 GiB of a 3 GiB disk: three L2 tables, spread through the
+    // file between the data clusters (4 MiB chunks of 2 MiB frames).
+    const src = await tempDir("lazy-qcow2");
+    const made = join(src, "made.qcow2");
+    await run("qemu-img", ["create", "-q", "-f", "qcow2", made, "3G"], { check: true });
+    const writes = [0, 1024, 2048].flatMap((m) => ["-c", `write -q -P ${m % 251 + 1} ${m}M 8M`]);
+    await run("qemu-io", ["-f", "qcow2", ...writes, made], { check: true });
+    const fx = await pushedDisk(await Deno.readFile(made), 4 * MiB, "qcow2", "qcow2");
+    await Deno.remove(src, { recursive: true });
+    try {
+      using fetcher = fetcherVia(fx.reg.host);
+      const client = createRegistryClient(fx.reg.host);
+      let refuse = false;
+      let fetches = 0;
+      const fetchUnit: UnitFetcher = (unit, signal) => {
+        if (refuse) return Promise.reject(new SardeError("network", "no more fetches"));
+        fetches++;
+        return fetcher(unit, signal);
+      };
+      const groups = () => chunkGroups(fx.file, registryTableReader(client, REPO));
+      const socketPath = join(fx.work, "nbd", "nbd.sock");
+      const map = async (lf: LazyFile) => {
+        await using _server = await serveNbd({
+          socketPath,
+          exports: { "disk.qcow2": lf },
+          socketOwner: null,
+        });
+        return await run("qemu-img", [
+          "map",
+          "--output=json",
+          "-f",
+          "qcow2",
+          `nbd+unix:///disk.qcow2?socket=${socketPath}`,
+        ]);
+      };
+      try {
+        // Without the metadata, QEMU cannot even open it (the control: the check below can fail).
+        refuse = true;
+        {
+          await using cold = await openLazyFile({
+            path: join(fx.work, "cold.qcow2"),
+            file: fx.file,
+            groups: groups(),
+            fetchUnit,
+          });
+          assert.notEqual((await map(cold)).code, 0, "qemu-img map read nothing of the file");
+        }
+        refuse = false;
+        const path = join(fx.work, "disk.qcow2");
+        await using lf = await openLazyFile({ path, file: fx.file, groups: groups(), fetchUnit });
+        const ranges = await prefetchQcow2Metadata(lf);
+        // header cluster, L1, refcount table, three L2 tables
+        assert.equal(ranges.length, 1 + 1 + 1 + 1 + 3, JSON.stringify(ranges));
+        const units = fx.file.size! / (2 * MiB);
+        assert.ok(fetches >= 3 && fetches < units / 2, `${fetches} of ${units} frames fetched`);
+        refuse = true;
+        const mapped = await map(lf);
+        assert.equal(mapped.code, 0, mapped.stderr);
+        const data = (JSON.parse(mapped.stdout) as { start: number; data: boolean }[])
+          .filter((e) => e.data).map((e) => e.start / MiB);
+        assert.deepEqual(data, [0, 1024, 2048]);
+      } finally {
+        client.close();
+      }
+    } finally {
+      await fx.reg.stop();
+      await Deno.remove(fx.work, { recursive: true });
     }
   },
 });

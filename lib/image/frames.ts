@@ -140,6 +140,14 @@ export function frameTableAnnotation(t: FrameTableLocation): string {
 /** Frames in a table of `length` bytes (see the module doc: 8+32·N + 8+8·(N+1)+9). */
 const framesIn = (length: number) => (length - 33) / 40;
 
+/**
+ * The frames of the table at `where` (its length gives their number): a lazy reader numbers a
+ * chunk's units before it reads the table, so that its presence log means the same across restarts.
+ */
+export function framesInTable(where: FrameTableLocation): number {
+  return framesIn(where.length);
+}
+
 /** The layer's name in errors. */
 const layerName = (layer: Descriptor) => {
   const a = layer.annotations ?? {};
@@ -250,15 +258,18 @@ export function frameUnits(file: ImageFile, tables: (Frame[] | undefined)[]): Fi
       units.push({ offset, length, blob, digest: a[Annotation.chunkDigest]! });
       continue;
     }
-    for (const f of frames) {
-      units.push({
-        offset: offset + f.chunkOffset,
-        length: f.size,
-        blob,
-        range: { offset: f.offset, length: f.compressedSize },
-        digest: f.digest,
-      });
-    }
+    units.push(...chunkFrameUnits(blob, offset, frames));
   }
   return units;
+}
+
+/** The units of the framed chunk `blob`, which starts at `offset` of its file: one per frame. */
+export function chunkFrameUnits(blob: Descriptor, offset: number, frames: Frame[]): FileUnit[] {
+  return frames.map((f) => ({
+    offset: offset + f.chunkOffset,
+    length: f.size,
+    blob,
+    range: { offset: f.offset, length: f.compressedSize },
+    digest: f.digest,
+  }));
 }

@@ -12,3 +12,5 @@ export * from "./domain_xml.ts";
 export * from "./file_source.ts";
 export * from "./nbd.ts";
 export * from "./source.ts";
+export * from "./units.ts";
+export * from "./qcow2_metadata.ts";

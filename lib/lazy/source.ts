@@ -2,7 +2,9 @@
  * The lazy file (docs/lazy-pull.md, part 3): an image file that can be read before it has been
  * downloaded. A read maps to the file's units ({@link FileUnit}); a unit that is not present yet
  * is fetched, decoded, verified, written into the final sparse file, made durable and recorded in
- * a presence log, and then read from the file like any present one.
+ * a presence log, and then read from the file like any present one. Units may come in groups
+ * ({@link UnitGroup}) whose layout is known only on their first touch (a framed chunk, whose frame
+ * table is read then); a group's unit count is fixed up front, so unit numbers never change.
  *
  * Trust: the unit list comes from the manifest (whose digest the reference or the image ID pins),
  * so a unit's `digest` is trusted and its bytes are not until they hash to it. Bytes that do not
@@ -45,20 +47,56 @@ export type UnitDecoder = (
   signal?: AbortSignal,
 ) => Promise<Uint8Array>;
 
+/**
+ * A run of units whose layout is known only once it is resolved: a framed chunk before its frame
+ * table is read. Only their number is fixed up front, so that the presence log (which numbers
+ * units) means the same whenever the table is read.
+ */
+export interface UnitGroup {
+  /** Where the group starts in the file. */
+  offset: number;
+  /** Its bytes. */
+  length: number;
+  /** How many units it has. */
+  count: number;
+  /** Its units, in order, tiling it, when they are known from the start. */
+  units?: FileUnit[];
+  /**
+   * Otherwise: gives them (verified, e.g. from a frame table checked against its digest); called
+   * on the group's first touch, again only after a failure.
+   */
+  resolve?(signal?: AbortSignal): Promise<FileUnit[]>;
+}
+
+/** A byte range of a file. */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
 /** Options of {@link openLazyFile}. */
 export interface LazyFileOptions {
   /** The final file (created sparse at its full size when missing). */
   path: string;
   /** The image file it holds (its size; its name for messages). */
   file: ImageFile;
-  /** The file's units, in file order, tiling it (e.g. `chunkUnits(file)`). */
-  units: FileUnit[];
+  /**
+   * The file's units, in file order, tiling it (e.g. `chunkUnits(file)`); or `groups` instead.
+   */
+  units?: FileUnit[];
+  /** The file's units as groups resolved on first touch, in file order, tiling it. */
+  groups?: UnitGroup[];
   /** Where units come from, e.g. {@link registryUnitFetcher}. */
   fetchUnit: UnitFetcher;
   /** Default: {@link decodeZstdUnit}. */
   decode?: UnitDecoder;
   /** Background fetches in flight at most during {@link LazyFile.prefetch}; default 4. */
   prefetchConcurrency?: number;
+  /**
+   * Called when a read starts waiting for bytes that are not present; it calls what this returns
+   * once they are (the lazy server pauses its background download meanwhile).
+   */
+  onDemand?: () => () => void;
 }
 
 /** An image file being filled on demand; a {@link BlockSource}. Close it when done. */
@@ -72,16 +110,23 @@ export interface LazyFile extends BlockSource {
   /** Whether unit `i` is present (a restarted download skips decoding it again). */
   has(i: number): boolean;
   /**
-   * Fetches every missing unit, in file order, at most `prefetchConcurrency` at once, and starts
-   * none while a read is waiting for a unit (reads go first). Resolves when the file is
-   * complete; rejects on the first unit that cannot be had, or with `signal`'s abort.
+   * Fetches every missing unit (of `ranges` only, in their order, when given), in file order, at
+   * most `prefetchConcurrency` at once, and starts none while a read is waiting for a unit (reads
+   * go first). Resolves when they are present; rejects on the first unit that cannot be had, or
+   * with `signal`'s abort.
    */
-  prefetch(signal?: AbortSignal): Promise<void>;
+  prefetch(signal?: AbortSignal, ranges?: ByteRange[]): Promise<void>;
+  /**
+   * The units of group `g` (of `groups`; unit `g` for `units`), resolving it if needed, and the
+   * number of its first unit: what {@link LazyFile.fill} takes.
+   */
+  group(g: number): Promise<{ first: number; units: FileUnit[] }>;
   /**
    * Offers `data` as the bytes of unit `i` (the background download decoded its chunk from the
    * store): verified against the unit's digest like a fetched unit, then written, synced and
    * logged. Resolves to whether the unit is present afterwards; bytes that do not verify are
    * neither written nor logged (false). A unit already present or in flight is left as it is.
+   * Its group must be resolved ({@link LazyFile.group}).
    */
   fill(i: number, data: Uint8Array): Promise<boolean>;
   /** Stops the prefetch, waits for units in flight, closes the files. Idempotent. */
@@ -166,28 +211,35 @@ function corrupt(unit: FileUnit, why: string): SardeError {
   return fail("integrity", `${unitName(unit)} ${why}`);
 }
 
-/** Checks that `units` tile `[0, size)` in order: reads map to them by offset. */
-function checkUnits(units: FileUnit[], size: number, what: string): void {
-  let next = 0;
-  for (const u of units) {
+/** Checks that `parts` (units or groups) tile `[from, from + size)` in order. */
+function checkTiling(parts: ByteRange[], from: number, size: number, what: string): void {
+  let next = from;
+  for (const u of parts) {
     if (u.offset !== next || !Number.isSafeInteger(u.length) || u.length < 0) {
       throw fail("integrity", `${what}: the units do not tile the file at ${next}`);
     }
     next += u.length;
   }
-  if (next !== size) throw fail("integrity", `${what}: the units cover ${next} of ${size} bytes`);
+  if (next !== from + size) {
+    throw fail("integrity", `${what}: the units cover ${next - from} of ${size} bytes`);
+  }
 }
 
-/** The unit holding byte `offset` (units tile the file: a binary search). */
-function unitAt(units: FileUnit[], offset: number): number {
+/** The last index whose start is at most `x`: `starts` ascend (part offsets, first unit numbers). */
+function partAt(starts: number[], x: number): number {
   let lo = 0;
-  let hi = units.length - 1;
+  let hi = starts.length - 1;
   while (lo < hi) {
     const mid = (lo + hi + 1) >> 1;
-    if (units[mid].offset <= offset) lo = mid;
+    if (starts[mid] <= x) lo = mid;
     else hi = mid - 1;
   }
   return lo;
+}
+
+/** Units as groups of one, resolved from the start. */
+function singleGroups(units: FileUnit[]): UnitGroup[] {
+  return units.map((u) => ({ offset: u.offset, length: u.length, count: 1, units: [u] }));
 }
 
 async function readFully(fh: FileHandle, length: number, position: number): Promise<Uint8Array> {
@@ -268,12 +320,27 @@ async function readLog(
  * full size; units listed in its presence log and zero units are present from the start.
  */
 export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> {
-  const { path, file, units, fetchUnit } = options;
+  const { path, file, fetchUnit } = options;
   const decode = options.decode ?? decodeZstdUnit;
   const what = `lazy file ${file.name}`;
   const size = file.size;
   if (size === undefined) throw fail("usage", `${what}: the image does not give its size`);
-  checkUnits(units, size, what);
+  if ((options.units === undefined) === (options.groups === undefined)) {
+    throw fail("usage", `${what}: give either its units or its unit groups`);
+  }
+  const groups = options.groups ?? singleGroups(options.units!);
+  checkTiling(groups, 0, size, what);
+  const starts = groups.map((g) => g.offset);
+  /** Unit numbers: group g has units first[g] … first[g] + count - 1. */
+  const first: number[] = [];
+  let count = 0;
+  for (const g of groups) {
+    if (!Number.isSafeInteger(g.count) || g.count < 1 || (!g.units && !g.resolve)) {
+      throw fail("usage", `${what}: a unit group at ${g.offset} without units`);
+    }
+    first.push(count);
+    count += g.count;
+  }
   const prefetchConcurrency = options.prefetchConcurrency ?? DEFAULT_CONCURRENCY;
   if (!Number.isInteger(prefetchConcurrency) || prefetchConcurrency < 1) {
     throw fail("usage", `invalid prefetch concurrency ${prefetchConcurrency}`);
@@ -291,17 +358,35 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     created = true;
   }
   let log: FileHandle | undefined;
-  const present = new Uint8Array(units.length);
-  let presentBytes = 0;
+  const present = new Uint8Array(count);
+  /** Present units per group. */
+  const presentIn = new Uint32Array(groups.length);
+  /** The units of each group, once resolved. */
+  const resolved: (FileUnit[] | undefined)[] = new Array(groups.length);
+  /** Present bytes of resolved groups (those of the others are only known by unit count). */
+  let resolvedBytes = 0;
   const markPresent = (i: number) => {
     if (present[i]) return;
     present[i] = 1;
-    presentBytes += units[i].length;
+    const g = partAt(first, i);
+    presentIn[g]++;
+    const units = resolved[g];
+    if (units) resolvedBytes += units[i - first[g]].length;
+  };
+  /** Takes the units of group `g`: a zero unit is already there (see below). */
+  const adopt = (g: number, units: FileUnit[]) => {
+    units.forEach((u, j) => {
+      if (present[first[g] + j]) resolvedBytes += u.length;
+    });
+    resolved[g] = units;
+    units.forEach((u, j) => {
+      if (u.length > 0 && u.digest === zeroDigest(u.length)) markPresent(first[g] + j);
+    });
   };
   try {
     const { size: onDisk } = await fh.stat();
     log = await open(path + PRESENCE_LOG_SUFFIX, "a+");
-    const listed = created ? undefined : await readLog(log, units.length, what);
+    const listed = created ? undefined : await readLog(log, count, what);
     if (listed?.length && onDisk === size) listed.forEach(markPresent);
     else {
       // Nothing of the file is known: it starts over as zeros (sparse: nothing allocated), so
@@ -313,8 +398,11 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     }
     // A zero unit is already there: the file started as zeros, and only verified bytes of other
     // units are ever written.
-    units.forEach((u, i) => {
-      if (u.length > 0 && u.digest === zeroDigest(u.length)) markPresent(i);
+    groups.forEach((g, i) => {
+      if (g.units) {
+        checkTiling(g.units, g.offset, g.length, what);
+        adopt(i, g.units);
+      }
     });
   } catch (err) {
     await fh.close();
@@ -331,14 +419,48 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   let closed: Promise<void> | undefined;
   /** Units being fetched, shared by every reader of them. */
   const inFlight = new Map<number, Promise<void>>();
+  /** Groups being resolved, shared likewise. */
+  const resolving = new Map<number, Promise<FileUnit[]>>();
   /** Reads waiting for units: while there are any, the prefetch starts no new fetch. */
   let demand = 0;
   const demandDone: (() => void)[] = [];
 
+  /** The units of group `g`, resolved once for all who ask (again only after a failure). */
+  function resolveGroup(g: number): Promise<FileUnit[]> {
+    const known = resolved[g];
+    if (known) return Promise.resolve(known);
+    let p = resolving.get(g);
+    if (!p) {
+      p = (async () => {
+        const group = groups[g];
+        const units = await group.resolve!(closing.signal);
+        if (units.length !== group.count) {
+          throw fail(
+            "integrity",
+            `${what}: bytes at ${group.offset} have ${units.length} units, not ${group.count}`,
+          );
+        }
+        checkTiling(units, group.offset, group.length, what);
+        adopt(g, units);
+        return units;
+      })().finally(() => resolving.delete(g));
+      resolving.set(g, p);
+    }
+    return p;
+  }
+
+  /** Unit `i` of a resolved group. */
+  const unitOf = (i: number): FileUnit => {
+    const g = partAt(first, i);
+    const units = resolved[g];
+    if (!units) throw fail("usage", `${what}: unit ${i} is in a group not resolved yet`);
+    return units[i - first[g]];
+  };
+
   /** Fetches, decodes and verifies unit `i`: the first fetch, then once more. */
   async function verified(i: number): Promise<Uint8Array> {
     const signal = closing.signal;
-    const unit = units[i];
+    const unit = unitOf(i);
     let problem: SardeError | undefined;
     for (let attempt = 0; attempt < 2; attempt++) {
       if (problem) warn(`${what}: ${problem.message}; fetching it again`);
@@ -371,7 +493,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     if (!p) {
       p = (async () => {
         const data = await produce();
-        await writeFully(fh, data, units[i].offset);
+        await writeFully(fh, data, unitOf(i).offset);
         await sync();
         const entry = new Uint8Array(ENTRY);
         new DataView(entry.buffer).setUint32(0, i + 1, true);
@@ -384,18 +506,24 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     return p;
   }
 
-  /** Makes unit `i` present, fetching it (see {@link verified}). */
+  /** Makes unit `i` (of a resolved group) present, fetching it (see {@link verified}). */
   const ensure = (i: number): Promise<void> => keep(i, () => verified(i));
+
+  /** The numbers of the units of resolved group `g` that overlap `[from, to)`. */
+  const unitsIn = (g: number, from: number, to: number): number[] =>
+    resolved[g]!.flatMap((u, j) =>
+      u.offset < to && (u.offset + u.length > from || u.length === 0) ? [first[g] + j] : []
+    );
 
   async function fill(i: number, data: Uint8Array): Promise<boolean> {
     checkOpen();
-    if (!Number.isInteger(i) || i < 0 || i >= units.length) {
+    if (!Number.isInteger(i) || i < 0 || i >= count) {
       throw fail("usage", `${what}: no unit ${i}`);
     }
     if (present[i]) return true;
     const running = inFlight.get(i);
     if (running) return await running.then(() => true, () => false);
-    const unit = units[i];
+    const unit = unitOf(i);
     if (data.length !== unit.length || digestOf(data) !== unit.digest) {
       warn(`${what}: ${unitName(unit)}: the downloaded bytes do not match; not kept`);
       return false;
@@ -404,32 +532,47 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     return true;
   }
 
+  async function group(g: number): Promise<{ first: number; units: FileUnit[] }> {
+    checkOpen();
+    if (!Number.isInteger(g) || g < 0 || g >= groups.length) {
+      throw fail("usage", `${what}: no unit group ${g}`);
+    }
+    return { first: first[g], units: await resolveGroup(g) };
+  }
+
   const checkOpen = () => {
     if (closed) throw fail("io", `${what} is closed`);
   };
 
-  async function read(offset: number, length: number): Promise<Uint8Array> {
-    checkOpen();
+  const checkRange = (offset: number, length: number) => {
     if (
       !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 ||
       offset + length > size!
     ) {
       throw fail("usage", `${what}: bytes ${offset}+${length} are outside its ${size} bytes`);
     }
+  };
+
+  async function read(offset: number, length: number): Promise<Uint8Array> {
+    checkOpen();
+    checkRange(offset, length);
     if (length === 0) return new Uint8Array(0);
-    const missing: number[] = [];
-    for (
-      let i = unitAt(units, offset);
-      i < units.length && units[i].offset < offset + length;
-      i++
-    ) {
-      if (!present[i]) missing.push(i);
+    const end = offset + length;
+    const touched: number[] = [];
+    for (let g = partAt(starts, offset); g < groups.length && groups[g].offset < end; g++) {
+      if (presentIn[g] === groups[g].count) continue;
+      if (!resolved[g] || unitsIn(g, offset, end).some((i) => !present[i])) touched.push(g);
     }
-    if (missing.length) {
+    if (touched.length) {
       demand++;
+      const release = options.onDemand?.();
       try {
-        await Promise.all(missing.map(ensure));
+        await Promise.all(touched.map(async (g) => {
+          await resolveGroup(g);
+          await Promise.all(unitsIn(g, offset, end).map(ensure));
+        }));
       } finally {
+        release?.();
         demand--;
         if (demand === 0) demandDone.splice(0).forEach((resume) => resume());
       }
@@ -437,8 +580,18 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     return await readFully(fh, length, offset);
   }
 
-  async function prefetch(signal?: AbortSignal): Promise<void> {
+  async function prefetch(signal?: AbortSignal, ranges?: ByteRange[]): Promise<void> {
     checkOpen();
+    // What to walk, in order: each group a range touches, with the range's bounds.
+    const todo: { g: number; from: number; to: number }[] = [];
+    for (const r of ranges ?? [{ offset: 0, length: size! }]) {
+      checkRange(r.offset, r.length);
+      const end = ranges ? r.offset + r.length : Infinity;
+      for (let g = partAt(starts, r.offset); g < groups.length && groups[g].offset < end; g++) {
+        if (ranges && r.length === 0) break;
+        todo.push({ g, from: ranges ? r.offset : -1, to: end });
+      }
+    }
     // The first failure stops the other workers too.
     const halt = new AbortController();
     const stop = AbortSignal.any([halt.signal, closing.signal, ...(signal ? [signal] : [])]);
@@ -450,9 +603,17 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
             await new Promise<void>((resume) => demandDone.push(resume));
           }
           stop.throwIfAborted();
-          while (next < units.length && (present[next] || inFlight.has(next))) next++;
-          if (next >= units.length) break;
-          await ensure(next++);
+          const item = todo[next];
+          if (!item) break;
+          if (presentIn[item.g] < groups[item.g].count) await resolveGroup(item.g);
+          const i = presentIn[item.g] < groups[item.g].count
+            ? unitsIn(item.g, item.from, item.to).find((i) => !present[i] && !inFlight.has(i))
+            : undefined;
+          if (i === undefined) {
+            if (todo[next] === item) next++;
+            continue;
+          }
+          await ensure(i);
         }
       } catch (err) {
         halt.abort(err);
@@ -465,7 +626,10 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     try {
       await Promise.all(workers);
       // Units that readers were fetching when the walk passed them (or that failed for them).
-      await Promise.all(units.map((_, i) => ensure(i)));
+      for (const { g, from, to } of todo) {
+        await resolveGroup(g);
+        await Promise.all(unitsIn(g, from, to).map(ensure));
+      }
     } finally {
       stop.removeEventListener("abort", abort);
       await Promise.allSettled(workers);
@@ -476,7 +640,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     closed ??= (async () => {
       closing.abort(fail("interrupted", `${what} was closed`));
       demandDone.splice(0).forEach((resume) => resume());
-      await Promise.allSettled([...inFlight.values()]);
+      await Promise.allSettled([...inFlight.values(), ...resolving.values()]);
       await fh.close();
       await presence.close();
     })();
@@ -487,7 +651,14 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     path,
     size,
     get presentBytes() {
-      return presentBytes;
+      // A group not resolved yet counts its present units as of average size.
+      let bytes = resolvedBytes;
+      groups.forEach((g, i) => {
+        if (!resolved[i] && presentIn[i] > 0) {
+          bytes += Math.floor(g.length * presentIn[i] / g.count);
+        }
+      });
+      return bytes;
     },
     get complete() {
       return present.every((p) => p === 1);
@@ -495,6 +666,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     has: (i) => present[i] === 1,
     read,
     prefetch,
+    group,
     fill,
     close,
     [Symbol.asyncDispose]: close,

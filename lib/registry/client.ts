@@ -65,6 +65,15 @@ export interface BlobSink {
 /** Produces the bytes of a blob starting at `offset`, for (re)sending. */
 export type BlobSource = (offset: number, length: number) => AsyncIterable<Uint8Array>;
 
+/** Options of {@link RegistryClient.downloadBlob}. */
+export interface DownloadOptions {
+  /**
+   * Awaited before each read of the blob's body: while it waits, the download pauses (TCP flow
+   * control stops the sender). Keep each wait well under the response timeout.
+   */
+  gate?: () => Promise<void>;
+}
+
 /** Bytes `offset` to `offset + length - 1` of a blob. */
 export interface BlobRange {
   offset: number;
@@ -118,6 +127,7 @@ export interface RegistryClient {
     descriptor: Descriptor,
     sink: BlobSink,
     progress?: ProgressFn,
+    options?: DownloadOptions,
   ): Promise<void>;
   /**
    * Reads a blob, or `range` of it, into memory: a `Range` GET answered `206` (a `200` — a server
@@ -163,6 +173,8 @@ interface CallOptions {
   retry?: boolean;
   /** A large download: `bulk` of lib/registry/http.ts. */
   bulk?: boolean;
+  /** Awaited before each body read: `gate` of lib/registry/http.ts. */
+  gate?: () => Promise<void>;
   /** A longer wait for the answer: `answerTimeoutMs` of lib/registry/http.ts. */
   answerTimeoutMs?: number;
   /** The API check itself: `url` is absolute, no authentication. */
@@ -286,11 +298,11 @@ export function createRegistryClient(
     // Started before the API check a first request waits for: that wait counts against the budget.
     const retries = startRetries(policy);
     const origin = o.probe ? undefined : (await baseUrl()).origin;
-    const { method, body, bulk, answerTimeoutMs } = o;
+    const { method, body, bulk, answerTimeoutMs, gate } = o;
     const signal = o.signal && options.signal
       ? AbortSignal.any([o.signal, options.signal])
       : o.signal ?? options.signal;
-    let send = sending(http, { method, body, signal, bulk, answerTimeoutMs });
+    let send = sending(http, { method, body, signal, bulk, answerTimeoutMs, gate });
     send = authenticating(send, { auth, origin, scopes: o.scopes, registry, what });
     if (o.retry !== false) {
       send = retrying(send, {
@@ -565,7 +577,7 @@ export function createRegistryClient(
       return res.status === 201;
     },
 
-    async downloadBlob(repository, descriptor, sink, progress) {
+    async downloadBlob(repository, descriptor, sink, progress, download) {
       const what = `blob ${descriptor.digest.slice(0, 19)}`;
       let offset = 0;
       const resume = resumingAfterCuts(what, "download");
@@ -578,6 +590,7 @@ export function createRegistryClient(
           follow: true,
           accept: [200, 206],
           bulk: true,
+          gate: download?.gate,
         }, what);
         if (offset > 0 && res.status === 200) {
           debug(`${what}: server ignored Range; starting over`);

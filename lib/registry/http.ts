@@ -64,6 +64,13 @@ export interface HttpRequest {
    * Each piece of `body` is valid only until the next one is requested.
    */
   bulk?: boolean;
+  /**
+   * Awaited before each read of the response body: while it waits nothing is read, so TCP flow
+   * control stops the sender (a lazy pull pauses its background download for demand reads). Its
+   * wait does not count as a stall of the body, but keep it well under the response timeout: a
+   * connection that is not read for that long may still be cut.
+   */
+  gate?: () => Promise<void>;
 }
 
 /** A response whose body has not been read yet. */
@@ -177,6 +184,11 @@ async function sendWithFetch(
         let filled = 0;
         let done = false;
         while (filled < buf.length) {
+          if (req.gate) {
+            clearTimeout(timer);
+            await req.gate();
+            touch();
+          }
           const r = await reader.read(new Uint8Array(buf.buffer, filled, buf.length - filled));
           touch();
           if (r.done) {
@@ -242,7 +254,7 @@ function send(req: HttpRequest, agent: http.Agent, timeoutMs: number): Promise<H
         return;
       }
       settled = true;
-      resolve(wrapResponse(res, req.url));
+      resolve(wrapResponse(res, req.url, req.gate));
     });
     // The socket's idle timer: while waiting for the answer, then for each piece of the body.
     const answerMs = Math.max(timeoutMs, req.answerTimeoutMs ?? 0);
@@ -331,7 +343,11 @@ class TimeoutError extends Error {
   }
 }
 
-function wrapResponse(res: http.IncomingMessage, url: URL): HttpResponse {
+function wrapResponse(
+  res: http.IncomingMessage,
+  url: URL,
+  gate?: () => Promise<void>,
+): HttpResponse {
   const headers = new Headers();
   for (const [k, v] of Object.entries(res.headers)) {
     if (v === undefined) continue;
@@ -340,7 +356,10 @@ function wrapResponse(res: http.IncomingMessage, url: URL): HttpResponse {
   // A failure while reading (the timeout destroys the request) is a network error like any other.
   async function* pieces(): AsyncGenerator<Uint8Array> {
     try {
-      yield* res as AsyncIterable<Uint8Array>;
+      for await (const piece of res as AsyncIterable<Uint8Array>) {
+        yield piece;
+        await gate?.();
+      }
     } catch (err) {
       throw networkError(err, url);
     }

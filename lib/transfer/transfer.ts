@@ -238,6 +238,12 @@ export interface FetchOptions extends TransferOptions {
    * the fetch with nothing stored (the trust policy's signature check).
    */
   verify?: (image: ManifestToVerify) => Promise<void>;
+  /**
+   * Awaited before each read of a blob body (see `DownloadOptions.gate` of lib/registry): the
+   * download pauses while it waits, so other transfers get the bandwidth (a lazy pull's demand
+   * reads). Keep each wait well under the response timeout.
+   */
+  gate?: () => Promise<void>;
 }
 
 /** What {@link FetchOptions.verify} receives: the manifest, and reads from where it came from. */
@@ -355,7 +361,7 @@ export async function fetchImage(
             await client.downloadBlob(ref.repository, blob, writer, (n) => {
               moved += n;
               progress.add(n);
-            });
+            }, { gate: options.gate });
             await writer.commit();
           } catch (err) {
             progress.add(-moved); // the next source starts this blob over

@@ -13,6 +13,7 @@ export * from "./config.ts";
 export * from "./direct_io.ts";
 export * from "./errors.ts";
 export * from "./fsutil.ts";
+export * from "./gate.ts";
 export * from "./json.ts";
 export * from "./log.ts";
 export * from "./net.ts";

@@ -20,18 +20,11 @@
 import { basename, join, resolve } from "node:path";
 import { DOMParser } from "@xmldom/xmldom";
 import { createCodecPool } from "../image/codec_worker.ts";
-import { type Frame, frameTableLocation, frameUnits, parseFrameTable } from "../image/frames.ts";
-import {
-  chunkUnits,
-  domainLayer,
-  type FileUnit,
-  hasZstdLayers,
-  type ImageFile,
-  vmConfigLayer,
-} from "../image/format.ts";
+import { domainLayer, hasZstdLayers, type ImageFile, vmConfigLayer } from "../image/format.ts";
 import { decodeFrame } from "../image/zstd.ts";
 import {
   type BlockSource,
+  chunkGroups,
   decodeZstdUnit,
   type LazyFile,
   nbdBackingStoreXml,
@@ -39,13 +32,16 @@ import {
   type NbdServer,
   openFileSource,
   openLazyFile,
+  prefetchQcow2Metadata,
   PRESENCE_LOG_SUFFIX,
+  registryTableReader,
   registryUnitFetcher,
   serveNbd,
+  type TableReader,
   type UnitDecoder,
 } from "../lazy/mod.ts";
 import { digestHex } from "../oci/digest.ts";
-import { blobPath, readBlob } from "../oci/layout.ts";
+import { blobPath, hasBlob, readBlob, readBlobRange } from "../oci/layout.ts";
 import { formatLocalName, manifestSelector, parseReference } from "../oci/reference.ts";
 import { isIndexMediaType, type Manifest, parseManifest } from "../oci/types.ts";
 import {
@@ -65,9 +61,10 @@ import {
   tryLockFile,
   writeFileAtomic,
 } from "../util/fsutil.ts";
+import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
+import { createPriorityGate } from "../util/gate.ts";
 import { debug, error, info, warn } from "../util/log.ts";
 import { type RetryPolicy, startRetries } from "../util/retry.ts";
-import { forEachConcurrent } from "../util/pool.ts";
 import {
   childElement,
   childElements,
@@ -497,6 +494,11 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     // up once state.json says "serving": prune then counts the live session as its whole image.
     // A restarted session is counted already.
     let claimTaken = previous !== undefined || spec.cacheBudgetBytes === undefined;
+    // Demand reads hold it; the background download waits at it between body reads. A wait is
+    // bounded well under the response timeout, after which a paused connection would be cut.
+    const gate = createPriorityGate({
+      maxWaitMs: (spec.fetch.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS) / 3,
+    });
     /** A fetch of the whole image into the store, as a plain pull does; again after a failure. */
     const startFetch = (): BackgroundFetch => {
       const got = Promise.withResolvers<FetchingImage>();
@@ -521,6 +523,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           }
           got.resolve(image);
         },
+        gate: gate.wait,
       });
       done.catch((err) => got.reject(err));
       return { done, image: got.promise };
@@ -564,7 +567,6 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     const lazy = new Map<string, LazyFile>();
     /** What the NBD server exports: the lazy files, or the local files once committed. */
     const sources = new Map<string, BlockSource & { close(): Promise<void> }>();
-    const unitsOf = new Map<string, FileUnit[]>();
     let server: NbdServer | undefined;
     const socket = join(dir, "nbd", "nbd.sock");
     let phase: LazyPhase = committedBefore ? "committed" : "serving";
@@ -603,27 +605,29 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       for (const f of committedBefore ? files : []) {
         sources.set(f.name, await openFileSource(join(vmFolder, f.name)));
       }
+      // A chunk's frame table is read on its first touch: from the store once the background
+      // download has its blob, else with one ranged GET.
+      const fromRegistry = registryTableReader(client, reference.repository);
+      const readTable: TableReader = async (blob, where, signal) => {
+        if (!await hasBlob(image.layout, blob)) return await fromRegistry(blob, where, signal);
+        const bytes = new Uint8Array(where.length);
+        let got = 0;
+        for await (
+          const p of readBlobRange(image.layout, blob.digest, where.offset, where.length)
+        ) {
+          bytes.set(p.subarray(0, where.length - got), got);
+          got += p.length;
+        }
+        return bytes;
+      };
       for (const f of committedBefore ? [] : files) {
-        chunkUnits(f, `${what}: ${f.name}`); // the chunk annotations, checked
-        const tables: (Frame[] | undefined)[] = new Array(f.layers.length);
-        // All tables up front: one small ranged GET per chunk (docs/lazy-pull.md, "Status").
-        await forEachConcurrent([...f.layers.keys()], 8, async (i) => {
-          const where = frameTableLocation(f.layers[i]);
-          if (!where) return;
-          const bytes = await client.readBlob(reference.repository, f.layers[i], {
-            offset: where.offset,
-            length: where.length,
-          });
-          tables[i] = parseFrameTable(bytes, f.layers[i]);
-        });
-        const units = frameUnits(f, tables);
-        unitsOf.set(f.name, units);
         const lf = await openLazyFile({
           path: join(folder, f.name),
           file: f,
-          units,
+          groups: chunkGroups(f, readTable, `${what}: ${f.name}`),
           fetchUnit,
           decode,
+          onDemand: gate.hold,
         });
         lazy.set(f.name, lf);
         // Recorded at once: a job that fails after an I/O error fails as the runner's fault.
@@ -649,10 +653,16 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       const reconnectDelay = nbdReconnectDelay((await libvirtVersion(connect)).number);
       const disks = await lazyDisks(doc, files, sources, dir, socket, reconnectDelay);
       // Boot files (kernel, initrd, NVRAM) are read by libvirt and QEMU as local files: whole.
-      for (const f of files) {
-        if (!disks.some((d) => chainOf(d.file, files).includes(f))) {
-          await lazy.get(f.name)?.prefetch();
+      // Nothing can start before them: the background download waits meanwhile.
+      const release = gate.hold();
+      try {
+        for (const f of files) {
+          if (!disks.some((d) => chainOf(d.file, files).includes(f))) {
+            await lazy.get(f.name)?.prefetch();
+          }
         }
+      } finally {
+        release();
       }
       server = await serveNbd({ socketPath: socket, exports: sources });
       if (!committedBefore) await redefine(doc, name, connect);
@@ -662,16 +672,17 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       info(`serving ${what} lazily as VM ${name} on ${socket}`);
       tell({ name, imageId });
 
+      // Boot metadata first, at the prefetch's low priority; the background download waits.
+      const metadata = bootMetadata(disks, files, lazy, gate.hold);
       // Background completion: the normal fetch, each chunk written into the files as it lands;
       // started again after a failure while demand reads go on (docs/lazy-pull.md, "Trouble").
       const retries = startRetries(completionRetryPolicy());
       for (let fetch = firstFetch;;) {
-        const filling = fetch.image.then((image) =>
-          fillFromStore(image, files, unitsOf, lazy, pool)
-        );
+        const filling = fetch.image.then((image) => fillFromStore(image, files, lazy, pool));
         try {
           await fetch.done;
           await filling;
+          await metadata;
           for (const lf of lazy.values()) {
             if (!lf.complete) await lf.prefetch(); // units the store's copy could not give
           }
@@ -863,30 +874,59 @@ async function virtualSize(file: BlockSource, format: string): Promise<number> {
 }
 
 /**
+ * Makes the qcow2 metadata of every file in the disks' backing chains present (see
+ * {@link prefetchQcow2Metadata}), holding the gate meanwhile. Never fails: it only saves the
+ * guest waits, and whatever it could not fetch is fetched again on demand or at the end.
+ */
+async function bootMetadata(
+  disks: LazyDisk[],
+  files: ImageFile[],
+  lazy: Map<string, LazyFile>,
+  hold: () => () => void,
+): Promise<void> {
+  const release = hold();
+  try {
+    for (const d of disks) {
+      const chain = chainOf(d.file, files);
+      for (const [i, f] of chain.entries()) {
+        const format = i === 0 ? d.format : chain[i - 1].backingFormat ?? "qcow2";
+        const lf = lazy.get(f.name);
+        if (format !== "qcow2" || !lf) continue;
+        try {
+          const ranges = await prefetchQcow2Metadata(lf);
+          const bytes = ranges.reduce((n, r) => n + r.length, 0);
+          debug(`${f.name}: ${ranges.length} ranges of qcow2 metadata (${bytes} bytes) present`);
+        } catch (err) {
+          warn(`${f.name}: its qcow2 metadata could not be fetched first: ${describeError(err)}`);
+        }
+      }
+    }
+  } finally {
+    release();
+  }
+}
+
+/**
  * Writes each chunk into the lazy files as the fetch stores its blob: decoded from the store,
  * verified unit by unit, only the units not present yet. Chunks one at a time (memory).
  */
 async function fillFromStore(
   image: FetchingImage,
   files: ImageFile[],
-  unitsOf: Map<string, FileUnit[]>,
   lazy: Map<string, LazyFile>,
   pool: ReturnType<typeof createCodecPool>,
 ): Promise<void> {
   for (const f of files) {
     const lf = lazy.get(f.name);
-    const units = unitsOf.get(f.name);
-    if (!lf || !units) continue; // committed before this server started
-    let u = 0;
-    for (const layer of f.layers) {
-      const start = u;
-      while (u < units.length && units[u].blob === layer) u++;
+    if (!lf) continue; // committed before this server started
+    for (const [g, layer] of f.layers.entries()) {
       await image.blobReady(layer.digest);
       if (lf.complete) continue;
+      // The chunk's units: its table is read from the stored blob if no read needed it before.
+      const { first, units } = await lf.group(g);
       let blob: Uint8Array | undefined;
-      for (let i = start; i < u; i++) {
-        const unit = units[i];
-        if (lf.has(i)) continue;
+      for (const [j, unit] of units.entries()) {
+        if (lf.has(first + j)) continue;
         blob ??= await Deno.readFile(blobPath(image.layout, layer.digest));
         try {
           const bytes = unit.range
@@ -895,7 +935,7 @@ async function fillFromStore(
           const data = unit.range
             ? await decodeFrame(bytes, unit.length, unit.digest, { pool })
             : await decodeZstdUnit(bytes, unit);
-          await lf.fill(i, data);
+          await lf.fill(first + j, data);
         } catch (err) {
           if (!(err instanceof SardeError) || err.kind !== "integrity") throw err;
           warn(`${f.name}: ${err.message}; it will be fetched on its own`);

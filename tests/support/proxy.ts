@@ -698,7 +698,8 @@ export interface ThrottleOptions {
   bytesPerSecond: number;
   /**
    * Make `bytesPerSecond` the total of all blob GET bodies (one link the responses share, each
-   * 16 KiB piece in turn, as TCP flows share a slow line) instead of each response's pace.
+   * 16 KiB piece in turn, as TCP flows share a slow line) instead of each response's pace. A body its client does not
+   * read takes none of it (pieces are paced only when the client's side asks for one).
    */
   shared?: boolean;
   /**
@@ -767,26 +768,33 @@ export async function startThrottledProxy(
           options.corruptBlobs!.active());
       const start = performance.now();
       let sent = 0;
-      const paced = body.pipeThrough(
-        new TransformStream<Uint8Array, Uint8Array>({
-          async transform(chunk, ctl) {
-            for (let off = 0; off < chunk.length; off += slice) {
-              const piece = new Uint8Array(chunk.subarray(off, off + slice));
-              if (flip) piece[0] ^= 0xff;
-              sent += piece.length;
-              const cost = (piece.length / options.bytesPerSecond) * 1000;
-              const due = options.shared
-                ? (linkFree = Math.max(performance.now(), linkFree) + cost)
-                : start + (sent / options.bytesPerSecond) * 1000;
-              const wait = due - performance.now();
-              if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-              bytes.all += piece.length;
-              if (ranged) bytes.ranged += piece.length;
-              ctl.enqueue(piece);
-            }
-          },
-        }),
-      );
+      // Pulled: a piece is paced and counted only when the client's side asks for one, so a body
+      // its client does not read moves nothing (as on a real link, once buffers are full).
+      const reader = body.getReader();
+      let rest: Uint8Array = new Uint8Array(0);
+      const paced = new ReadableStream<Uint8Array>({
+        async pull(ctl) {
+          if (rest.length === 0) {
+            const r = await reader.read();
+            if (r.done) return ctl.close();
+            rest = r.value;
+          }
+          const piece = new Uint8Array(rest.subarray(0, slice));
+          rest = rest.subarray(piece.length);
+          if (flip) piece[0] ^= 0xff;
+          sent += piece.length;
+          const cost = (piece.length / options.bytesPerSecond) * 1000;
+          const due = options.shared
+            ? (linkFree = Math.max(performance.now(), linkFree) + cost)
+            : start + (sent / options.bytesPerSecond) * 1000;
+          const wait = due - performance.now();
+          if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+          bytes.all += piece.length;
+          if (ranged) bytes.ranged += piece.length;
+          ctl.enqueue(piece);
+        },
+        cancel: (reason) => reader.cancel(reason),
+      }, { highWaterMark: 0 });
       return paced;
     },
   }));
