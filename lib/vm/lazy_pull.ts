@@ -705,12 +705,13 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
             (await untilIdle(server, dir, connect)).release();
             throw err;
           }
-          await writeState();
+          // Logged first: whoever sees the problem in state.json finds why in the log.
           warn(
             `the download of ${what} failed: ${problem}; trying again in ${
               (delay / 1000).toFixed(1)
             } s`,
           );
+          await writeState();
           await sleep(delay);
           fetch = startFetch();
         }
