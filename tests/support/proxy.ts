@@ -698,8 +698,8 @@ export interface ThrottleOptions {
   bytesPerSecond: number;
   /**
    * Make `bytesPerSecond` the total of all blob GET bodies (one link the responses share, each
-   * 16 KiB piece in turn, as TCP flows share a slow line) instead of each response's pace. A body its client does not
-   * read takes none of it (pieces are paced only when the client's side asks for one).
+   * 16 KiB piece in turn, as TCP flows share a slow line) instead of each response's pace. A body
+   * its client does not read takes none of it (pieces are paced only when its reader asks).
    */
   shared?: boolean;
   /**
