@@ -343,6 +343,54 @@ Deno.test("zstd: a corrupt blob or a wrong digest is an integrity error and leav
   });
 });
 
+Deno.test("zstd: decoded by pieces, a chunk writes only the verified pieces it is told to", async () => {
+  await withDir(async (dir) => {
+    const src = join(dir, "disk.img");
+    const data = new Uint8Array(12 * MiB);
+    data.set(randomBytes(5 * MiB), 0);
+    data.set(textBytes(7 * MiB), 5 * MiB);
+    await Deno.writeFile(src, data);
+    const [c] = (await encodeZstd(src, { chunkSize: 12 * MiB, outDir: dir })).chunks;
+    const out = join(dir, "out.img");
+    const pieces = (size: number, write = (_k: number) => true) =>
+      Array.from({ length: data.length / size }, (_, k) => ({
+        length: size,
+        digest: digestOf(data.subarray(k * size, (k + 1) * size)),
+        write: write(k),
+      }));
+    const decode = (p: ReturnType<typeof pieces>) =>
+      decodeZstdChunk(c.path, out, 0, c.length, c.uncompressedDigest, { pieces: p });
+    const piece = (bytes: Uint8Array, k: number) => bytes.subarray(k * 2 * MiB, (k + 1) * 2 * MiB);
+
+    // Pieces 1 and 4 hold someone else's bytes (a lazy file's present units): left alone.
+    const before = new Uint8Array(data.length);
+    piece(before, 1).fill(0xaa);
+    piece(before, 4).fill(0xaa);
+    await Deno.writeFile(out, before);
+    await decode(pieces(2 * MiB, (k) => k !== 1 && k !== 4));
+    const got = await Deno.readFile(out);
+    for (let k = 0; k < 6; k++) {
+      assert.deepEqual(piece(got, k), piece(k === 1 || k === 4 ? before : data, k), `piece ${k}`);
+    }
+
+    // A piece that does not verify stops the decode: the verified pieces before it are written,
+    // it and the rest are not, and nothing is rolled back.
+    await Deno.writeFile(out, new Uint8Array(data.length));
+    const wrong = pieces(2 * MiB);
+    wrong[3].digest = wrong[2].digest;
+    await assert.rejects(decode(wrong), isKind("integrity"));
+    const partial = await Deno.readFile(out);
+    assert.deepEqual(partial.subarray(0, 6 * MiB), data.subarray(0, 6 * MiB));
+    assert.ok(partial.subarray(6 * MiB).every((b) => b === 0), "unverified bytes were written");
+
+    // Pieces larger than the worker's 4 MiB buffer; pieces that do not tile the chunk.
+    await Deno.writeFile(out, new Uint8Array(data.length));
+    await decode(pieces(6 * MiB));
+    assert.deepEqual(await Deno.readFile(out), data);
+    await assert.rejects(decode(pieces(6 * MiB).slice(1)), isKind("usage"));
+  });
+});
+
 // The workers' write errors come from lib/util/fsutil.ts's osReason, whose source the worker
 // script carries (lib/image/codec_worker.ts): a full tmpfs of 1 MiB makes them happen.
 Deno.test({

@@ -305,6 +305,60 @@ Deno.test({
         assert.equal((await digestFile(path)).digest, file.digest);
         assert.deepEqual(await logged(path), [0, 1, 3, 4, 5, 6]);
       });
+
+      await t.step(
+        "a bulk fill goes after waiting reads, logs units once written, and they stay present",
+        async () => {
+          await Deno.remove(path);
+          await using counter = await startForwarder({ url: reg.url }, 0);
+          using fetchUnit = fetcherVia(counter.host);
+          const gate = Promise.withResolvers<void>();
+          let asked: number[] | undefined;
+          let duringWrite: { present: number; logged: number[] } | undefined;
+          {
+            await using lazy = await open(async (u, s) => {
+              await gate.promise;
+              return await fetchUnit(u, s);
+            });
+            const reading = lazy.read(units[4].offset + 5, 10);
+            // As the lazy server's background completion does: the bytes go into the file
+            // through another descriptor (a codec worker's).
+            const filling = lazy.fillWith([0, 1, 3, 4], async (missing) => {
+              asked = missing;
+              using f = await Deno.open(path, { write: true });
+              for (const i of missing) {
+                const bytes = expect(units[i].offset, units[i].length);
+                await f.seek(units[i].offset, Deno.SeekMode.Start);
+                for (let off = 0; off < bytes.length;) off += await f.write(bytes.subarray(off));
+              }
+              duringWrite = { present: lazy.presentBytes, logged: await logged(path) };
+              return missing.filter((i) => i !== 1); // say unit 1 could not be had
+            });
+            await new Promise((r) => setTimeout(r, 300));
+            assert.equal(asked, undefined, "the bulk fill started while a read waited");
+            gate.resolve();
+            assertSameBytes(await reading, expect(units[4].offset + 5, 10));
+            await filling;
+            assert.deepEqual(asked, [0, 1, 3], "present units are not asked for");
+            assert.deepEqual(
+              duringWrite,
+              { present: 2 * MiB, logged: [4] },
+              "units were present or logged before their bytes were written",
+            );
+            assert.equal(lazy.presentBytes, 4 * MiB);
+            assert.deepEqual(await logged(path), [0, 3, 4]);
+          }
+          {
+            await using lazy = await open(fetchUnit);
+            assert.equal(lazy.presentBytes, 4 * MiB, "reopened: the bulk-filled units count");
+            for (const i of [0, 1, 3]) {
+              const u = units[i];
+              assertSameBytes(await lazy.read(u.offset, u.length), expect(u.offset, u.length));
+            }
+          }
+          assert.deepEqual(blobGets(counter), [units[4].blob.digest, units[1].blob.digest]);
+        },
+      );
     } finally {
       await reg.stop();
       await Deno.remove(work, { recursive: true });

@@ -78,9 +78,29 @@ export interface DecodeJob {
   out: string;
   offset: number;
   length: number;
+  /**
+   * Verify the output piece by piece instead of as a whole: the pieces tile the range in order,
+   * each is held in memory (at most 64 MiB, frames.ts's `MAX_FRAME_SIZE`) until it hashes to its
+   * digest,
+   * and only then written, if `write` says so (a lazy file's units that are not present yet).
+   * Nothing unverified is ever written then, and what others wrote in the range is left alone.
+   */
+  pieces?: DecodePiece[];
 }
 
-/** What a {@link DecodeJob} wrote. `writtenStart` is -1 if nothing was written. */
+/** A piece of a {@link DecodeJob}'s output that is verified on its own. */
+export interface DecodePiece {
+  length: number;
+  /** sha256 of the piece's bytes (`sha256:…`). */
+  digest: string;
+  /** Whether to write it once verified. */
+  write: boolean;
+}
+
+/**
+ * What a {@link DecodeJob} wrote. `writtenStart` is -1 if nothing was written. `digest` is the
+ * sha256 of the whole output, empty with `pieces` (each piece was verified instead).
+ */
 export interface DecodeResult {
   size: number;
   digest: string;
@@ -537,25 +557,53 @@ function codecWorkerMain(shared: WorkerShared): void {
       );
     }
     check(s.ZSTD_DCtx_reset(dctx, 1 /* session_only */), "zstd reset");
-    const hash = createHash("sha256");
-    let pos = job.offset; // file position of outBuf[0]
+    const pieces = job.pieces;
+    const largest = pieces?.reduce((m, p) => Math.max(m, p.length), 0) ?? 0;
+    if (largest > 64 << 20 || pieces?.some((p) => p.length <= 0)) {
+      throw new Failure("decode pieces must be 1 byte to 64 MiB", "usage");
+    }
+    if (pieces && pieces.reduce((n, p) => n + p.length, 0) !== job.length) {
+      throw new Failure(`decode pieces do not tile ${job.length} bytes`, "usage");
+    }
+    // A piece is verified whole before any of it is written: one larger than the usual buffer
+    // gets its own for this job.
+    const dst = largest > IO ? direct.alignedBuffer(largest) : outBuf;
+    const dstAddr = dst === outBuf ? outAddr : addr(dst);
+    const hash = pieces ? undefined : createHash("sha256");
+    let piece = 0;
+    let pos = job.offset; // file position of dst[0]
     let filled = 0;
-    let limit = IO - (pos % IO); // blocks aligned to the file, so holes fall on its blocks
+    // Blocks aligned to the file, so holes fall on its blocks; or one piece at a time.
+    let limit = pieces?.length ? pieces[0].length : IO - (pos % IO);
     let produced = 0;
     let writtenStart = -1;
     let writtenEnd = -1;
     using writer = blockWriter(job.out, out);
     const flush = () => {
-      const block = outBuf.subarray(0, filled);
-      hash.update(block);
-      if (filled > 0 && !isZero(block)) {
+      const block = dst.subarray(0, filled);
+      let write = filled > 0;
+      if (pieces) {
+        if (filled === 0) return;
+        const p = pieces[piece++];
+        const digest = `sha256:${createHash("sha256").update(block).digest("hex")}`;
+        if (filled !== p.length || digest !== p.digest) {
+          throw new Failure(
+            `bytes ${
+              pos - job.offset
+            }+${filled} of the chunk are not the ${p.length} bytes of ${p.digest}`,
+            "integrity",
+          );
+        }
+        write &&= p.write;
+      } else hash!.update(block);
+      if (write && !isZero(block)) {
         if (writtenStart < 0) writtenStart = pos;
         writtenEnd = pos + filled; // before writing: a failed write may have written part of it
         writer.write(block, pos);
       }
       pos += filled;
       filled = 0;
-      limit = IO;
+      limit = pieces ? pieces[piece]?.length ?? IO : IO;
     };
     try {
       let last = 1; // libzstd's return: 0 once a frame is complete
@@ -568,7 +616,7 @@ function codecWorkerMain(shared: WorkerShared): void {
         inStruct[1] = BigInt(n);
         inStruct[2] = 0n;
         for (;;) {
-          outStruct[0] = outAddr + BigInt(filled);
+          outStruct[0] = dstAddr + BigInt(filled);
           outStruct[1] = BigInt(limit - filled);
           outStruct[2] = 0n;
           const before = inStruct[2];
@@ -596,10 +644,19 @@ function codecWorkerMain(shared: WorkerShared): void {
       }
       if (!sawInput || last !== 0) throw new Failure("truncated zstd data", "integrity");
       flush();
-      return { size: produced, digest: `sha256:${hash.digest("hex")}`, writtenStart, writtenEnd };
+      if (pieces && produced !== job.length) {
+        throw new Failure(`decompresses to ${produced} bytes, expected ${job.length}`, "integrity");
+      }
+      const digest = hash ? `sha256:${hash.digest("hex")}` : "";
+      return { size: produced, digest, writtenStart, writtenEnd };
     } catch (err) {
       const f = ioFailure(err, `cannot decode ${job.blob}`);
-      throw new Failure(f.message, f.kind, { start: writtenStart, end: writtenEnd });
+      // With pieces, only verified bytes were written: nothing to roll back.
+      throw new Failure(
+        f.message,
+        f.kind,
+        pieces ? undefined : { start: writtenStart, end: writtenEnd },
+      );
     }
   }
 

@@ -28,6 +28,7 @@ import {
   CodecError,
   type CodecPool,
   createCodecPool,
+  type DecodePiece,
   type EncodeResult,
   type WorkerFailure,
 } from "./codec_worker.ts";
@@ -97,6 +98,16 @@ export interface ZstdDecodeOptions {
   signal?: AbortSignal;
   /** Workers to decode on (shared by the chunks of an import); default: a new one-worker pool. */
   pool?: CodecPool;
+}
+
+/** Options of {@link decodeZstdChunk}. */
+export interface ZstdChunkDecodeOptions extends ZstdDecodeOptions {
+  /**
+   * Verify and write the chunk piece by piece (a lazy file's units): see {@link DecodePiece}.
+   * `uncompressedDigest` is then not checked (the pieces' digests are), and a failure leaves
+   * the range as it was but for verified pieces.
+   */
+  pieces?: DecodePiece[];
 }
 
 /** The failure a worker reported, as the SardeError the rest of sarde expects. */
@@ -350,7 +361,9 @@ async function rollback(out: string, start: number, end: number): Promise<void> 
  *
  * Throws an `integrity` error if the blob is corrupt, decompresses to a length other than
  * `length`, or its sha256 is not `uncompressedDigest`; the range is then turned back into zeros
- * (a hole), so no unverified data is left behind.
+ * (a hole), so no unverified data is left behind. With `opts.pieces`, each piece is verified
+ * before it is written and only the pieces to write need to read as zeros (or already hold
+ * their bytes): a failure leaves the verified pieces written before it.
  */
 export async function decodeZstdChunk(
   blobPath: string,
@@ -358,9 +371,9 @@ export async function decodeZstdChunk(
   offset: number,
   length: number,
   uncompressedDigest: string,
-  opts: ZstdDecodeOptions = {},
+  opts: ZstdChunkDecodeOptions = {},
 ): Promise<void> {
-  const { signal } = opts;
+  const { signal, pieces } = opts;
   if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
     throw fail("usage", `invalid chunk range ${offset}+${length}`);
   }
@@ -376,16 +389,16 @@ export async function decodeZstdChunk(
   const pool = opts.pool ?? own!;
   try {
     const r = await unlessAborted(
-      pool.run({ kind: "decode", blob: blobPath, out, offset, length }),
+      pool.run({ kind: "decode", blob: blobPath, out, offset, length, ...pieces && { pieces } }),
       signal,
     );
     const problem = r.size !== length
       ? `decompressed to ${r.size} bytes, expected ${length}`
-      : r.digest !== uncompressedDigest
+      : !pieces && r.digest !== uncompressedDigest
       ? `content is ${r.digest}, expected ${uncompressedDigest}`
       : undefined;
     if (problem) {
-      await rollback(out, r.writtenStart, r.writtenEnd);
+      if (!pieces) await rollback(out, r.writtenStart, r.writtenEnd);
       throw fail("integrity", `${what}: ${problem}`);
     }
   } catch (err) {

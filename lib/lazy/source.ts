@@ -74,6 +74,9 @@ export interface ByteRange {
   length: number;
 }
 
+/** Writes the verified bytes of units `missing` into the file; resolves to those it wrote. */
+export type BulkWriter = (missing: number[], signal: AbortSignal) => Promise<number[]>;
+
 /** Options of {@link openLazyFile}. */
 export interface LazyFileOptions {
   /** The final file (created sparse at its full size when missing). */
@@ -129,6 +132,17 @@ export interface LazyFile extends BlockSource {
    * Its group must be resolved ({@link LazyFile.group}).
    */
   fill(i: number, data: Uint8Array): Promise<boolean>;
+  /**
+   * Makes units present in bulk with bytes that `write` puts into {@link LazyFile.path} itself
+   * (the background download decodes a chunk from the store straight into the file on a codec
+   * worker). `write` gets those of `indices` that are neither present nor in flight, whose range
+   * reads as zeros or as their own bytes already (only verified bytes are ever written), and
+   * resolves to the ones whose verified bytes it wrote; one sync then makes them durable, one
+   * append logs them, and only then are they present. Waits first while reads wait for units
+   * (reads go first); `write`'s signal aborts when the file is closed. Their groups must be
+   * resolved ({@link LazyFile.group}).
+   */
+  fillWith(indices: number[], write: BulkWriter): Promise<void>;
   /** Stops the prefetch, waits for units in flight, closes the files. Idempotent. */
   close(): Promise<void>;
   /** Same as {@link LazyFile.close}. */
@@ -424,6 +438,19 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   /** Reads waiting for units: while there are any, the prefetch starts no new fetch. */
   let demand = 0;
   const demandDone: (() => void)[] = [];
+  /** Bulk fills writing, syncing or logging: close waits for them. */
+  const bulk = new Set<Promise<void>>();
+
+  /** Appends entries for `done` to the presence log, in one write. */
+  async function logPresent(done: number[]): Promise<void> {
+    const entries = new Uint8Array(ENTRY * done.length);
+    const view = new DataView(entries.buffer);
+    done.forEach((i, k) => view.setUint32(k * ENTRY, i + 1, true));
+    const { bytesWritten } = await presence.write(entries, 0, entries.length, null);
+    if (bytesWritten !== entries.length) {
+      throw fail("io", `${what}: cannot append to the presence log`);
+    }
+  }
 
   /** The units of group `g`, resolved once for all who ask (again only after a failure). */
   function resolveGroup(g: number): Promise<FileUnit[]> {
@@ -495,10 +522,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
         const data = await produce();
         await writeFully(fh, data, unitOf(i).offset);
         await sync();
-        const entry = new Uint8Array(ENTRY);
-        new DataView(entry.buffer).setUint32(0, i + 1, true);
-        const { bytesWritten } = await presence.write(entry, 0, ENTRY, null);
-        if (bytesWritten !== ENTRY) throw fail("io", `${what}: cannot append to the presence log`);
+        await logPresent([i]);
         markPresent(i);
       })().finally(() => inFlight.delete(i));
       inFlight.set(i, p);
@@ -538,6 +562,38 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
       throw fail("usage", `${what}: no unit group ${g}`);
     }
     return { first: first[g], units: await resolveGroup(g) };
+  }
+
+  async function fillWith(indices: number[], write: BulkWriter): Promise<void> {
+    checkOpen();
+    for (const i of indices) {
+      if (!Number.isInteger(i) || i < 0 || i >= count) {
+        throw fail("usage", `${what}: no unit ${i}`);
+      }
+      unitOf(i); // its group is resolved
+    }
+    while (demand > 0 && !closing.signal.aborted) {
+      await new Promise<void>((resume) => demandDone.push(resume));
+    }
+    checkOpen();
+    const missing = indices.filter((i) => !present[i] && !inFlight.has(i));
+    if (missing.length === 0) return;
+    const running = (async () => {
+      const asked = new Set(missing);
+      const done = (await write(missing, closing.signal)).filter((i) => asked.has(i));
+      if (done.length === 0) return;
+      // fdatasync covers the file, whichever descriptor wrote it: the bytes are durable before
+      // the log lists them.
+      await sync();
+      await logPresent(done);
+      done.forEach(markPresent);
+    })();
+    bulk.add(running);
+    try {
+      await running;
+    } finally {
+      bulk.delete(running);
+    }
   }
 
   const checkOpen = () => {
@@ -640,7 +696,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     closed ??= (async () => {
       closing.abort(fail("interrupted", `${what} was closed`));
       demandDone.splice(0).forEach((resume) => resume());
-      await Promise.allSettled([...inFlight.values(), ...resolving.values()]);
+      await Promise.allSettled([...inFlight.values(), ...resolving.values(), ...bulk]);
       await fh.close();
       await presence.close();
     })();
@@ -668,6 +724,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
     prefetch,
     group,
     fill,
+    fillWith,
     close,
     [Symbol.asyncDispose]: close,
   };

@@ -20,8 +20,15 @@
 import { basename, join, resolve } from "node:path";
 import { DOMParser } from "@xmldom/xmldom";
 import { createCodecPool } from "../image/codec_worker.ts";
-import { domainLayer, hasZstdLayers, type ImageFile, vmConfigLayer } from "../image/format.ts";
-import { decodeFrame } from "../image/zstd.ts";
+import {
+  Annotation,
+  domainLayer,
+  hasZstdLayers,
+  type ImageFile,
+  vmConfigLayer,
+} from "../image/format.ts";
+import { MAX_FRAME_SIZE } from "../image/frames.ts";
+import { decodeFrame, decodeZstdChunk, zeroDigest } from "../image/zstd.ts";
 import {
   type BlockSource,
   chunkGroups,
@@ -64,6 +71,7 @@ import {
 import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 import { createPriorityGate } from "../util/gate.ts";
 import { debug, error, info, warn } from "../util/log.ts";
+import { forEachConcurrent } from "../util/pool.ts";
 import { type RetryPolicy, startRetries } from "../util/retry.ts";
 import {
   childElement,
@@ -563,7 +571,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     }
     const committedBefore = previous?.phase === "committed" &&
       await exists(join(vmFolder, IMPORT_MARKER));
-    const pool = createCodecPool(Math.max(2, navigator.hardwareConcurrency ?? 2));
+    // The background completion decodes on all cores but one worker, which stays free for
+    // demand reads' frames: they must not queue behind whole chunks.
+    const fillers = Math.max(2, navigator.hardwareConcurrency ?? 2);
+    const pool = createCodecPool(fillers + 1);
     const lazy = new Map<string, LazyFile>();
     /** What the NBD server exports: the lazy files, or the local files once committed. */
     const sources = new Map<string, BlockSource & { close(): Promise<void> }>();
@@ -678,7 +689,9 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       // started again after a failure while demand reads go on (docs/lazy-pull.md, "Trouble").
       const retries = startRetries(completionRetryPolicy());
       for (let fetch = firstFetch;;) {
-        const filling = fetch.image.then((image) => fillFromStore(image, files, lazy, pool));
+        const filling = fetch.image.then((image) =>
+          fillFromStore(image, files, lazy, pool, fillers)
+        );
         try {
           await fetch.done;
           await filling;
@@ -908,42 +921,58 @@ async function bootMetadata(
 }
 
 /**
- * Writes each chunk into the lazy files as the fetch stores its blob: decoded from the store,
- * verified unit by unit, only the units not present yet. Chunks one at a time (memory).
+ * Writes each chunk into the lazy files as the fetch stores its blob, as an import does: the
+ * codec workers decode it from the store file straight into the lazy file, `concurrency` chunks
+ * at once, each unit verified against its digest before it is written and only units not present
+ * yet written; then one sync and one presence-log append per chunk. No blob is held in memory.
+ * Units the store's copy could not give (a corrupt blob) are left for the fetch of single units
+ * at the end.
  */
 async function fillFromStore(
   image: FetchingImage,
   files: ImageFile[],
   lazy: Map<string, LazyFile>,
   pool: ReturnType<typeof createCodecPool>,
+  concurrency: number,
 ): Promise<void> {
+  const chunks: { name: string; lf: LazyFile; g: number; layer: ImageFile["layers"][number] }[] =
+    [];
   for (const f of files) {
     const lf = lazy.get(f.name);
     if (!lf) continue; // committed before this server started
-    for (const [g, layer] of f.layers.entries()) {
-      await image.blobReady(layer.digest);
-      if (lf.complete) continue;
-      // The chunk's units: its table is read from the stored blob if no read needed it before.
-      const { first, units } = await lf.group(g);
-      let blob: Uint8Array | undefined;
-      for (const [j, unit] of units.entries()) {
-        if (lf.has(first + j)) continue;
-        blob ??= await Deno.readFile(blobPath(image.layout, layer.digest));
-        try {
-          const bytes = unit.range
-            ? blob.subarray(unit.range.offset, unit.range.offset + unit.range.length)
-            : blob;
-          const data = unit.range
-            ? await decodeFrame(bytes, unit.length, unit.digest, { pool })
-            : await decodeZstdUnit(bytes, unit);
-          await lf.fill(first + j, data);
-        } catch (err) {
-          if (!(err instanceof SardeError) || err.kind !== "integrity") throw err;
-          warn(`${f.name}: ${err.message}; it will be fetched on its own`);
-        }
-      }
-    }
+    f.layers.forEach((layer, g) => chunks.push({ name: f.name, lf, g, layer }));
   }
+  await forEachConcurrent(chunks, concurrency, async ({ name, lf, g, layer }) => {
+    await image.blobReady(layer.digest);
+    if (lf.complete) return;
+    // The chunk's units: its table is read from the stored blob if no read needed it before.
+    const { first, units } = await lf.group(g);
+    if (units.some((u) => u.length > MAX_FRAME_SIZE)) return; // left for the single fetches
+    const indices = units.map((_, j) => first + j);
+    await lf.fillWith(indices, async (missing, signal) => {
+      const todo = new Set(missing);
+      // Units of no bytes have nothing to decode or write.
+      const pieces = units.flatMap((u, j) =>
+        u.length > 0 ? [{ length: u.length, digest: u.digest, write: todo.has(first + j) }] : []
+      );
+      try {
+        await decodeZstdChunk(
+          blobPath(image.layout, layer.digest),
+          lf.path,
+          units[0].offset,
+          pieces.reduce((n, p) => n + p.length, 0),
+          layer.annotations?.[Annotation.chunkDigest] ?? "",
+          { pool, signal, pieces },
+        );
+      } catch (err) {
+        if (!(err instanceof SardeError) || err.kind !== "integrity") throw err;
+        warn(`${name}: ${err.message}; its units will be fetched on their own`);
+        return [];
+      }
+      const length = (i: number) => units[i - first].length;
+      return missing.filter((i) => length(i) > 0 || units[i - first].digest === zeroDigest(0));
+    });
+  });
 }
 
 /** Whether a VM in `state` has (or is about to have) QEMU running on its disks. */
