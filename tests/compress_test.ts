@@ -370,7 +370,8 @@ Deno.test("zstd: decoded by pieces, a chunk writes only the verified pieces it i
     await decode(pieces(2 * MiB, (k) => k !== 1 && k !== 4));
     const got = await Deno.readFile(out);
     for (let k = 0; k < 6; k++) {
-      assert.deepEqual(piece(got, k), piece(k === 1 || k === 4 ? before : data, k), `piece ${k}`);
+      const want = piece(k === 1 || k === 4 ? before : data, k);
+      assert.equal(digestOf(piece(got, k)), digestOf(want), `piece ${k}`);
     }
 
     // A piece that does not verify stops the decode: the verified pieces before it are written,
@@ -380,13 +381,13 @@ Deno.test("zstd: decoded by pieces, a chunk writes only the verified pieces it i
     wrong[3].digest = wrong[2].digest;
     await assert.rejects(decode(wrong), isKind("integrity"));
     const partial = await Deno.readFile(out);
-    assert.deepEqual(partial.subarray(0, 6 * MiB), data.subarray(0, 6 * MiB));
+    assert.equal(digestOf(partial.subarray(0, 6 * MiB)), digestOf(data.subarray(0, 6 * MiB)));
     assert.ok(partial.subarray(6 * MiB).every((b) => b === 0), "unverified bytes were written");
 
     // Pieces larger than the worker's 4 MiB buffer; pieces that do not tile the chunk.
     await Deno.writeFile(out, new Uint8Array(data.length));
     await decode(pieces(6 * MiB));
-    assert.deepEqual(await Deno.readFile(out), data);
+    assert.equal(digestOf(await Deno.readFile(out)), digestOf(data));
     await assert.rejects(decode(pieces(6 * MiB).slice(1)), isKind("usage"));
   });
 });

@@ -320,6 +320,8 @@ Deno.test({
               await gate.promise;
               return await fetchUnit(u, s);
             });
+            // Whatever fails below, the read is let go before the file closes (close waits).
+            using _letGo = { [Symbol.dispose]: () => gate.resolve() };
             const reading = lazy.read(units[4].offset + 5, 10);
             // As the lazy server's background completion does: the bytes go into the file
             // through another descriptor (a codec worker's).
