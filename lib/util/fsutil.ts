@@ -209,6 +209,14 @@ export function combineLocks(...locks: FileLock[]): FileLock {
   return { release, [Symbol.dispose]: release };
 }
 
+/**
+ * Whether process `pid` exists now: a PID recorded in a claim, hold or lock file by a process
+ * that may have died since. (A PID can be reused; callers that care also bound the record's age.)
+ */
+export function processExists(pid: number): Promise<boolean> {
+  return exists(`/proc/${pid}`);
+}
+
 /** Whether a path exists (any type). A path through a file (`/etc/passwd/x`) does not. */
 export async function exists(path: string): Promise<boolean> {
   try {

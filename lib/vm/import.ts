@@ -38,6 +38,7 @@ import {
   freeBytes,
   lockFile,
   osReason,
+  processExists,
   syncDir,
   touch,
   writeFileAtomic,
@@ -194,7 +195,7 @@ async function removeStalePartials(vmdir: string, name: string): Promise<void> {
     // A lazy pull's files: its session (lib/vm/lazy_pull.ts) owns and removes them.
     if (e.name === lazyPartialName(name)) continue;
     const pid = Number(e.name.slice(prefix.length).split("-")[0]);
-    if (pid && pid !== Deno.pid && await exists(`/proc/${pid}`)) continue;
+    if (pid && pid !== Deno.pid && await processExists(pid)) continue;
     debug(`removing leftovers of an interrupted import: ${e.name}`);
     await Deno.remove(join(vmdir, e.name), { recursive: true }).catch(() => {});
   }

@@ -65,6 +65,7 @@ import {
   type FileLock,
   lockFile,
   processesHolding,
+  processExists,
   tryLockFile,
   writeFileAtomic,
 } from "../util/fsutil.ts";
@@ -212,9 +213,6 @@ async function serverAlive(dir: string): Promise<boolean> {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Whether process `pid` exists (a server that wrote a state may have died since). */
-const processAlive = (pid: number) => exists(`/proc/${pid}`);
-
 /**
  * How to run this program again: the executable itself when compiled; else `deno run` of the
  * bundle or of `cli.ts` (the main module when it is sarde's, else the one of this tree: a library
@@ -333,7 +331,7 @@ export async function waitForLazySession(imageId: string, spec: LazyPullSpec): P
     const alive = await serverAlive(dir);
     // A server that gave up and exited is given one more go, once; one that still serves the VM
     // has the last word (a new server, still starting, has not written its state yet).
-    if (state.phase === "failed" && (restarted || await processAlive(state.pid))) {
+    if (state.phase === "failed" && (restarted || await processExists(state.pid))) {
       throw lazyFailure(state, dir);
     }
     if (!alive) {
@@ -787,7 +785,7 @@ async function attach(dir: string, name: string, tell: (line: ReadyLine) => void
   for (let i = 0;; i++) {
     const state = await readLazyState(dir);
     // A dead server's failure: the server holding the lock now has not written its state yet.
-    const stale = state?.phase === "failed" && !await processAlive(state.pid);
+    const stale = state?.phase === "failed" && !await processExists(state.pid);
     if (state && state.pid !== Deno.pid && !stale) {
       if (state.phase === "failed") throw lazyFailure(state, dir);
       if (state.name !== name) {
@@ -1104,7 +1102,7 @@ async function liveHolds(dir: string, connect: { connect?: string }): Promise<bo
     const file = join(dir, "holds", e.name);
     const hold = await Deno.readTextFile(file).then(JSON.parse).catch(() => undefined);
     const domain = e.name.replace(/\.json$/, "");
-    const young = Number.isSafeInteger(hold?.pid) && await exists(`/proc/${hold.pid}`) &&
+    const young = Number.isSafeInteger(hold?.pid) && await processExists(hold.pid) &&
       Date.now() - Number(hold.since) < HOLD_GRACE_MS;
     if (young || await domainExists(domain, connect)) live = true;
     else await Deno.remove(file).catch(() => {});

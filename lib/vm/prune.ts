@@ -18,6 +18,7 @@ import {
   type FileLock,
   lockFile,
   osReason,
+  processExists,
   tryLockFile,
   writeFileAtomic,
 } from "../util/fsutil.ts";
@@ -297,7 +298,7 @@ export async function prune(options: PruneOptions): Promise<Removed[]> {
       const p = join(dir, e.name);
       if (e.isDirectory && /^\..+\.partial-(\d+)-/.test(e.name)) {
         const pid = Number(/\.partial-(\d+)-/.exec(e.name)![1]);
-        if (!await exists(`/proc/${pid}`)) {
+        if (!await processExists(pid)) {
           await act(
             `interrupted import ${p}`,
             await diskUsage(p),
@@ -489,7 +490,7 @@ export async function reserveRoom(options: MakeRoomOptions): Promise<Reservation
   for (const e of entries) {
     const file = join(dir, e.name);
     const claim = await Deno.readTextFile(file).then(JSON.parse).catch(() => undefined);
-    const alive = Number.isSafeInteger(claim?.pid) && await exists(`/proc/${claim.pid}`) &&
+    const alive = Number.isSafeInteger(claim?.pid) && await processExists(claim.pid) &&
       Date.now() - Number(claim.since) < MAX_RESERVATION_AGE_MS;
     if (alive && Number.isSafeInteger(claim.bytes)) reservedBytes += claim.bytes;
     else await Deno.remove(file).catch(() => {}); // a crashed pull's claim
