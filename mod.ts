@@ -554,7 +554,7 @@ export async function pull(
 ): Promise<ImportResult> {
   const target = parseReference(reference);
   const source = options.source ? parseReference(options.source) : target;
-  const { signal: _, ...fetch } = await transferOptions(source.registry, options);
+  const { signal: _, verify: __, ...fetch } = await transferOptions(source.registry, options);
   return await (options.lazy ? pullLazily : pullImage)(target, {
     fetch,
     trust: { policy: options.policy, registriesD: options.registriesD },

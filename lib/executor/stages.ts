@@ -58,7 +58,7 @@ import {
 import { error, info, warn } from "../util/log.ts";
 import { DEFAULT_RESPONSE_TIMEOUT_MS } from "../util/defaults.ts";
 import { loadRegistriesConf, resolvePullSources } from "../registry/registries_conf.ts";
-import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
+import type { TrustOptions } from "../trust/verify.ts";
 import { freePort } from "../util/net.ts";
 import { pullImage, pullLazily } from "../vm/pull.ts";
 import { lazyManifest, lazySessionOf, readLazyState } from "../vm/lazy_pull.ts";
@@ -751,7 +751,6 @@ async function baseVm(
         authfile: s.authfile,
         tls: { insecure: s.insecure, tlsVerify: s.tlsVerify, certDir: s.certDir },
         registriesConf: s.registriesConf,
-        verify: trustVerifier(s.trust),
         responseTimeoutMs: Math.min(
           s.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS,
           s.timeoutMs,
@@ -764,7 +763,6 @@ async function baseVm(
         },
       },
       import: importOptions,
-      // The same settings, for a lazy pull's server should this pull wait for one.
       trust: s.trust,
       signal,
       onManifest: () => found = true,

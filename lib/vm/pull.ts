@@ -7,7 +7,7 @@
 
 import { join } from "node:path";
 import { fail } from "../util/errors.ts";
-import type { TrustOptions } from "../trust/verify.ts";
+import { type TrustOptions, trustVerifier } from "../trust/verify.ts";
 import { importImage, type ImportOptions, type ImportResult } from "./import.ts";
 import { checkVmName, domainUuid } from "./libvirt.ts";
 import { type Reservation, reserveRoomForImage } from "./prune.ts";
@@ -23,14 +23,15 @@ import { fetchImage, type FetchOptions, type TransferResult } from "../transfer/
 /** Options of {@link pullImage}. */
 export interface PullOptions {
   /** How to fetch: the store (`ocidir`), transport, credentials, concurrency, retries. */
-  fetch: Omit<FetchOptions, "signal" | "target" | "onManifest">;
+  fetch: Omit<FetchOptions, "signal" | "target" | "onManifest" | "verify">;
   /** How to import: `vmdir`, VM name, domain type, libvirt connection (the store is `fetch`'s). */
   import: Omit<ImportOptions, "ocidir" | "progress" | "beforeCommit" | "signal">;
   /** Where to download from (default: `target`). */
   source?: Reference;
   /**
-   * The trust settings behind `fetch.verify`: a lazy pull's server process builds its own check
-   * from them (a function cannot be handed to it).
+   * The trust policy (containers-policy.json, registries.d) the image is checked against before
+   * anything is stored (default: the policy files the containers tools read). A setting, not a
+   * hook, so that a lazy pull's server process can build the same check.
    */
   trust?: TrustOptions;
   /** Stops both the download and the import. */
@@ -69,6 +70,7 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
   let first: { error: unknown } | undefined;
   const fetching: Promise<TransferResult> = fetchImage(source, {
     ...options.fetch,
+    verify: trustVerifier(options.trust ?? {}),
     signal,
     target,
     async onManifest(image) {
@@ -119,7 +121,7 @@ export async function pullImage(target: Reference, options: PullOptions): Promis
 function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
   // The trust check is rebuilt by the server from its settings; any other hook cannot cross to
   // the server process: refuse rather than let the server pull without it.
-  const { verify: _, ...fetch } = options.fetch;
+  const fetch = options.fetch;
   const hooks = Object.entries({ ...fetch, ...options.import })
     .filter(([, v]) => typeof v === "function").map(([k]) => k);
   if (hooks.length) {
