@@ -42,7 +42,7 @@ import {
 import { type Reservation, reserveRoomForImage } from "../vm/prune.ts";
 import { checkMinSize, formatSize, parsePositiveInt, parseSize } from "../util/units.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
-import { exists, writeFileAtomic } from "../util/fsutil.ts";
+import { exists, processExists, writeFileAtomic } from "../util/fsutil.ts";
 import { getVmConfig } from "../oci/images.ts";
 import { defaultVmdir, importVm } from "../vm/import.ts";
 import {
@@ -141,10 +141,10 @@ interface JobState {
   user?: string;
   createdAt: number;
   /**
-   * The job VM reads its image over NBD from this lazy session (lib/vm/lazy_pull.ts), which had
-   * failed this many demand reads when the VM started.
+   * The job VM reads its image over NBD from this lazy session (lib/vm/lazy_pull.ts), whose
+   * server (`serverPid`) had failed this many demand reads when the VM started.
    */
-  lazy?: { session: string; failedReads: number };
+  lazy?: { session: string; failedReads: number; serverPid?: number };
 }
 
 const MAX_JOB_AGE_MS = 24 * 3600_000;
@@ -883,9 +883,7 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
     tmpDir: await Deno.realPath(await jobTmpDir(env)),
     runner: await runnerProcess(),
     createdAt: Date.now(),
-    lazy: clone.lazySession
-      ? { session: clone.lazySession, failedReads: await failedReads(clone.lazySession) }
-      : undefined,
+    lazy: clone.lazySession ? await lazyBaseline(clone.lazySession) : undefined,
   };
   await writeState(jobDir, state);
   const tClone = Date.now();
@@ -928,9 +926,27 @@ export async function prepareStage(env: Env, signal?: AbortSignal): Promise<void
   }
 }
 
-/** How many demand reads the lazy session in `dir` could not serve so far. */
-async function failedReads(dir: string): Promise<number> {
-  return (await readLazyState(dir))?.failedReads?.count ?? 0;
+/** The lazy session in `dir` as a job VM starts on it: which server, how many failed reads. */
+async function lazyBaseline(dir: string): Promise<NonNullable<JobState["lazy"]>> {
+  const state = await readLazyState(dir);
+  return { session: dir, failedReads: state?.failedReads?.count ?? 0, serverPid: state?.pid };
+}
+
+/**
+ * Why the job VM's reads of its image over NBD may have failed since prepare, or undefined:
+ * demand reads the lazy server could not serve (counted in its state; a restarted server counts
+ * from 0), or the server gone.
+ */
+async function lazyTrouble(lazy: NonNullable<JobState["lazy"]>): Promise<string | undefined> {
+  const state = await readLazyState(lazy.session);
+  if (!state) return undefined; // complete, and left once no VM read from it
+  if (!await processExists(state.pid)) return `its lazy pull server (pid ${state.pid}) stopped`;
+  const since = state.pid === lazy.serverPid ? lazy.failedReads : 0;
+  const failed = (state.failedReads?.count ?? 0) - since;
+  if (failed <= 0) return undefined;
+  const last = state.failedReads?.last;
+  return `${failed} read(s) of the image could not be served by its lazy pull` +
+    (last ? ` (last: ${last})` : "");
 }
 
 async function findAddress(s: JobSettings, vm: string, signal?: AbortSignal): Promise<string> {
@@ -989,13 +1005,11 @@ export async function runStage(
   if (r.code === 0) return { kind: "ok" };
   // The guest got I/O errors for reads of its image the lazy pull could not serve: the job
   // failed for the runner's reasons, and a retry on a healthy registry may pass.
-  const failed = state.lazy ? await failedReads(state.lazy.session) - state.lazy.failedReads : 0;
-  if (failed > 0) {
-    const last = (await readLazyState(state.lazy!.session))?.failedReads?.last;
+  const trouble = state.lazy && await lazyTrouble(state.lazy);
+  if (trouble) {
     return {
       kind: "system",
-      message: `${stage} failed (exit ${r.code}) after ${failed} read(s) of the image could not ` +
-        `be served by its lazy pull${last ? ` (last: ${last})` : ""}; see ` +
+      message: `${stage} failed (exit ${r.code}) after ${trouble}; see ` +
         join(state.lazy!.session, "server.log"),
     };
   }

@@ -242,6 +242,7 @@ async function serverCommand(): Promise<string[]> {
  */
 export async function startLazyPull(
   spec: LazyPullSpec,
+  signal?: AbortSignal,
 ): Promise<{ name: string; imageId: string } | undefined> {
   const vmdir = spec.import.vmdir;
   await ensureDir(lazyRoot(vmdir), "the lazy pull folder", "choose another one with --vmdir");
@@ -260,11 +261,23 @@ export async function startLazyPull(
   }).spawn();
   let text = "";
   const decoder = new TextDecoder();
-  for await (const piece of child.stdout) {
-    text += decoder.decode(piece, { stream: true });
-    if (text.includes("\n")) break;
+  // Stopping the wait leaves the server be: its download serves whoever asks next.
+  const reader = child.stdout.getReader();
+  const stopWaiting = () => void reader.cancel().catch(() => {});
+  signal?.addEventListener("abort", stopWaiting, { once: true });
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      if (text.includes("\n")) break;
+    }
+  } finally {
+    signal?.removeEventListener("abort", stopWaiting);
+    reader.releaseLock();
   }
   await child.status;
+  signal?.throwIfAborted();
   const line = text.split("\n")[0];
   let ready: ReadyLine;
   try {
@@ -323,6 +336,9 @@ export async function waitForLazySession(imageId: string, spec: LazyPullSpec): P
   let restarted = false;
   for (;;) {
     const state = await readLazyState(dir);
+    // Committed: the files are the import's already, but the VM may still be defined on the
+    // socket; a dead server is started again to serve it and move it onto its files.
+    if (state?.phase === "committed") await reviveLazySession(dir);
     if (!state || (state.phase !== "serving" && state.phase !== "failed")) return;
     if (!announced) {
       info(`waiting for the lazy pull of ${state.reference} (VM ${state.name}) to complete`);
@@ -342,6 +358,27 @@ export async function waitForLazySession(imageId: string, spec: LazyPullSpec): P
     await sleep(500);
   }
 }
+
+/**
+ * Starts the server of the session in `dir` again when it died (a kill, a crash, a reboot), from
+ * the spec it recorded, since the VM (and any job VM held on it) reads its disks through its
+ * socket. Returns whether a server runs it now.
+ */
+async function reviveLazySession(dir: string): Promise<boolean> {
+  if (await serverAlive(dir)) return true;
+  const text = await Deno.readTextFile(join(dir, SPEC_FILE)).catch(() => undefined);
+  if (text === undefined) return false;
+  info(`the lazy server of ${dir} is gone: starting it again`);
+  try {
+    await startLazyPull(JSON.parse(text) as LazyPullSpec);
+  } catch (err) {
+    warn(`cannot start the lazy server of ${dir} again: ${describeError(err)}`);
+  }
+  return await serverAlive(dir);
+}
+
+/** The spec a server runs with, kept in its session for {@link reviveLazySession}. */
+const SPEC_FILE = "spec.json";
 
 /** The error of a session whose download gave up. */
 function lazyFailure(state: LazyState, dir: string): SardeError {
@@ -475,8 +512,19 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     }
     const dir = lazyStateDir(vmdir, imageId);
     await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
-    const lock = await tryLockFile(join(dir, "lock"));
-    if (!lock) return await attach(dir, name, tell);
+    let lock = await tryLockFile(join(dir, "lock"));
+    // Another server holds it, or a probe whether one runs (prune, clone) held it an instant.
+    for (let i = 0; !lock && i < 5; i++) {
+      if (await attach(dir, name, tell)) return;
+      lock = await tryLockFile(join(dir, "lock"));
+    }
+    if (!lock) {
+      throw fail(
+        "external",
+        "the lazy server of this image stopped while starting",
+        "run it again",
+      );
+    }
     using _lock = lock;
     const previous = await readLazyState(dir);
     if (previous && previous.name !== name) {
@@ -493,6 +541,10 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     }
     // Moved beside the session's other files, where list and the user look for it.
     await adoptLog(dir);
+    await writeFileAtomic(
+      join(dir, SPEC_FILE),
+      JSON.stringify({ ...spec, import: { ...spec.import, name } }) + "\n",
+    );
 
     // The name is ours until the files are committed: imports and prune of it wait.
     let nameLock: FileLock | undefined = await lockFile(vmLockPath(vmdir, name));
@@ -505,32 +557,40 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
     const gate = createPriorityGate({
       maxWaitMs: (spec.fetch.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS) / 3,
     });
-    /** A fetch of the whole image into the store, as a plain pull does; again after a failure. */
-    const startFetch = (): BackgroundFetch => {
+    /**
+     * A fetch of the whole image into the store, as a plain pull does; `again` after a failure:
+     * then by the digest served so far, as the tag may have moved meanwhile (a push of a new
+     * image would otherwise be downloaded and tagged under a VM made of the old one). That
+     * manifest passed the policy on the first fetch; by digest, it is the same bytes.
+     */
+    const startFetch = (again = false): BackgroundFetch => {
       const got = Promise.withResolvers<FetchingImage>();
       got.promise.catch(() => {});
       // The policy is checked inside fetchImage before onManifest: an image it refuses is never
       // defined nor served.
-      const done = fetchImage(source, {
-        ...spec.fetch,
-        verify: trustVerifier(spec.trust ?? {}),
-        target,
-        onManifest: async (image) => {
-          if (!claimTaken) {
-            claimTaken = true;
-            claim = await reserveRoomForImage(image, {
-              ...connect,
-              ocidir: spec.fetch.ocidir,
-              vmdir,
-              budgetBytes: spec.cacheBudgetBytes!,
-              what,
-              vmFolder,
-            });
-          }
-          got.resolve(image);
+      const done = fetchImage(
+        again ? { ...source, tag: undefined, digest: fetched.digest } : source,
+        {
+          ...spec.fetch,
+          verify: again ? async () => {} : trustVerifier(spec.trust ?? {}),
+          target,
+          onManifest: async (image) => {
+            if (!claimTaken) {
+              claimTaken = true;
+              claim = await reserveRoomForImage(image, {
+                ...connect,
+                ocidir: spec.fetch.ocidir,
+                vmdir,
+                budgetBytes: spec.cacheBudgetBytes!,
+                what,
+                vmFolder,
+              });
+            }
+            got.resolve(image);
+          },
+          gate: gate.wait,
         },
-        gate: gate.wait,
-      });
+      );
       done.catch((err) => got.reject(err));
       return { done, image: got.promise };
     };
@@ -727,7 +787,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           );
           await writeState();
           await sleep(delay);
-          fetch = startFetch();
+          fetch = startFetch(true);
         }
       }
       if (!committedBefore) {
@@ -780,12 +840,19 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
   }
 }
 
-/** A second server for an image already served: waits until the first serves, reports its VM. */
-async function attach(dir: string, name: string, tell: (line: ReadyLine) => void): Promise<void> {
+/**
+ * A second server for an image already served: waits until the first serves and reports its VM
+ * (true), or returns false once nobody holds the lock (it was a probe, or the server died).
+ */
+async function attach(
+  dir: string,
+  name: string,
+  tell: (line: ReadyLine) => void,
+): Promise<boolean> {
   for (let i = 0;; i++) {
     const state = await readLazyState(dir);
-    // A dead server's failure: the server holding the lock now has not written its state yet.
-    const stale = state?.phase === "failed" && !await processExists(state.pid);
+    // A dead server's state: the server holding the lock now has not written its own yet.
+    const stale = state !== undefined && !await processExists(state.pid);
     if (state && state.pid !== Deno.pid && !stale) {
       if (state.phase === "failed") throw lazyFailure(state, dir);
       if (state.name !== name) {
@@ -795,15 +862,10 @@ async function attach(dir: string, name: string, tell: (line: ReadyLine) => void
           `use -n ${state.name}`,
         );
       }
-      return tell({ name: state.name, imageId: state.imageId });
+      tell({ name: state.name, imageId: state.imageId });
+      return true;
     }
-    if (!await serverAlive(dir)) {
-      throw fail(
-        "external",
-        "the lazy server of this image stopped while starting",
-        "run it again",
-      );
-    }
+    if (!await serverAlive(dir)) return false;
     if (i % 20 === 0) debug(`waiting for the lazy server in ${dir}`);
     await sleep(200);
   }
@@ -1126,7 +1188,8 @@ export async function holdLazySession(
   using _holds = await lockFile(join(dir, HOLDS_LOCK), { shared: true, folderMustExist: true })
     .catch(() => undefined);
   if (!_holds || !await readLazyState(dir)) return undefined; // it just finished
-  if (!await serverAlive(dir)) {
+  if (state.phase === "failed") throw lazyFailure(state, dir);
+  if (!await reviveLazySession(dir)) {
     throw fail(
       "external",
       `the lazy pull server of VM ${base} is not running: its disks cannot be read`,

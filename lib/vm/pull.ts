@@ -151,7 +151,7 @@ function lazySpec(target: Reference, options: PullOptions): LazyPullSpec {
 export async function pullLazily(target: Reference, options: PullOptions): Promise<ImportResult> {
   if (options.import.name !== undefined) checkVmName(options.import.name);
   options.signal?.throwIfAborted();
-  const served = await startLazyPull(lazySpec(target, options));
+  const served = await startLazyPull(lazySpec(target, options), options.signal);
   if (!served) return await pullImage(target, options);
   return {
     name: served.name,
