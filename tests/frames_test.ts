@@ -301,6 +301,16 @@ Deno.test("frames: a malformed annotation, a tampered or forged table, a tampere
     const frame = blob.slice(f.offset, f.offset + f.compressedSize);
     const expected = content.subarray(c.offset + f.chunkOffset, c.offset + f.chunkOffset + f.size);
     assert.deepEqual(await decodeFrame(frame, f.size, f.digest), expected);
+    // Handed over, a whole array moves to the worker (empty here afterwards); a view of part of
+    // a larger array is copied, never taken.
+    const mine = frame.slice();
+    assert.deepEqual(await decodeFrame(mine, f.size, f.digest, { handOver: true }), expected);
+    assert.equal(mine.byteLength, 0);
+    const larger = new Uint8Array(frame.length + 1);
+    larger.set(frame);
+    const view = larger.subarray(0, frame.length);
+    assert.deepEqual(await decodeFrame(view, f.size, f.digest, { handOver: true }), expected);
+    assert.deepEqual(view, frame);
     const bad = frame.slice();
     bad[bad.length >> 1] ^= 0x55;
     await assert.rejects(decodeFrame(bad, f.size, f.digest), isIntegrity(/zstd frame/));

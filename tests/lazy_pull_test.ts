@@ -233,6 +233,9 @@ Deno.test({
       assert.ok(atReturn < img.bytes / 2, `${atReturn} of ${img.bytes} bytes moved at return`);
       const s1 = await state(p.vmdir, img.imageId);
       assert.equal(s1.phase, "serving");
+      // with the small young generation of every sarde process (peak RSS: bench/lazy.ts)
+      const cmdline = (await Deno.readTextFile(`/proc/${s1.pid}/cmdline`)).split("\0");
+      assert.ok(cmdline.includes("--v8-flags=--max-semi-space-size=1"), cmdline.join(" "));
 
       // 2. a second lazy pull uses the same server
       const second = await sarde(pullArgs(p, ref, ["--lazy"]), { env });

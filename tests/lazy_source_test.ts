@@ -368,6 +368,18 @@ Deno.test({
   },
 });
 
+/** Units of 1 MiB of `data`, each its own uncompressed "blob" (a local store: no registry). */
+function localUnits(data: Uint8Array): FileUnit[] {
+  const units: FileUnit[] = [];
+  for (let offset = 0; offset < data.length; offset += MiB) {
+    const length = Math.min(MiB, data.length - offset);
+    const bytes = data.subarray(offset, offset + length);
+    const blob: Descriptor = { mediaType: "x", digest: digestOf(bytes), size: length };
+    units.push({ offset, length, blob, digest: digestOf(bytes) });
+  }
+  return units;
+}
+
 Deno.test({
   name: "lazy file: prefetch starts no fetch while a read waits for a unit",
   ...opts,
@@ -376,13 +388,7 @@ Deno.test({
     const data = diskBytes();
     const work = await tempDir("lazy-order");
     try {
-      const units: FileUnit[] = [];
-      for (let offset = 0; offset < data.length; offset += MiB) {
-        const length = Math.min(MiB, data.length - offset);
-        const bytes = data.subarray(offset, offset + length);
-        const blob: Descriptor = { mediaType: "x", digest: digestOf(bytes), size: length };
-        units.push({ offset, length, blob, digest: digestOf(bytes) });
-      }
+      const units = localUnits(data);
       const file: ImageFile = { name: "d", encoding: "zstd", layers: [], size: data.length };
       const order: number[] = [];
       const gates = new Map<number, () => void>();
@@ -444,6 +450,46 @@ Deno.test({
       await other.close();
       await assert.rejects(hanging);
       await assert.rejects(other.read(0, 10), /closed/);
+    } finally {
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "lazy file: fetched and decoded units are freed once used, the bytes given to fill are not",
+  ...opts,
+  fn: async () => {
+    const data = diskBytes();
+    const work = await tempDir("lazy-free");
+    try {
+      const units = localUnits(data);
+      const fetched: Uint8Array[] = [];
+      const decoded: Uint8Array[] = [];
+      await using lazy = await openLazyFile({
+        path: join(work, "d"),
+        file: { name: "d", encoding: "zstd", layers: [], size: data.length },
+        units,
+        fetchUnit: (u) => {
+          fetched.push(data.slice(u.offset, u.offset + u.length));
+          return Promise.resolve(fetched.at(-1)!);
+        },
+        // the "compression" of this store is none; unit 1 is decoded in place
+        decode: (c, u) => {
+          decoded.push(u.offset === MiB ? c : c.slice());
+          return Promise.resolve(decoded.at(-1)!);
+        },
+      });
+      assertSameBytes(await lazy.read(MiB - 10, 20), data.subarray(MiB - 10, MiB + 10));
+      assert.equal(decoded.length, 2, "units 0 and 1");
+      assert.deepEqual(decoded.map((d) => d.byteLength), [0, 0], "freed once written");
+      assert.deepEqual(fetched.map((d) => d.byteLength), [0, 0], "freed once decoded");
+      const given = data.slice(5 * MiB, 6 * MiB);
+      assert.ok(await lazy.fill(5, given));
+      assert.equal(given.byteLength, MiB, "the caller's bytes are left alone");
+      await lazy.prefetch();
+      assert.ok([...fetched, ...decoded].every((d) => d.byteLength === 0));
+      assert.equal((await digestFile(join(work, "d"))).digest, digestOf(data));
     } finally {
       await Deno.remove(work, { recursive: true });
     }

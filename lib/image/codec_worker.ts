@@ -28,6 +28,7 @@
 
 import { directIo } from "../util/direct_io.ts";
 import { osReason } from "../util/fsutil.ts";
+import { spansBuffer } from "../util/memory.ts";
 import { encodeFrameTable, type FrameTableLocation } from "./frames.ts";
 import type { Range } from "./holes.ts";
 
@@ -124,7 +125,8 @@ export interface HashResult {
 
 /**
  * Decompress one zstd frame held in memory: `bytes` must be exactly one frame whose header gives
- * `size` as its content size, and decompress to `size` bytes whose sha256 is `digest`.
+ * `size` as its content size, and decompress to `size` bytes whose sha256 is `digest`. The
+ * worker frees its copy of `bytes` once done (see lib/util/memory.ts).
  */
 export interface InflateJob {
   kind: "inflate";
@@ -690,6 +692,18 @@ function codecWorkerMain(shared: WorkerShared): void {
     return data;
   }
 
+  /**
+   * {@link inflate}, then frees the job's frame (its buffer is this thread's alone, copied or
+   * moved here): this thread allocates too little JS for V8 to ever collect it (lib/util/memory.ts).
+   */
+  function inflateOnce(job: InflateJob): Uint8Array {
+    try {
+      return inflate(job);
+    } finally {
+      (job.bytes.buffer as ArrayBuffer).transfer(0);
+    }
+  }
+
   function hashFile(job: HashJob): HashResult {
     using f = Deno.openSync(job.file, { read: true });
     const hash = createHash("sha256");
@@ -716,7 +730,7 @@ function codecWorkerMain(shared: WorkerShared): void {
           : job.kind === "decode"
           ? decode(job)
           : job.kind === "inflate"
-          ? inflate(job)
+          ? inflateOnce(job)
           : hashFile(job);
       } catch (err) {
         throw ioFailure(err, `cannot ${job.kind} ${what}`);
@@ -744,11 +758,15 @@ function workerSource(): string {
 
 /** Runs codec jobs on a fixed set of worker threads. */
 export interface CodecPool {
-  /** Runs `job` on the next free worker. Rejects with the worker's {@link WorkerFailure}. */
+  /**
+   * Runs `job` on the next free worker. Rejects with the worker's {@link WorkerFailure}. An
+   * inflate job's `bytes` is copied to the worker, or moved there with `handOver` (it is then
+   * empty here: only for an array the caller owns whole and is done with).
+   */
   run(job: EncodeJob): Promise<EncodeResult>;
   run(job: DecodeJob): Promise<DecodeResult>;
   run(job: HashJob): Promise<HashResult>;
-  run(job: InflateJob): Promise<Uint8Array>;
+  run(job: InflateJob, handOver?: boolean): Promise<Uint8Array>;
   /** Stops every worker at once (jobs in flight reject). Idempotent. */
   close(): void;
 }
@@ -771,7 +789,7 @@ export function createCodecPool(size: number): CodecPool {
   const idle: Worker[] = [];
   const all = new Set<Worker>();
   const busy = new Map<Worker, Waiter>();
-  const queue: { job: CodecJob; waiter: Waiter }[] = [];
+  const queue: { job: CodecJob; waiter: Waiter; transfer: Transferable[] }[] = [];
   let closed = false;
 
   const start = (): Worker => {
@@ -791,7 +809,7 @@ export function createCodecPool(size: number): CodecPool {
       idle.push(w);
       return;
     }
-    const { job, waiter } = next;
+    const { job, waiter, transfer } = next;
     busy.set(w, waiter);
     w.onmessage = ({ data }) => {
       busy.delete(w);
@@ -807,15 +825,17 @@ export function createCodecPool(size: number): CodecPool {
       w.terminate();
       if (!closed && queue.length > 0) dispatch(start());
     };
-    w.postMessage(job);
+    w.postMessage(job, transfer);
   };
 
-  const run = (job: CodecJob): Promise<never> => {
+  const run = (job: CodecJob, handOver = false): Promise<never> => {
     if (closed) {
       return Promise.reject(new CodecError({ error: "codec pool closed", kind: "io" }));
     }
     return new Promise((resolve, reject) => {
-      queue.push({ job, waiter: { resolve, reject } });
+      const move = job.kind === "inflate" && handOver && spansBuffer(job.bytes);
+      const transfer = move ? [job.bytes.buffer as ArrayBuffer] : [];
+      queue.push({ job, waiter: { resolve, reject }, transfer });
       const w = idle.pop() ?? (all.size < size ? start() : undefined);
       if (w) dispatch(w);
     });

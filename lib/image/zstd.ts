@@ -100,6 +100,15 @@ export interface ZstdDecodeOptions {
   pool?: CodecPool;
 }
 
+/** Options of {@link decodeFrame}. */
+export interface FrameDecodeOptions extends ZstdDecodeOptions {
+  /**
+   * `bytes` is the caller's whole array and it is done with it: moved to the worker instead of
+   * copied, and freed there (it reads as empty afterwards).
+   */
+  handOver?: boolean;
+}
+
 /** Options of {@link decodeZstdChunk}. */
 export interface ZstdChunkDecodeOptions extends ZstdDecodeOptions {
   /**
@@ -427,7 +436,7 @@ export async function decodeFrame(
   bytes: Uint8Array,
   expectedSize: number,
   digest: string,
-  opts: ZstdDecodeOptions = {},
+  opts: FrameDecodeOptions = {},
 ): Promise<Uint8Array> {
   const { signal } = opts;
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 1 || expectedSize > MAX_FRAME_SIZE) {
@@ -438,7 +447,7 @@ export async function decodeFrame(
   const pool = opts.pool ?? own!;
   try {
     return await unlessAborted(
-      pool.run({ kind: "inflate", bytes, size: expectedSize, digest }),
+      pool.run({ kind: "inflate", bytes, size: expectedSize, digest }, opts.handOver),
       signal,
     );
   } catch (err) {

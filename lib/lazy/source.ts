@@ -35,12 +35,17 @@ import type { RegistryClient } from "../registry/client.ts";
 import { DEFAULT_CONCURRENCY } from "../util/defaults.ts";
 import { fail, SardeError } from "../util/errors.ts";
 import { debug, warn } from "../util/log.ts";
+import { releaseBytes } from "../util/memory.ts";
 import type { BlockSource } from "./nbd.ts";
 
 /** Fetches the compressed bytes of a unit (its `range` of the blob, or the whole blob). */
 export type UnitFetcher = (unit: FileUnit, signal?: AbortSignal) => Promise<Uint8Array>;
 
-/** Decodes a unit's compressed bytes; the lazy file verifies what comes out. */
+/**
+ * Decodes a unit's compressed bytes; the lazy file verifies what comes out. Both arrays are the
+ * lazy file's: it frees the decoded one once written (lib/util/memory.ts), so a decoder must
+ * return an array it does not keep.
+ */
 export type UnitDecoder = (
   compressed: Uint8Array,
   unit: FileUnit,
@@ -494,7 +499,9 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
       let data: Uint8Array;
       try {
         // A whole blob is checked against its digest as it is fetched: the same kind of fault.
-        data = await decode(await fetchUnit(unit, signal), unit, signal);
+        const compressed = await fetchUnit(unit, signal);
+        data = await decode(compressed, unit, signal);
+        if (data.buffer !== compressed.buffer) releaseBytes(compressed);
       } catch (err) {
         if (!(err instanceof SardeError) || err.kind !== "integrity") throw err;
         problem = err;
@@ -505,6 +512,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
       } else if (digestOf(data) !== unit.digest) {
         problem = corrupt(unit, `does not decode to ${unit.digest.slice(0, 19)}`);
       } else return data;
+      releaseBytes(data);
     }
     throw fail("integrity", `${what}: bytes at ${unit.offset}: ${problem!.message}`);
   }
@@ -512,15 +520,19 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   /**
    * Makes unit `i` present with the verified bytes `produce` gives: written, synced, logged.
    * Concurrent callers share it, so it runs until done or until the file is closed, whoever asked
-   * for it first.
+   * for it first. With `owned`, the bytes are freed once written.
    */
-  function keep(i: number, produce: () => Promise<Uint8Array>): Promise<void> {
+  function keep(i: number, produce: () => Promise<Uint8Array>, owned = false): Promise<void> {
     if (present[i]) return Promise.resolve();
     let p = inFlight.get(i);
     if (!p) {
       p = (async () => {
         const data = await produce();
-        await writeFully(fh, data, unitOf(i).offset);
+        try {
+          await writeFully(fh, data, unitOf(i).offset);
+        } finally {
+          if (owned) releaseBytes(data);
+        }
         await sync();
         await logPresent([i]);
         markPresent(i);
@@ -531,7 +543,7 @@ export async function openLazyFile(options: LazyFileOptions): Promise<LazyFile> 
   }
 
   /** Makes unit `i` (of a resolved group) present, fetching it (see {@link verified}). */
-  const ensure = (i: number): Promise<void> => keep(i, () => verified(i));
+  const ensure = (i: number): Promise<void> => keep(i, () => verified(i), true);
 
   /** The numbers of the units of resolved group `g` that overlap `[from, to)`. */
   const unitsIn = (g: number, from: number, to: number): number[] =>
