@@ -532,6 +532,163 @@ Deno.test({
   },
 });
 
+/** The file disks of VM `name` (its inactive definition): target and source file. */
+async function disksOf(name: string): Promise<{ target: string; file: string }[]> {
+  const xml = (await virsh("dumpxml", "--inactive", name)).stdout;
+  return [...xml.matchAll(/<source file='([^']+)'[^]*?<target dev='(\w+)'/g)]
+    .map((m) => ({ target: m[2], file: m[1] }));
+}
+
+/** The files of `file`'s backing chain as qemu-img follows its headers, the file's own first. */
+async function backingFiles(file: string): Promise<string[]> {
+  const r = await run("qemu-img", ["info", "--backing-chain", "--output=json", "-U", file]);
+  assert.equal(r.code, 0, r.stderr);
+  return JSON.parse(r.stdout).map((i: { filename: string }) => i.filename);
+}
+
+/** The sha256 of 2 MiB of the extra disk from `offset` MiB on, as the image has it. */
+async function extraHash(img: LazyImage, offset: number): Promise<string> {
+  const r = await run("sh", [
+    "-c",
+    `dd if=${img.extraFile} bs=1M skip=${offset} count=2 2>/dev/null | sha256sum`,
+  ]);
+  return r.stdout.split(" ")[0];
+}
+
+Deno.test({
+  name: "clone --lazy: the clone boots while the image is partial; persistent clones move onto " +
+    "the local files once it is complete and they are stopped, and the server exits",
+  ...opts,
+  async fn() {
+    const t0 = Date.now();
+    const img = await lazyImage();
+    // the extra disk's whole downloads wait for the test: the image is surely partial meanwhile
+    const gate = Promise.withResolvers<void>();
+    await using proxy = await startThrottledProxy({ url: `http://${img.registry.host}` }, {
+      bytesPerSecond: FAST,
+      holdWhole: { digests: img.extraChunks.map((c) => c.digest), until: gate.promise },
+    });
+    const ref = `${proxy.host}/${img.path}`;
+    const p = await place("lazy-clone");
+    const booted = uniqueVmName("sarde-lzclone-run");
+    const idle = uniqueVmName("sarde-lzclone-idle");
+    const plain = uniqueVmName("sarde-lzclone-plain");
+    const clone = (source: string, target: string, more: string[] = []) =>
+      sarde([
+        ...["clone", "--lazy", "-d", p.ocidir, "--vmdir", p.vmdir, "-c", TEST_URI],
+        ...["--domain-type", "qemu", "--allow-host-resources", ...more, source, target],
+      ], { env: { ...env, SARDE_LAZY_RETRY_MS: "500" } });
+    const dir = lazyStateDir(p.vmdir, img.imageId);
+    const vmFolder = join(p.vmdir, img.imageId);
+    try {
+      // 1. from an empty store: pulled lazily, cloned, started; returns while the image is partial
+      const first = await clone(ref, booted, ["--start"]);
+      assert.equal(first.code, 0, first.stderr);
+      assert.equal(first.stdout, `${booted}\n`);
+      const s1 = await state(p.vmdir, img.imageId);
+      assert.equal(s1.phase, "serving");
+      const total = s1.files.reduce((n, f) => n + f.total, 0);
+      assert.ok(present(s1) < total, `${present(s1)} of ${total} bytes present`);
+      const xml = (await virsh("dumpxml", booted)).stdout;
+      assert.match(xml, /<source protocol='nbd' name='root\.qcow2'/);
+      assert.match(xml, /<source protocol='nbd' name='extra\.raw'/);
+      assert.doesNotMatch(xml, /\/overlays\//, "a clone reads the image, not the base's overlay");
+      const uuid = (await virsh("domuuid", booted)).stdout.trim();
+
+      // 2. a second clone, of the lazily served VM by its name: no pull, also on NBD, not started
+      const second = await clone(img.imageId, idle);
+      assert.equal(second.code, 0, second.stderr);
+      assert.match((await virsh("dumpxml", idle)).stdout, /<source protocol='nbd'/);
+      assert.equal((await state(p.vmdir, img.imageId)).pid, s1.pid);
+
+      // 3. the clone boots to SSH on the partial image and reads its extra disk right
+      await waitForSsh({ port: img.sshPort, key: img.key, timeoutMs: 180_000 });
+      const bootedAt = Date.now() - t0;
+      let r = await ssh(img, "dd if=/dev/vdb bs=1M skip=100 count=2 | sha256sum");
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout.split(" ")[0], await extraHash(img, 100));
+      r = await ssh(img, "echo clone-marker-0815 > /root/clone.txt && sync && echo ok");
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal((await state(p.vmdir, img.imageId)).phase, "serving", "completed too early");
+
+      // 4. complete while the clone runs: the stopped clone moves at once, the running one stays
+      // on NBD and keeps the server
+      gate.resolve();
+      await until(async () => (await readLazyState(dir))?.phase === "done", "done", 180_000);
+      await until(
+        async () => !(await virsh("dumpxml", "--inactive", idle)).stdout.includes("nbd"),
+        "the stopped clone is moved",
+        30_000,
+      );
+      assert.match((await virsh("dumpxml", "--inactive", booted)).stdout, /protocol='nbd'/);
+      assert.ok(await Deno.stat(join(dir, "holds", `${booted}.json`)).then(() => true));
+      r = await ssh(img, "cat /root/clone.txt");
+      assert.equal(r.stdout.trim(), "clone-marker-0815");
+
+      // 5. once it stops, it moves too and the server exits
+      const pid = (await state(p.vmdir, img.imageId)).pid;
+      await virsh("destroy", booted);
+      await until(
+        async () => !(await Deno.stat(dir).then(() => true, () => false)),
+        "the lazy server is done",
+        60_000,
+      );
+      await until(
+        async () => !(await Deno.stat(`/proc/${pid}`).then(() => true, () => false)),
+        "the server exits",
+        10_000,
+      );
+      assert.equal((await virsh("domuuid", booted)).stdout.trim(), uuid, "redefined, not replaced");
+      for (const name of [booted, idle]) {
+        assert.doesNotMatch((await virsh("dumpxml", "--inactive", name)).stdout, /nbd/);
+        for (const d of await disksOf(name)) {
+          const chain = await backingFiles(d.file);
+          const base = join(vmFolder, d.target === "vda" ? "root.qcow2" : "extra.raw");
+          assert.equal(chain[1], base, `${name} ${d.target}: ${chain}`);
+          assert.ok(chain.every((f) => !f.includes("nbd")), `${chain}`);
+        }
+        // the same bytes as the image: nothing written to the extra disk
+        const extra = (await disksOf(name)).find((d) => d.target === "vdb")!;
+        const cmp = await run("qemu-img", [
+          ...["compare", "-U", "-f", "qcow2", "-F", "raw", extra.file, img.extraFile],
+        ]);
+        assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+      }
+
+      // 6. the moved clone boots on the local files, with what it wrote
+      const started = await virsh("start", booted);
+      assert.equal(started.code, 0, started.stderr);
+      await waitForSsh({ port: img.sshPort, key: img.key, timeoutMs: 180_000 });
+      r = await ssh(img, "cat /root/clone.txt; dd if=/dev/vdb bs=1M skip=200 count=2 | sha256sum");
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /^clone-marker-0815$/m);
+      assert.match(r.stdout, new RegExp(await extraHash(img, 200)));
+      await virsh("destroy", booted);
+
+      // 7. clone --lazy of a defined VM is a plain clone: no registry, no session
+      const moved = proxy.blobBytes().all;
+      const third = await clone(img.imageId, plain);
+      assert.equal(third.code, 0, third.stderr);
+      assert.equal(proxy.blobBytes().all, moved);
+      assert.ok(!await Deno.stat(dir).then(() => true, () => false), "a lazy session");
+      const plainDisks = await disksOf(plain);
+      assert.equal((await backingFiles(plainDisks[0].file))[1], join(vmFolder, "root.qcow2"));
+      console.log(
+        `clone --lazy: SSH after ${(bootedAt / 1000).toFixed(0)} s, test ${
+          ((Date.now() - t0) / 1000).toFixed(0)
+        } s`,
+      );
+    } finally {
+      gate.resolve();
+      for (const name of [booted, idle, plain]) {
+        await shTry("virsh", ["-c", TEST_URI, "destroy", "--domain", name]);
+        await shTry("virsh", ["-c", TEST_URI, "undefine", "--domain", name]);
+      }
+      await cleanup(img.imageId, p, img.imageId);
+    }
+  },
+});
+
 Deno.test({
   name: "lazy pull test image: registry stopped",
   ...opts,

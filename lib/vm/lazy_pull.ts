@@ -17,7 +17,7 @@
  * @module
  */
 
-import { basename, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { DOMParser } from "@xmldom/xmldom";
 import { createCodecPool } from "../image/codec_worker.ts";
 import {
@@ -75,6 +75,7 @@ import { debug, error, info, warn } from "../util/log.ts";
 import { forEachConcurrent } from "../util/pool.ts";
 import { type RetryPolicy, startRetries } from "../util/retry.ts";
 import {
+  bootFiles,
   childElement,
   childElements,
   type DomainDoc,
@@ -82,7 +83,9 @@ import {
   fileDisks,
   parseDomainXml,
   prepareImportedDomain,
+  removeElement,
   serializeDomainXml,
+  setElementText,
 } from "./domain.ts";
 import {
   commitFolder,
@@ -99,6 +102,7 @@ import {
   domainExists,
   domainState,
   domainUuid,
+  dumpXml,
   libvirtVersion,
 } from "./libvirt.ts";
 import { type Reservation, reserveRoomForImage } from "./prune.ts";
@@ -448,14 +452,17 @@ interface BackgroundFetch {
 /**
  * Resolves once `server` has had no client for {@link idleMs} and no hold of the session in `dir`
  * counts (job VMs defined on its socket may start later), holding the holds lock: no clone takes
- * a hold until the caller releases it.
+ * a hold until the caller releases it. `settle` runs every 2 s meanwhile (held clones move off
+ * the socket once the image is complete).
  */
 async function untilIdle(
   server: NbdServer,
   dir: string,
   connect: { connect?: string },
+  settle?: () => Promise<void>,
 ): Promise<FileLock> {
-  for (let idleSince = Date.now();; await sleep(500)) {
+  for (let idleSince = Date.now(), i = 0;; await sleep(500), i++) {
+    if (settle && i % 4 === 0) await settle();
     if (server.clients > 0) idleSince = Date.now();
     if (Date.now() - idleSince < idleMs()) continue;
     const holds = await lockFile(join(dir, HOLDS_LOCK));
@@ -817,8 +824,18 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       nameLock?.release();
       nameLock = undefined;
 
+      // Persistent clones leave the socket once stopped, like the VM: each poll moves those it can.
+      const settle = () =>
+        settleHeldClones(dir, {
+          socket,
+          overlays: join(dir, "overlays"),
+          partial,
+          vmFolder,
+          files,
+        }, connect);
       // The VM leaves its overlays only when it does not run: poll until then.
       for (;;) {
+        await settle();
         const state = await domainState(name, connect);
         if (state === "missing") break;
         if (
@@ -830,7 +847,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       await writeState();
       for (const d of disks) await Deno.remove(d.overlay).catch(() => {});
       // Job VMs defined on the socket may start later (no client yet): their holds keep it.
-      using _holds = await untilIdle(server, dir, connect);
+      using _holds = await untilIdle(server, dir, connect, settle);
       // Under the lock: a clone finds no session from now on, and takes no hold.
       await Deno.remove(join(dir, "state.json")).catch(() => {});
       info(`VM ${name} is a normal import now; the lazy server exits`);
@@ -1082,13 +1099,7 @@ async function finalize(
 ): Promise<boolean> {
   const aside: LazyDisk[] = [];
   for (const d of disks) if (await exists(d.overlay)) aside.push(d);
-  for (const d of aside) await Deno.rename(d.overlay, committingPath(d.overlay));
-  const held = await Promise.all(aside.map((d) => processesHolding(committingPath(d.overlay))));
-  if (isActive(await domainState(name, connect)) || held.some((pids) => pids.length > 0)) {
-    for (const d of aside) await Deno.rename(committingPath(d.overlay), d.overlay);
-    debug(`VM ${name} started while its overlays were to be committed: later`);
-    return false;
-  }
+  if (!await setAside(name, aside.map((d) => d.overlay), connect)) return false;
   for (const d of aside) {
     const overlay = committingPath(d.overlay);
     await rebaseUnsafe(overlay, join(vmFolder, d.file), d.format);
@@ -1098,6 +1109,27 @@ async function finalize(
   const doc = parseDomainXml(xml, `domain XML of ${name}`);
   prepareImportedDomain(doc, { ...domainOptions, vmFolder });
   await redefine(doc, name, connect);
+  return true;
+}
+
+/**
+ * Renames `overlays` of VM `name` to {@link committingPath} (from then on a start fails instead
+ * of running on them), then checks that the VM did not start meanwhile: by libvirt's state (set
+ * before QEMU is launched) and by the open files (QEMU keeps its descriptors across a rename).
+ * Returns false, the overlays back under their names, when it did.
+ */
+async function setAside(
+  name: string,
+  overlays: string[],
+  connect: { connect?: string },
+): Promise<boolean> {
+  for (const o of overlays) await Deno.rename(o, committingPath(o));
+  const held = await Promise.all(overlays.map((o) => processesHolding(committingPath(o))));
+  if (isActive(await domainState(name, connect)) || held.some((pids) => pids.length > 0)) {
+    for (const o of overlays) await Deno.rename(committingPath(o), o);
+    debug(`VM ${name} started while its overlays were to be changed: later`);
+    return false;
+  }
   return true;
 }
 
@@ -1168,19 +1200,133 @@ export interface LazyHold {
   release(): Promise<void>;
 }
 
-/** Whether a hold of the session in `dir` still counts; stale ones are removed. */
-async function liveHolds(dir: string, connect: { connect?: string }): Promise<boolean> {
-  let live = false;
+/** The holds of the session in `dir`: each one's file, domain, and whether its writer may still
+ * be making the clone (it lives, for {@link HOLD_GRACE_MS} at most). */
+async function readHolds(dir: string) {
+  const out: { file: string; domain: string; young: boolean }[] = [];
   for (const e of await Array.fromAsync(Deno.readDir(join(dir, "holds"))).catch(() => [])) {
     const file = join(dir, "holds", e.name);
     const hold = await Deno.readTextFile(file).then(JSON.parse).catch(() => undefined);
-    const domain = e.name.replace(/\.json$/, "");
     const young = Number.isSafeInteger(hold?.pid) && await processExists(hold.pid) &&
       Date.now() - Number(hold.since) < HOLD_GRACE_MS;
+    out.push({ file, domain: e.name.replace(/\.json$/, ""), young });
+  }
+  return out;
+}
+
+/** Whether a hold of the session in `dir` still counts; stale ones are removed. */
+async function liveHolds(dir: string, connect: { connect?: string }): Promise<boolean> {
+  let live = false;
+  for (const { file, domain, young } of await readHolds(dir)) {
     if (young || await domainExists(domain, connect)) live = true;
     else await Deno.remove(file).catch(() => {});
   }
   return live;
+}
+
+/** A complete session: what its clones may refer to, and where it is now. */
+interface CompleteSession {
+  /** The NBD socket. */
+  socket: string;
+  /** The folder of the base's overlays (the session's `overlays/`). */
+  overlays: string;
+  /** The folder the files were filled in. */
+  partial: string;
+  /** The VM's folder, where the files are committed. */
+  vmFolder: string;
+  /** The image's files. */
+  files: ImageFile[];
+}
+
+/** Clones whose move failed, warned about once (the move is tried again on each poll). */
+const moveWarned = new Set<string>();
+
+/**
+ * Once the image is complete: moves each held clone that is defined and does not run off the
+ * NBD socket onto the committed files ({@link moveClone}) and drops its hold, so that a
+ * persistent clone does not keep the server. A clone still being made (its writer lives) is left
+ * to it; a running one is moved once it stops; a transient one ends with its hold (it is gone
+ * when it stops).
+ */
+async function settleHeldClones(
+  dir: string,
+  session: CompleteSession,
+  connect: { connect?: string },
+): Promise<void> {
+  for (const { file, domain, young } of await readHolds(dir)) {
+    if (young) continue;
+    const state = await domainState(domain, connect);
+    if (state === "missing" || isActive(state)) continue;
+    try {
+      if (await moveClone(domain, session, connect)) await Deno.remove(file).catch(() => {});
+    } catch (err) {
+      if (!moveWarned.has(domain)) warn(`clone ${domain} stays on NBD: ${describeError(err)}`);
+      moveWarned.add(domain);
+    }
+  }
+}
+
+/**
+ * Moves the stopped clone `domain` onto the committed files: each overlay whose backing chain is
+ * this session's NBD socket is rebased in place (`qemu-img rebase -u`: the committed file holds
+ * the bytes the export served) onto the file's absolute path, as a plain clone's overlay is, and
+ * the domain is redefined, with its UUID, without the NBD chain (libvirt reads the chain from the
+ * headers again); what it shares with the base (kernel, initrd, a cdrom) is pointed at the
+ * committed files too. The overlays are set aside meanwhile ({@link setAside}), as in
+ * {@link finalize}: a start racing the move fails instead of running on an overlay being
+ * rewritten; one that comes after the overlays are back and before the new definition runs on
+ * NBD, which the hold keeps serving. Returns whether the clone is off the socket and not running
+ * (its hold can go).
+ */
+async function moveClone(
+  domain: string,
+  session: CompleteSession,
+  connect: { connect?: string },
+): Promise<boolean> {
+  const doc = parseDomainXml(
+    await dumpXml(domain, { ...connect, inactive: true }),
+    `domain XML of ${domain}`,
+  );
+  const moves: { disk: FileDisk; file: string; format: string }[] = [];
+  let changed = false;
+  for (const disk of fileDisks(doc)) {
+    // Set aside by a server killed while it moved this clone: given back first.
+    if (!await exists(disk.path) && await exists(committingPath(disk.path))) {
+      await Deno.rename(committingPath(disk.path), disk.path);
+    }
+    const nbd = nbdBacking(disk);
+    if (nbd?.socket !== session.socket) continue;
+    if (!session.files.some((f) => f.name === nbd.name)) continue; // not an image file: not ours
+    const file = join(session.vmFolder, nbd.name);
+    if (dirname(disk.path) !== session.overlays) {
+      moves.push({ disk, file, format: nbd.format });
+      continue;
+    }
+    // The base's own overlay, shared read-only (a cdrom): it goes, the committed file stays.
+    disk.source.setAttribute("file", file);
+    childElement(disk.element, "driver")?.setAttribute("type", nbd.format);
+    for (const bs of childElements(disk.element, "backingStore")) removeElement(bs);
+    changed = true;
+  }
+  // Kernel, initrd, dtb are shared with the base: they were in the folder the files filled.
+  for (const bf of bootFiles(doc)) {
+    if (dirname(bf.path) !== session.partial) continue;
+    setElementText(bf.element, join(session.vmFolder, basename(bf.path)));
+    changed = true;
+  }
+  if (moves.length === 0 && !changed) return !isActive(await domainState(domain, connect));
+  if (!await setAside(domain, moves.map((m) => m.disk.path), connect)) return false;
+  try {
+    for (const m of moves) await rebaseUnsafe(committingPath(m.disk.path), m.file, m.format);
+  } finally {
+    for (const m of moves) await Deno.rename(committingPath(m.disk.path), m.disk.path);
+  }
+  for (const m of moves) {
+    for (const bs of childElements(m.disk.element, "backingStore")) removeElement(bs);
+  }
+  await redefine(doc, domain, connect);
+  info(`clone ${domain} reads the local files of ${session.vmFolder} now`);
+  return !isActive(await domainState(domain, connect));
 }
 
 /**
@@ -1220,14 +1366,24 @@ export async function holdLazySession(
  * Returns false, creating nothing, when the disk's backing chain is not NBD.
  */
 export async function createNbdOverlay(overlay: string, disk: FileDisk): Promise<boolean> {
+  const nbd = nbdBacking(disk);
+  if (!nbd) return false;
+  const size = (await qemuInfo(disk.path, { format: "qcow2" })).virtualSize;
+  const args = ["create", "-q", "-f", "qcow2", "-F", nbd.format, "-b", nbd.name, "-u"];
+  await runQemuImgOk("create", [...args, overlay, String(size)]);
+  return true;
+}
+
+/** The first layer of `disk`'s backing chain when it is an NBD export: its name (the image
+ * file's), format and UNIX socket. */
+function nbdBacking(disk: FileDisk) {
   const chain = childElements(disk.element, "backingStore")
     .find((b) => b.getAttribute("type") === "network");
   const source = chain && childElement(chain, "source");
-  if (!chain || source?.getAttribute("protocol") !== "nbd") return false;
-  const format = childElement(chain, "format")?.getAttribute("type") ?? "raw";
-  const name = source.getAttribute("name") ?? "";
-  const size = (await qemuInfo(disk.path, { format: "qcow2" })).virtualSize;
-  const args = ["create", "-q", "-f", "qcow2", "-F", format, "-b", name, "-u"];
-  await runQemuImgOk("create", [...args, overlay, String(size)]);
-  return true;
+  if (!chain || source?.getAttribute("protocol") !== "nbd") return undefined;
+  return {
+    name: source.getAttribute("name") ?? "",
+    format: childElement(chain, "format")?.getAttribute("type") ?? "raw",
+    socket: childElement(source, "host")?.getAttribute("socket") ?? undefined,
+  };
 }
