@@ -625,8 +625,21 @@ Deno.test({
       r = await ssh(img, "cat /root/clone.txt");
       assert.equal(r.stdout.trim(), "clone-marker-0815");
 
-      // 5. once it stops, it moves too and the server exits
+      // killed now, the server is started again by the next pull --lazy, for the clone
+      const killed = (await state(p.vmdir, img.imageId)).pid;
+      await killServer(p.vmdir, img.imageId);
+      await until(
+        async () => !(await Deno.stat(`/proc/${killed}`).then(() => true, () => false)),
+        "the server is gone",
+        10_000,
+      );
+      const again = await sarde(pullArgs(p, ref, ["--lazy"]), { env });
+      assert.equal(again.code, 0, again.stderr);
+      assert.equal(again.stdout.trim(), img.imageId);
       const pid = (await state(p.vmdir, img.imageId)).pid;
+      assert.notEqual(pid, killed);
+
+      // 5. once it stops, it moves too and the server exits
       await virsh("destroy", booted);
       await until(
         async () => !(await Deno.stat(dir).then(() => true, () => false)),

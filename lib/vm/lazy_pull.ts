@@ -551,8 +551,14 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
         `use -n ${previous.name}, or wait for it to complete`,
       );
     }
+    // A server killed once done while clones still read its socket: it serves them until they
+    // move (the VM is on its files already).
+    const clonesWaiting = previous?.phase === "done" && await liveHolds(dir, connect);
     // Imported already (or a server died after its very last step): a plain pull is a no-op.
-    if (previous?.phase === "done" || !previous && await exists(join(vmFolder, IMPORT_MARKER))) {
+    if (
+      previous?.phase === "done" && !clonesWaiting ||
+      !previous && await exists(join(vmFolder, IMPORT_MARKER))
+    ) {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
       return tell({ fallback: "" });
     }
@@ -644,7 +650,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       }
       await Deno.remove(partial, { recursive: true }).catch(() => {});
     }
-    const committedBefore = previous?.phase === "committed" &&
+    const committedBefore = (previous?.phase === "committed" || clonesWaiting) &&
       await exists(join(vmFolder, IMPORT_MARKER));
     // The background completion decodes on every worker but one, which stays free for demand
     // reads' frames: they must not queue behind whole chunks. A worker costs ~25 MB of RSS, and
@@ -741,7 +747,9 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       prepareImportedDomain(doc, domainOptions);
       // Once per server: libvirt before 9.2 refuses <reconnect> (docs/lazy-pull.md, "Reconnect").
       const reconnectDelay = nbdReconnectDelay((await libvirtVersion(connect)).number);
-      const disks = await lazyDisks(doc, files, sources, dir, socket, reconnectDelay);
+      const disks = clonesWaiting
+        ? []
+        : await lazyDisks(doc, files, sources, dir, socket, reconnectDelay);
       // Boot files (kernel, initrd, NVRAM) are read by libvirt and QEMU as local files: whole.
       // Nothing can start before them: the background download waits meanwhile.
       const release = gate.hold();
@@ -834,7 +842,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
           files,
         }, connect);
       // The VM leaves its overlays only when it does not run: poll until then.
-      for (;;) {
+      while (!clonesWaiting) {
         await settle();
         const state = await domainState(name, connect);
         if (state === "missing") break;
