@@ -833,14 +833,7 @@ async function serve(spec: LazyPullSpec, tell: (line: ReadyLine) => void): Promi
       nameLock = undefined;
 
       // Persistent clones leave the socket once stopped, like the VM: each poll moves those it can.
-      const settle = () =>
-        settleHeldClones(dir, {
-          socket,
-          overlays: join(dir, "overlays"),
-          partial,
-          vmFolder,
-          files,
-        }, connect);
+      const settle = () => settleHeldClones(dir, { socket, partial, vmFolder, files }, connect);
       // The VM leaves its overlays only when it does not run: poll until then.
       while (!clonesWaiting) {
         await settle();
@@ -1236,8 +1229,6 @@ async function liveHolds(dir: string, connect: { connect?: string }): Promise<bo
 interface CompleteSession {
   /** The NBD socket. */
   socket: string;
-  /** The folder of the base's overlays (the session's `overlays/`). */
-  overlays: string;
   /** The folder the files were filled in. */
   partial: string;
   /** The VM's folder, where the files are committed. */
@@ -1279,8 +1270,8 @@ async function settleHeldClones(
  * this session's NBD socket is rebased in place (`qemu-img rebase -u`: the committed file holds
  * the bytes the export served) onto the file's absolute path, as a plain clone's overlay is, and
  * the domain is redefined, with its UUID, without the NBD chain (libvirt reads the chain from the
- * headers again); what it shares with the base (kernel, initrd, a cdrom) is pointed at the
- * committed files too. The overlays are set aside meanwhile ({@link setAside}), as in
+ * headers again); the kernel and initrd it shares with the base are pointed at the committed
+ * files too. The overlays are set aside meanwhile ({@link setAside}), as in
  * {@link finalize}: a start racing the move fails instead of running on an overlay being
  * rewritten; one that comes after the overlays are back and before the new definition runs on
  * NBD, which the hold keeps serving. Returns whether the clone is off the socket and not running
@@ -1296,7 +1287,6 @@ async function moveClone(
     `domain XML of ${domain}`,
   );
   const moves: { disk: FileDisk; file: string; format: string }[] = [];
-  let changed = false;
   for (const disk of fileDisks(doc)) {
     // Set aside by a server killed while it moved this clone: given back first.
     if (!await exists(disk.path) && await exists(committingPath(disk.path))) {
@@ -1305,18 +1295,10 @@ async function moveClone(
     const nbd = nbdBacking(disk);
     if (nbd?.socket !== session.socket) continue;
     if (!session.files.some((f) => f.name === nbd.name)) continue; // not an image file: not ours
-    const file = join(session.vmFolder, nbd.name);
-    if (dirname(disk.path) !== session.overlays) {
-      moves.push({ disk, file, format: nbd.format });
-      continue;
-    }
-    // The base's own overlay, shared read-only (a cdrom): it goes, the committed file stays.
-    disk.source.setAttribute("file", file);
-    childElement(disk.element, "driver")?.setAttribute("type", nbd.format);
-    for (const bs of childElements(disk.element, "backingStore")) removeElement(bs);
-    changed = true;
+    moves.push({ disk, file: join(session.vmFolder, nbd.name), format: nbd.format });
   }
   // Kernel, initrd, dtb are shared with the base: they were in the folder the files filled.
+  let changed = false;
   for (const bf of bootFiles(doc)) {
     if (dirname(bf.path) !== session.partial) continue;
     setElementText(bf.element, join(session.vmFolder, basename(bf.path)));
