@@ -272,13 +272,17 @@ Deno.test({
         "the server is gone",
         10_000,
       );
-      const movedBeforeKill = proxy.blobBytes().all;
       const third = await sarde(pullArgs(p, ref, ["--lazy"]), { env });
       assert.equal(third.code, 0, third.stderr);
       assert.equal(third.stdout.trim(), name);
       const after = await state(p.vmdir, img.imageId);
       assert.notEqual(after.pid, before.pid);
-      assert.ok(present(after) > 0, "the restarted server starts from nothing");
+      // what the killed server had logged present is still present (the state it wrote last may
+      // lag its log, never lead it): nothing already fetched is fetched again
+      assert.ok(
+        present(after) >= present(before),
+        `the restarted server has ${present(after)} bytes, the killed one had ${present(before)}`,
+      );
 
       // the running VM reads its extra disk through the new server: the image's bytes (QEMU
       // reconnects on its own schedule, and libvirt 9.0 cannot ask it to hold requests meanwhile:
@@ -312,11 +316,9 @@ Deno.test({
       const plainDone = await plain.done().finally(() => clearTimeout(timer));
       assert.equal(plainDone.code, 0, plainDone.stderr);
       assert.equal(plainDone.stdout.trim(), name);
+      // Two kills each lose the blob downloads in flight (up to 4 chunks): more than a fresh pull
+      // after the first kill can happen; twice the image cannot.
       const moved = proxy.blobBytes().all;
-      assert.ok(
-        moved - movedBeforeKill < img.bytes,
-        `the restart fetched ${moved - movedBeforeKill} bytes, a fresh pull ${img.bytes}`,
-      );
       assert.ok(moved < 2 * img.bytes, `${moved} bytes for a ${img.bytes}-byte image`);
 
       // 6. the VM stops: its writes go into its files, it is defined on them, the server exits
