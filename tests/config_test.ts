@@ -424,7 +424,7 @@ Deno.test("config: sarde refuses unknown sections and keys, naming file:line and
     env,
     "[list]\nconcurrency = 8\n",
     read,
-    /:2: unknown key 'concurrency' in \[list\] \(it is a key of \[fetch\], \[push\], \[export\], \[pull\]\)/,
+    /:2: unknown key 'concurrency' in \[list\] \(it is a key of \[fetch\], \[push\], \[export\], \[pull\], \[clone\]\)/,
   );
   await refused(env, "[DEFAULT]\nversion = 1\n", read, /:2: unknown key 'version'/);
   // [DEFAULT] takes the keys of any command, and -v/-q everywhere.
