@@ -410,10 +410,17 @@ function lazyFailure(state: LazyState, dir: string): SardeError {
  */
 export async function lazyManifest(vmdir: string, target: string): Promise<Manifest | undefined> {
   const session = await lazySessionOf(vmdir, target);
-  if (!session) return undefined;
-  const file = join(lazyStateDir(vmdir, session.imageId), "manifest.json");
+  return session && await sessionManifest(vmdir, session);
+}
+
+/** The manifest the lazy session `state` of `vmdir` recorded, or `undefined` before it did. */
+export async function sessionManifest(
+  vmdir: string,
+  state: LazyState,
+): Promise<Manifest | undefined> {
+  const file = join(lazyStateDir(vmdir, state.imageId), "manifest.json");
   const bytes = await Deno.readFile(file).catch(() => undefined);
-  return bytes && parseManifest(bytes, `manifest of ${target}`);
+  return bytes && parseManifest(bytes, `manifest of ${state.reference}`);
 }
 
 /** Finds the session of `target` by its reference (the image ID is not known before a fetch). */
@@ -946,9 +953,7 @@ async function lazyDisks(
     }));
     const overlay = join(dir, "overlays", `${name}.qcow2`);
     // Taken away by a finalize that did not finish: what the guest wrote, to be committed again.
-    if (!await exists(overlay) && await exists(committingPath(overlay))) {
-      await Deno.rename(committingPath(overlay), overlay);
-    }
+    await takeBackSetAside(overlay);
     if (!await exists(overlay)) {
       const size = await virtualSize(sources.get(name)!, format);
       const tmp = `${overlay}.tmp`;
@@ -1134,6 +1139,13 @@ async function setAside(
   return true;
 }
 
+/** Gives `overlay` back its name if a server killed after {@link setAside} left it renamed. */
+async function takeBackSetAside(overlay: string): Promise<void> {
+  if (!await exists(overlay) && await exists(committingPath(overlay))) {
+    await Deno.rename(committingPath(overlay), overlay);
+  }
+}
+
 /**
  * Defines `doc` as VM `name`, keeping the UUID of the VM of that name if there is one (libvirt
  * refuses a second UUID for a name): the lazy VM is redefined, not replaced.
@@ -1289,9 +1301,7 @@ async function moveClone(
   const moves: { disk: FileDisk; file: string; format: string }[] = [];
   for (const disk of fileDisks(doc)) {
     // Set aside by a server killed while it moved this clone: given back first.
-    if (!await exists(disk.path) && await exists(committingPath(disk.path))) {
-      await Deno.rename(committingPath(disk.path), disk.path);
-    }
+    await takeBackSetAside(disk.path);
     const nbd = nbdBacking(disk);
     if (nbd?.socket !== session.socket) continue;
     if (!session.files.some((f) => f.name === nbd.name)) continue; // not an image file: not ours

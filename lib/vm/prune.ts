@@ -9,7 +9,7 @@
 
 import { join } from "node:path";
 import { CLONE_MARKER } from "./clone.ts";
-import { lazyManifest, liveLazySessions } from "./lazy_pull.ts";
+import { liveLazySessions, sessionManifest } from "./lazy_pull.ts";
 import { fileDisks, parseDomainXml } from "./domain.ts";
 import { describeError, fail, SardeError } from "../util/errors.ts";
 import {
@@ -378,9 +378,10 @@ async function cacheUsage(
   const lazy = await liveLazySessions(options.vmdir);
   const lazyLayouts = lazy.map((s) => layoutDir(options.ocidir, parseReference(s.reference)));
   let totalBytes = 0;
-  for (const s of lazy.filter((s) => s.phase === "serving")) {
-    const manifest = await lazyManifest(options.vmdir, s.reference).catch(() => undefined);
-    const layout = { dir: layoutDir(options.ocidir, parseReference(s.reference)) };
+  for (const [i, s] of lazy.entries()) {
+    if (s.phase !== "serving") continue;
+    const manifest = await sessionManifest(options.vmdir, s).catch(() => undefined);
+    const layout = { dir: lazyLayouts[i] };
     totalBytes += manifest
       ? await pullSizeEstimate({ layout, descriptor: { digest: s.digest }, manifest })
       : s.files.reduce((m, f) => m + f.total, 0);
